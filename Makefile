@@ -1,0 +1,55 @@
+# GrowCLIP: the two commands in README.md set everything up on a fresh machine.
+#   make test         create .venv (pinned deps, CPU torch) and run the test suite
+# Others:
+#   make lint         ruff lint + format check
+#   make slurm-up     start a real single-node SLURM on this machine (root; see slurm/local/README.md)
+#   make slurm-down   stop exactly the daemons slurm-up started
+#   make slurm-status show the local cluster's daemons, nodes and queue
+#   make check-configs validate every config under configs/
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The venv is (re)installed when the content of the pin files changes, not their mtime:
+# the stamp's name carries a hash of requirements.txt + constraints.txt.
+DEPS_HASH := $(shell cat requirements.txt constraints.txt | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.deps-$(DEPS_HASH)
+PYTEST_ARGS ?=
+
+.PHONY: venv test lint format slurm-up slurm-down slurm-status check-configs clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -r requirements.txt
+	@rm -f $(VENV)/.deps-*
+	@touch $@
+	@echo "venv ready: $(VENV) (deps $(DEPS_HASH))"
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+check-configs: $(STAMP)
+	@for f in configs/*.yaml; do $(PY) -m jobs check-config $$f > /dev/null && echo "ok  $$f" || exit 2; done
+
+slurm-up:
+	slurm/local/up
+
+slurm-down:
+	slurm/local/down
+
+slurm-status:
+	slurm/local/status
+
+clean:
+	rm -rf .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""GrowCLIP data tools: crawled image-text pairs -> growing webdataset shards, and the loaders over them."""

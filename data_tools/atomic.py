@@ -1,0 +1,79 @@
+"""Atomic file writes for files that another job reads (DESIGN.md "On disk").
+
+A reader on a shared filesystem (Lustre, NFS) must see either the old file or the complete new one,
+never a prefix. So: write to a temporary name in the SAME directory (rename is atomic only within a
+filesystem), flush and fsync the data, ``os.replace`` it over the target, then fsync the directory so
+the rename itself survives a crash. If anything fails the temporary file is removed and the target
+is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_write_json"]
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temp file beside ``path``; on clean exit it atomically replaces ``path``.
+
+    Args:
+        path: final destination; its parent directory is created if missing.
+        mode: ``"wb"`` or ``"w"`` (text, UTF-8).
+
+    Raises:
+        ValueError: for a mode other than ``"wb"``/``"w"``.
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_open mode={mode!r}: use 'wb' or 'w'")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(target.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Atomically write ``data`` to ``path``."""
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Atomically write UTF-8 ``text`` to ``path``."""
+    with atomic_open(path, "w") as fh:
+        fh.write(text)
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2) -> None:
+    """Atomically write ``obj`` as JSON (sorted keys, trailing newline) to ``path``."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")

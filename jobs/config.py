@@ -1,0 +1,311 @@
+"""Run configuration: one YAML file per run, loaded once into frozen dataclasses.
+
+Every job of a run (search candidates, select, train, evaluate) reads the same resolved config. The
+file is strict: unknown keys are errors with a "did you mean" hint, values are type-checked, and
+ranges are validated here, where the input enters (STYLE.md R2, R10). Functions downstream take the
+narrowest section they need (``cfg.train``, ``cfg.model``), never the whole ``RunCfg``.
+
+Sections:
+    data     where the growing dataset lives and how batches mix old and new stages
+    model    the stage-1 architecture (``model.ArchSpec``; later stages grow from it)
+    growth   the data-aware growth space and PIM inheritance
+    search   the short per-candidate trainings and how candidates are scored
+    train    the full training of the selected architecture at each stage
+    eval     zero-shot classification and retrieval evaluation
+    cluster  how jobs are launched (SLURM via submitit, local, or in-process debug)
+
+Usage::
+
+    cfg = load_cfg(Path("configs/demo.yaml"), overrides=["train.lr=1e-4"])
+    print(dump_cfg(cfg))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from model.spec import ArchSpec
+from model.structs import ConfigError, apply_override, from_dict, to_dict
+
+__all__ = [
+    "ClusterCfg",
+    "ConfigError",
+    "DataCfg",
+    "EvalCfg",
+    "GrowthCfg",
+    "RunCfg",
+    "SearchCfg",
+    "TrainCfg",
+    "dump_cfg",
+    "load_cfg",
+]
+
+GrowthAxis = Literal["image_depth", "image_width", "text_depth", "text_width", "heads", "mlp", "shared_depth"]
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _fraction(section: str, **values: float) -> None:
+    for name, v in values.items():
+        _require(0.0 <= v <= 1.0, f"{section}.{name}={v} must be in [0, 1]")
+
+
+def _positive(section: str, **values: float) -> None:
+    for name, v in values.items():
+        _require(v > 0, f"{section}.{name}={v} must be > 0")
+
+
+def _non_negative(section: str, **values: float) -> None:
+    for name, v in values.items():
+        _require(v >= 0, f"{section}.{name}={v} must be >= 0")
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    """Where the growing dataset lives and how a stage's batches are drawn."""
+
+    root: Path = Path("data/offline")  # DATA_ROOT: manifest.json, shards/stage_NN/, tokenizer.json, eval/
+    stages: int = 3  # growth stages in the plan; stage t trains on D_<=t (must exist in the manifest)
+    replay_fraction: float = 0.5  # share of each batch drawn from earlier stages (0 = new data only)
+    val_fraction: float = 0.05  # share of each new stage held out to score search candidates
+    num_workers: int = 2  # data-loader worker processes per rank
+    shuffle_buffer: int = 1000  # samples in the streaming shuffle buffer
+    seed: int = 0  # seeds shard order, shuffling and the held-out split
+
+    def __post_init__(self) -> None:
+        _positive("data", stages=self.stages, shuffle_buffer=self.shuffle_buffer)
+        _non_negative("data", num_workers=self.num_workers)
+        _fraction("data", replay_fraction=self.replay_fraction)
+        _require(0.0 < self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class GrowthCfg:
+    """The data-aware growth space (DESIGN.md step 1) and PIM inheritance.
+
+    Budget: a candidate A is allowed at stage t when
+    ``cost(A) <= cost(A_{t-1}) * (|D_<=t| / |D_<=t-1|) ** alpha``, cost being parameters or FLOPs.
+    """
+
+    axes: tuple[GrowthAxis, ...] = (  # growth operators the search may use ("no growth" is always a candidate)
+        "image_depth",
+        "image_width",
+        "text_depth",
+        "text_width",
+        "heads",
+        "mlp",
+        "shared_depth",
+    )
+    budget: Literal["params", "flops"] = "params"  # what the data-aware budget bounds
+    alpha: float = 1.0  # budget exponent on the data growth ratio |D_<=t| / |D_<=t-1|
+    depth_step: int = 2  # blocks added by one depth operation
+    width_factor: int = 2  # width multiplier of one width operation (integer: exact through LayerNorm)
+    heads_factor: int = 2  # heads multiplier of one heads operation
+    mlp_factor: float = 2.0  # MLP hidden-width multiplier of one MLP operation
+    max_ops: int = 2  # operations combined into one candidate (1 = single-axis candidates only)
+    max_candidates: int = 8  # candidates kept after pruning (cheapest-first tie-break, deterministic)
+    momentum: float = 1.0  # PIM m: theta = m*inherited + (1-m)*fresh; 1 = exact inheritance, 0 = scratch
+    inherit_from: Literal["model", "ema"] = "model"  # inherit the final weights or their EMA
+
+    def __post_init__(self) -> None:
+        _require(len(self.axes) == len(set(self.axes)), f"growth.axes={list(self.axes)} lists an axis twice")
+        _non_negative("growth", alpha=self.alpha)
+        _positive("growth", depth_step=self.depth_step, max_ops=self.max_ops, max_candidates=self.max_candidates)
+        _require(self.width_factor >= 2, f"growth.width_factor={self.width_factor} must be an integer >= 2")
+        _require(self.heads_factor >= 2, f"growth.heads_factor={self.heads_factor} must be an integer >= 2")
+        _require(self.mlp_factor > 1.0, f"growth.mlp_factor={self.mlp_factor} must be > 1")
+        _fraction("growth", momentum=self.momentum)
+
+
+@dataclass(frozen=True)
+class SearchCfg:
+    """Per-candidate short trainings and scoring (DESIGN.md step 2).
+
+    score = val_loss - zeroshot_weight * zeroshot_acc1 + cost_weight * log(cost(A) / cost(A_{t-1})); lower wins.
+    """
+
+    steps: int = 100  # optimizer steps each candidate trains on the new stage (with replay)
+    batch_size: int = 64  # global batch size of a candidate's training
+    lr: float = 5.0e-4  # peak learning rate of a candidate's training
+    warmup_steps: int = 10  # linear warmup steps of a candidate's training
+    val_samples: int = 512  # held-out samples of the new stage used to score a candidate
+    zeroshot_weight: float = 1.0  # weight of the zero-shot top-1 proxy in the score (0 = loss only)
+    cost_weight: float = 0.1  # weight of the log cost ratio: growth must pay for itself
+    min_successful: int = 1  # selection fails when fewer candidates finished than this
+
+    def __post_init__(self) -> None:
+        _positive("search", steps=self.steps, batch_size=self.batch_size, lr=self.lr)
+        _positive("search", val_samples=self.val_samples, min_successful=self.min_successful)
+        _non_negative("search", warmup_steps=self.warmup_steps)
+        _non_negative("search", zeroshot_weight=self.zeroshot_weight, cost_weight=self.cost_weight)
+        _require(
+            self.warmup_steps <= self.steps, f"search.warmup_steps={self.warmup_steps} > search.steps={self.steps}"
+        )
+
+
+@dataclass(frozen=True)
+class TrainCfg:
+    """Full training of the selected architecture on D_<=t (DESIGN.md step 3)."""
+
+    steps: int = 1000  # optimizer steps per stage
+    batch_size: int = 128  # global batch size (summed over ranks and accumulation steps)
+    grad_accum: int = 1  # micro-batches accumulated per optimizer step
+    optimizer: Literal["adamw", "lamb"] = "adamw"  # fused apex kernel when installed, else torch/timm
+    lr: float = 5.0e-4  # peak learning rate
+    min_lr: float = 0.0  # floor of the cosine schedule
+    warmup_steps: int = 100  # linear warmup steps before the cosine decay
+    weight_decay: float = 0.2  # decoupled weight decay (never on norms, biases, embeddings, logit scale)
+    betas: tuple[float, ...] = (0.9, 0.98)  # Adam/LAMB betas
+    eps: float = 1.0e-6  # Adam/LAMB epsilon
+    grad_clip: float = 1.0  # max global grad norm (0 = no clipping)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    grad_checkpointing: bool = False  # recompute block activations in backward to save memory
+    ema_decay: float = 0.0  # EMA of the weights (0 = off); PIM can inherit from it
+    checkpoint_every: int = 100  # steps between checkpoints (a final.pt is always written)
+    keep_checkpoints: int = 3  # newest step checkpoints kept on disk
+    log_every: int = 10  # steps between log lines and metric records
+    seed: int = 0  # seeds init, data order and dropout
+
+    def __post_init__(self) -> None:
+        _positive("train", steps=self.steps, batch_size=self.batch_size, grad_accum=self.grad_accum, lr=self.lr)
+        _positive("train", eps=self.eps, checkpoint_every=self.checkpoint_every, log_every=self.log_every)
+        _positive("train", keep_checkpoints=self.keep_checkpoints)
+        _non_negative("train", min_lr=self.min_lr, warmup_steps=self.warmup_steps)
+        _non_negative("train", weight_decay=self.weight_decay, grad_clip=self.grad_clip)
+        _require(math.isfinite(self.lr), f"train.lr={self.lr} must be a finite number")
+        _require(self.min_lr <= self.lr, f"train.min_lr={self.min_lr} must be <= train.lr={self.lr}")
+        _require(self.warmup_steps <= self.steps, f"train.warmup_steps={self.warmup_steps} > train.steps={self.steps}")
+        _require(
+            self.batch_size % self.grad_accum == 0,
+            f"train.batch_size={self.batch_size} must be divisible by train.grad_accum={self.grad_accum}",
+        )
+        _require(
+            len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+            f"train.betas={list(self.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.98]",
+        )
+        _require(0.0 <= self.ema_decay < 1.0, f"train.ema_decay={self.ema_decay} must be in [0, 1) (0 = off)")
+
+
+@dataclass(frozen=True)
+class EvalCfg:
+    """Zero-shot classification and image-text retrieval after each stage."""
+
+    tasks: tuple[str, ...] = ()  # eval task names under DATA_ROOT/eval/ (empty = every task found)
+    batch_size: int = 256  # images or captions per forward pass
+    retrieval_ks: tuple[int, ...] = (1, 5, 10)  # R@k reported for image->text and text->image
+
+    def __post_init__(self) -> None:
+        _positive("eval", batch_size=self.batch_size)
+        _require(len(self.retrieval_ks) > 0, "eval.retrieval_ks must list at least one k, e.g. [1, 5, 10]")
+        _require(all(k > 0 for k in self.retrieval_ks), f"eval.retrieval_ks={list(self.retrieval_ks)} must be > 0")
+
+
+@dataclass(frozen=True)
+class ClusterCfg:
+    """How jobs are launched. SLURM specifics stay here and in slurm/ (STYLE.md R15)."""
+
+    executor: Literal["slurm", "local", "debug"] = "slurm"  # debug: in-process, same code path
+    partition: str = ""  # SLURM partition ("" = the cluster's default)
+    account: str = ""  # SLURM account ("" = the user's default)
+    qos: str = ""  # SLURM QOS ("" = none)
+    nodes: int = 1  # nodes per training job
+    gpus_per_node: int = 0  # GPUs per node (also tasks per node when > 0: one rank per GPU)
+    cpus_per_task: int = 2  # CPU cores per task (data-loader workers + main process)
+    mem_gb: float = 8.0  # memory per node in GiB
+    search_time_min: int = 60  # time limit of one search-candidate task
+    train_time_min: int = 240  # time limit of one training job (it requeues itself on timeout)
+    eval_time_min: int = 60  # time limit of one evaluation job
+    array_parallelism: int = 8  # search-array tasks running at once
+    signal_delay_s: int = 90  # USR2 is sent this long before the time limit, to checkpoint and requeue
+    max_requeues: int = 10  # preemptions/timeouts a job may survive before it fails
+    setup: tuple[str, ...] = ()  # shell lines run before each job (e.g. "module load cuda/12.4")
+    extra_sbatch: dict[str, str] = field(default_factory=dict)  # further #SBATCH options, e.g. {constraint: a100}
+
+    def __post_init__(self) -> None:
+        _positive("cluster", nodes=self.nodes, cpus_per_task=self.cpus_per_task, mem_gb=self.mem_gb)
+        _positive("cluster", search_time_min=self.search_time_min, train_time_min=self.train_time_min)
+        _positive("cluster", eval_time_min=self.eval_time_min, array_parallelism=self.array_parallelism)
+        _non_negative("cluster", gpus_per_node=self.gpus_per_node, signal_delay_s=self.signal_delay_s)
+        _non_negative("cluster", max_requeues=self.max_requeues)
+        _require(
+            self.signal_delay_s < 60 * min(self.search_time_min, self.train_time_min, self.eval_time_min),
+            f"cluster.signal_delay_s={self.signal_delay_s} must be shorter than every job time limit",
+        )
+
+
+@dataclass(frozen=True)
+class RunCfg:
+    """One growth run: every job of the run reads this (resolved) config."""
+
+    name: str = "growclip"  # run name; RUN_ROOT/<name>/ holds everything the run writes
+    run_root: Path = Path("runs")  # RUN_ROOT on the shared filesystem (e.g. Lustre)
+    data: DataCfg = field(default_factory=DataCfg)  # growing dataset
+    model: ArchSpec = field(default_factory=ArchSpec)  # stage-1 architecture; later stages grow from it
+    growth: GrowthCfg = field(default_factory=GrowthCfg)  # data-aware growth space and PIM
+    search: SearchCfg = field(default_factory=SearchCfg)  # per-candidate trainings and scoring
+    train: TrainCfg = field(default_factory=TrainCfg)  # full training per stage
+    eval: EvalCfg = field(default_factory=EvalCfg)  # evaluation per stage
+    cluster: ClusterCfg = field(default_factory=ClusterCfg)  # launching
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name),
+            f"name={self.name!r} must be non-empty and use only letters, digits, '-', '_', '.'",
+        )
+
+    @property
+    def run_dir(self) -> Path:
+        """RUN_ROOT/<name>: where this run's plan, stages and logs live."""
+        return self.run_root / self.name
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass the path of a YAML file such as configs/demo.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_cfg(path: Path | None, overrides: Sequence[str] = ()) -> RunCfg:
+    """Load a run config from YAML, apply ``section.key=value`` overrides, validate everything.
+
+    Args:
+        path: the YAML file; ``None`` starts from the defaults.
+        overrides: ``--set`` strings applied in order, e.g. ``("train.lr=1e-4", "model.image.depth=4")``.
+
+    Returns:
+        The frozen, validated :class:`RunCfg`.
+
+    Raises:
+        ConfigError: missing/unparsable file, unknown key (with the closest valid key), wrong type,
+            out-of-range value, or a malformed override.
+    """
+    raw = _read_yaml(path) if path is not None else {}
+    for text in overrides:
+        apply_override(raw, RunCfg, text)
+    return from_dict(RunCfg, raw)
+
+
+def dump_cfg(cfg: RunCfg) -> str:
+    """The resolved config as YAML; ``load_cfg`` of this text gives back an equal ``RunCfg``."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False, width=100)

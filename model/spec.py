@@ -1,0 +1,206 @@
+"""ArchSpec: the architecture of a GrowCLIP model as a frozen value.
+
+GrowCLIP (growth space, §3 of the paper; our reading in shared/DESIGN.md) moves between architectures
+A_0 -> A_1 -> ...; each A_t is one :class:`ArchSpec`. Growth produces a new spec with
+``dataclasses.replace`` and never mutates the old one. The dict shape is fixed (issue #3)::
+
+    {"image":  {"image_size", "patch_size", "width", "depth", "heads", "mlp_ratio"},
+     "text":   {"vocab_size", "context_length", "width", "depth", "heads", "mlp_ratio"},
+     "shared": {"width", "depth", "heads", "mlp_ratio"},
+     "embed_dim"}
+
+``shared.depth == 0`` means no shared cross-modal encoder (plain CLIP).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from model.structs import from_dict, to_dict
+
+__all__ = ["ImageSpec", "TextSpec", "SharedSpec", "ArchSpec", "block_params", "block_macs"]
+
+
+def block_params(width: int, mlp_width: int) -> int:
+    """Parameters of one timm ``Block`` with qkv bias: 2 norms, qkv, proj, fc1, fc2 (weights + biases)."""
+    d, m = width, mlp_width
+    return 4 * d * d + 2 * d * m + 9 * d + m
+
+
+def block_macs(width: int, mlp_width: int, tokens: int) -> int:
+    """Multiply-accumulates of one block's forward on ``tokens`` tokens.
+
+    qkv (3·D²), proj (D²), fc1 + fc2 (2·D·M) per token, plus attention scores Q·Kᵀ and the weighted
+    sum of values (L²·D each). Causal attention is counted in full (what SDPA's kernels compute
+    for short sequences); norms, softmax and GELU are ignored (elementwise, not matmul).
+    """
+    d, m, n = width, mlp_width, tokens
+    return n * (4 * d * d + 2 * d * m) + 2 * n * n * d
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _check_positive(owner: str, **values: float) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise ValueError(f"{owner}.{name}={value} must be > 0")
+
+
+def _check_blocks(owner: str, width: int, heads: int, mlp_ratio: float) -> None:
+    """Validation shared by every transformer tower: heads | width and an integral MLP width."""
+    _check_positive(owner, width=width, heads=heads, mlp_ratio=mlp_ratio)
+    if width % heads:
+        raise ValueError(f"{owner}.heads={heads} must divide {owner}.width={width}; pick heads in {_divisors(width)}")
+    hidden = width * mlp_ratio
+    if abs(hidden - round(hidden)) > 1e-9:
+        raise ValueError(
+            f"{owner}.width * {owner}.mlp_ratio = {width} * {mlp_ratio} = {hidden} must be a whole number "
+            f"(the MLP hidden width); pick mlp_ratio so that it is"
+        )
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """ViT image tower."""
+
+    image_size: int = 224  # input resolution (square); must be a multiple of patch_size
+    patch_size: int = 16  # side of the square patches fed to the patch embedding
+    width: int = 768  # token width D of the image tower
+    depth: int = 12  # number of transformer blocks (resblocks)
+    heads: int = 12  # attention heads; head_dim = width // heads
+    mlp_ratio: float = 4.0  # MLP hidden width = width * mlp_ratio
+
+    def __post_init__(self) -> None:
+        _check_positive("image", image_size=self.image_size, patch_size=self.patch_size, depth=self.depth)
+        _check_blocks("image", self.width, self.heads, self.mlp_ratio)
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image.image_size={self.image_size} must be a multiple of image.patch_size={self.patch_size}"
+            )
+
+    @property
+    def mlp_width(self) -> int:
+        return round(self.width * self.mlp_ratio)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """Causal text transformer with end-of-text pooling."""
+
+    vocab_size: int = 49408  # tokenizer vocabulary size (token ids must be < vocab_size)
+    context_length: int = 77  # maximum tokens per caption, including start/end tokens
+    width: int = 512  # token width D of the text tower
+    depth: int = 12  # number of transformer blocks
+    heads: int = 8  # attention heads; head_dim = width // heads
+    mlp_ratio: float = 4.0  # MLP hidden width = width * mlp_ratio
+
+    def __post_init__(self) -> None:
+        _check_positive("text", vocab_size=self.vocab_size, context_length=self.context_length, depth=self.depth)
+        _check_blocks("text", self.width, self.heads, self.mlp_ratio)
+
+    @property
+    def mlp_width(self) -> int:
+        return round(self.width * self.mlp_ratio)
+
+
+@dataclass(frozen=True)
+class SharedSpec:
+    """Shared cross-modal encoder: the same blocks run on image tokens and on text tokens."""
+
+    width: int = 512  # shared token width; each modality is projected to it
+    depth: int = 0  # number of shared blocks; 0 = no shared encoder (plain CLIP)
+    heads: int = 8  # attention heads of the shared blocks
+    mlp_ratio: float = 4.0  # MLP hidden width = width * mlp_ratio
+
+    def __post_init__(self) -> None:
+        if self.depth < 0:
+            raise ValueError(f"shared.depth={self.depth} must be >= 0 (0 = no shared encoder)")
+        _check_blocks("shared", self.width, self.heads, self.mlp_ratio)
+
+    @property
+    def mlp_width(self) -> int:
+        return round(self.width * self.mlp_ratio)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Whole-model architecture: two towers, an optional shared encoder and the joint embedding."""
+
+    image: ImageSpec = field(default_factory=ImageSpec)  # image tower
+    text: TextSpec = field(default_factory=TextSpec)  # text tower
+    shared: SharedSpec = field(default_factory=SharedSpec)  # shared cross-modal encoder
+    embed_dim: int = 512  # width of the joint (contrastive) embedding space
+
+    def __post_init__(self) -> None:
+        _check_positive("arch", embed_dim=self.embed_dim)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ArchSpec:
+        """Build from the issue-#3 dict shape; unknown keys and invalid values raise ConfigError."""
+        return from_dict(cls, d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain dict (JSON/YAML-ready) that :meth:`from_dict` reads back."""
+        return to_dict(self)
+
+    def params(self) -> int:
+        """Exact parameter count of ``build_model(self)`` (a test checks it against the module).
+
+        Image: patch embedding (D·3·p² + D), class token (D), positions ((N+1)·D), blocks, final
+        norm (2D), projection (E·D, no bias). Text: token embedding (V·D), positions (L·D), blocks,
+        final norm, projection. Shared (only when depth > 0): blocks at width S plus in/out projections
+        with biases for each modality (2·S·D + S + D per tower). Plus the scalar logit scale.
+        """
+        im, tx, sh, e = self.image, self.text, self.shared, self.embed_dim
+        visual = (
+            im.width * 3 * im.patch_size**2
+            + im.width
+            + im.width
+            + (im.num_patches + 1) * im.width
+            + im.depth * block_params(im.width, im.mlp_width)
+            + 2 * im.width
+            + e * im.width
+        )
+        text = (
+            tx.vocab_size * tx.width
+            + tx.context_length * tx.width
+            + tx.depth * block_params(tx.width, tx.mlp_width)
+            + 2 * tx.width
+            + e * tx.width
+        )
+        shared = 0
+        if sh.depth > 0:
+            shared = sh.depth * block_params(sh.width, sh.mlp_width)
+            shared += sum(2 * sh.width * d + sh.width + d for d in (im.width, tx.width))
+        return visual + text + shared + 1
+
+    def flops_per_sample(self) -> int:
+        """Training FLOPs for one (image, caption) pair: forward + backward, matmuls only.
+
+        Formula (documented estimate, not a measurement)::
+
+            FLOPs = 3 (forward + backward ≈ 1 + 2) × 2 (FLOPs per multiply-accumulate) × MACs_forward
+
+        where MACs_forward sums, for the image (1 + N tokens) and for the text (context_length tokens,
+        padding included): patch embedding (N·3p²·D), every block (:func:`block_macs`: qkv, proj,
+        MLP and both attention matmuls), the shared encoder's in/out projections and blocks when
+        depth > 0 (run once per modality), and the pooled projections to ``embed_dim`` (E·D). The
+        B×B similarity matrix of the loss is a per-batch cost and is excluded. Embedding lookups,
+        norms, softmax and activations are ignored.
+        """
+        im, tx, sh, e = self.image, self.text, self.shared, self.embed_dim
+        n_img, n_txt = im.num_patches + 1, tx.context_length
+        macs = im.num_patches * 3 * im.patch_size**2 * im.width
+        macs += im.depth * block_macs(im.width, im.mlp_width, n_img) + e * im.width
+        macs += tx.depth * block_macs(tx.width, tx.mlp_width, n_txt) + e * tx.width
+        if sh.depth > 0:
+            for n, d in ((n_img, im.width), (n_txt, tx.width)):
+                macs += 2 * n * d * sh.width + sh.depth * block_macs(sh.width, sh.mlp_width, n)
+        return 3 * 2 * macs
