@@ -6,6 +6,7 @@
 #   make slurm-down   stop exactly the daemons slurm-up started
 #   make slurm-status show the local cluster's daemons, nodes and queue
 #   make check-configs validate every config under configs/
+#   make data-sources install the Debian packages of the offline corpus (root; else say which)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -16,7 +17,11 @@ DEPS_HASH := $(shell cat requirements.txt constraints.txt | sha256sum | cut -c1-
 STAMP := $(VENV)/.deps-$(DEPS_HASH)
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint format slurm-up slurm-down slurm-status check-configs clean
+# Debian packages behind `python -m data_tools build-offline` (files it reads, package that ships them).
+DATA_SOURCES := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz:dataset-fashion-mnist \
+                /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf:fonts-noto-color-emoji
+
+.PHONY: venv test lint format slurm-up slurm-down slurm-status check-configs data-sources clean
 
 venv: $(STAMP)
 
@@ -27,8 +32,20 @@ $(STAMP): requirements.txt constraints.txt
 	@touch $@
 	@echo "venv ready: $(VENV) (deps $(DEPS_HASH))"
 
-test: $(STAMP)
+test: $(STAMP) data-sources
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+data-sources:
+	@missing=""; for pair in $(DATA_SOURCES); do \
+	  test -e "$${pair%%:*}" || missing="$$missing $${pair##*:}"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing offline data sources:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	else \
+	  echo "warning: offline data sources missing:$$missing (install them as root: apt-get install$$missing);" \
+	       "tests that build the offline corpus will be skipped" >&2; \
+	fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,30 +1,187 @@
 """``python -m data_tools <verb>``: tools that turn crawled image-text pairs into growing shards.
 
-Only verbs that work are registered. The shard tools (``ingest``, ``validate``, ``stats``,
-``build-offline``) arrive with issue #4; until then this command has no verbs and says so.
+Only verbs that work are registered in ``VERBS``. Each verb module is imported lazily inside its
+``func`` so that ``--help`` stays fast. Exit codes: 0 ok, 1 failed (e.g. validation found problems),
+2 bad input (a message says what and how to fix it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import sys
 from collections.abc import Callable, Sequence
 
 __all__ = ["main", "build_parser", "VERBS"]
 
+logger = logging.getLogger(__name__)
+
+
+def _image_args(p: argparse.ArgumentParser) -> None:
+    from data_tools.imaging import ImageOptions
+
+    d = ImageOptions()
+    g = p.add_argument_group("images and filters")
+    g.add_argument("--image-size", type=int, default=d.image_size, help="output side in pixels (default %(default)s)")
+    g.add_argument(
+        "--resize-mode",
+        choices=["border", "center_crop", "keep_ratio"],
+        default=d.resize_mode,
+        help="(default %(default)s)",
+    )
+    g.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="re-encoding quality (default %(default)s)")
+    g.add_argument("--min-size", type=int, default=d.min_size, help="drop images whose short side is smaller")
+    g.add_argument("--max-aspect-ratio", type=float, default=d.max_aspect_ratio, help="drop images more elongated")
+    g.add_argument(
+        "--max-pixels", type=int, default=d.max_pixels, help="decompression-bomb guard (default %(default)s)"
+    )
+    g.add_argument("--max-caption-chars", type=int, default=d.max_caption_chars, help="drop longer captions")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="decode/resize processes; never changes the output")
+
+
+def _image_opts(args: argparse.Namespace):  # -> ImageOptions
+    from data_tools.imaging import ImageOptions
+
+    return ImageOptions(
+        image_size=args.image_size,
+        resize_mode=args.resize_mode,
+        jpeg_quality=args.jpeg_quality,
+        min_size=args.min_size,
+        max_aspect_ratio=args.max_aspect_ratio,
+        max_pixels=args.max_pixels,
+        max_caption_chars=args.max_caption_chars,
+    )
+
+
+# ------------------------------------------------------------------------------------------ ingest
+def _run_ingest(args: argparse.Namespace) -> int:
+    from data_tools.ingest import ingest
+
+    res = ingest(
+        args.input,
+        args.format,
+        args.data_root,
+        stage=args.stage,
+        opts=_image_opts(args),
+        shard_size=args.shard_size,
+        workers=args.workers,
+        caption_col=args.caption_col,
+        image_col=args.image_col,
+    )
+    print(
+        f"stage {res.stage}: kept {res.count} of {res.records} pairs in {len(res.shards)} shards; dropped {res.drops}"
+    )
+    return 0
+
+
+def _configure_ingest(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, help="img2dataset output dir/tar, or a CSV/JSONL/Parquet table")
+    p.add_argument("--format", required=True, choices=["img2dataset", "table"])
+    p.add_argument("--data-root", required=True, help="the growing corpus (created if missing)")
+    p.add_argument("--stage", type=int, default=None, help="stage number (default: resume a pending one, else next)")
+    p.add_argument("--caption-col", default="caption", help="table caption column (default %(default)s)")
+    p.add_argument("--image-col", default="image", help="table image-path column, relative to the table allowed")
+    _image_args(p)
+    p.set_defaults(func=_run_ingest)
+
+
+# ---------------------------------------------------------------------------------------- validate
+def _run_validate(args: argparse.Namespace) -> int:
+    from data_tools.validate import validate
+
+    report = validate(args.data_root, repair=args.repair)
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+def _configure_validate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data_root")
+    p.add_argument("--repair", action="store_true", help="quarantine bad shards and re-pack their good samples")
+    p.set_defaults(func=_run_validate)
+
+
+# ------------------------------------------------------------------------------------------- stats
+def _run_stats(args: argparse.Namespace) -> int:
+    from data_tools.stats import compute_stats, render_stats
+
+    stats = compute_stats(args.data_root)
+    print(json.dumps(stats, indent=2, sort_keys=True) if args.format == "json" else render_stats(stats))
+    return 0
+
+
+def _configure_stats(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data_root")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(func=_run_stats)
+
+
+# ----------------------------------------------------------------------------------- build-offline
+def _run_build_offline(args: argparse.Namespace) -> int:
+    from data_tools.offline import build_offline
+
+    summary = build_offline(
+        args.data_root,
+        stages=args.stages,
+        pairs_per_stage=args.pairs_per_stage,
+        eval_per_task=args.eval_per_task,
+        image_size=args.image_size,
+        workers=args.workers,
+        seed=args.seed,
+        vocab_size=args.vocab_size,
+    )
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return 0
+
+
+def _configure_build_offline(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data_root")
+    p.add_argument("--stages", type=int, default=3, help="number of stages, >= 3 (default %(default)s)")
+    p.add_argument("--pairs-per-stage", type=int, default=3000, help="pairs generated per stage (default %(default)s)")
+    p.add_argument("--eval-per-task", type=int, default=500, help="held-out images per eval task (default %(default)s)")
+    p.add_argument("--image-size", type=int, default=64, help="(default %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="ingest worker processes (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocab; 0 skips tokenizer training")
+    p.set_defaults(func=_run_build_offline)
+
+
+# --------------------------------------------------------------------------------- train-tokenizer
+def _run_train_tokenizer(args: argparse.Namespace) -> int:
+    from data_tools.tokenizer import train_tokenizer
+
+    path = train_tokenizer(args.data_root, vocab_size=args.vocab_size, stage=args.stage)
+    print(f"wrote {path}")
+    return 0
+
+
+def _configure_train_tokenizer(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data_root")
+    p.add_argument("--vocab-size", type=int, default=4096, help="(default %(default)s)")
+    p.add_argument("--stage", type=int, default=None, help="stage whose captions train it (default: the first)")
+    p.set_defaults(func=_run_train_tokenizer)
+
+
 # verb name -> (one-line help, function that adds its arguments and sets ``func``)
-VERBS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
+VERBS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "ingest": ("append a new stage of shards from img2dataset output or a table", _configure_ingest),
+    "validate": ("check every shard against the manifest; --repair fixes bad shards", _configure_validate),
+    "stats": ("per-stage counts, drop reasons and caption lengths", _configure_stats),
+    "build-offline": ("build the embedded offline corpus (3+ stages) and eval suite", _configure_build_offline),
+    "train-tokenizer": ("train the byte-level BPE tokenizer on the first stage", _configure_train_tokenizer),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m data_tools",
         description="GrowCLIP data tools: crawled image-text pairs -> growing webdataset shards.",
-        epilog=None if VERBS else "No verbs are available yet in this version.",
     )
-    if VERBS:
-        sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-        for name, (help_text, configure) in VERBS.items():
-            configure(sub.add_parser(name, help=help_text, description=help_text))
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for name, (help_text, configure) in VERBS.items():
+        configure(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 
@@ -32,7 +189,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the verb; returns the exit code (0 ok, 1 failed, 2 bad input)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not VERBS:
-        parser.print_help()
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    return args.func(args)

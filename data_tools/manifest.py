@@ -1,0 +1,149 @@
+"""The growing manifest: ``DATA_ROOT/manifest.json`` maps stages to shards (DESIGN.md "On disk").
+
+Schema (version 1)::
+
+    {
+      "format": "growclip-manifest", "version": 1,
+      "dedupe": {"method": "...", "unique": N},
+      "stages": [
+        {"stage": 1, "dir": "shards/stage_01", "count": N,
+         "shards": [{"name": "shards/stage_01/000000.tar", "count": n, "sha256": "...", "bytes": b}],
+         "hashes": "shards/stage_01/hashes.txt",
+         "sources": [{"path": "...", "format": "table", "records": n}],
+         "options": {...ingest options: image size, resize mode, filters...},
+         "drops": {"reason": n, ...}, "dedupe": {"within_stage": n, "across_stages": n},
+         "repairs": [...]}
+      ]
+    }
+
+Shard ``name`` entries are relative to DATA_ROOT. The manifest is only ever replaced atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from data_tools.atomic import atomic_write_json
+
+__all__ = [
+    "MANIFEST_NAME",
+    "DEDUPE_METHOD",
+    "load_manifest",
+    "save_manifest",
+    "stage_entry",
+    "stage_dir_name",
+    "sha256_file",
+    "shard_paths",
+    "writer_lock",
+]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+DEDUPE_METHOD = "sha256 of the decoded RGB pixels (width, height, raw bytes) at original resolution"
+
+
+def stage_dir_name(stage: int) -> str:
+    """``shards/stage_NN`` relative to DATA_ROOT."""
+    return f"shards/stage_{stage:02d}"
+
+
+def empty_manifest() -> dict[str, Any]:
+    """A manifest with no stages."""
+    return {"format": "growclip-manifest", "version": 1, "dedupe": {"method": DEDUPE_METHOD, "unique": 0}, "stages": []}
+
+
+def load_manifest(data_root: str | Path, *, missing_ok: bool = True) -> dict[str, Any]:
+    """Read ``DATA_ROOT/manifest.json``.
+
+    Args:
+        data_root: the data root.
+        missing_ok: return an empty manifest when the file does not exist.
+
+    Raises:
+        FileNotFoundError: no manifest and ``missing_ok`` is False.
+        ValueError: the file is not a GrowCLIP manifest.
+    """
+    path = Path(data_root) / MANIFEST_NAME
+    if not path.exists():
+        if missing_ok:
+            return empty_manifest()
+        raise FileNotFoundError(
+            f"{path} does not exist: build a corpus first with `python -m data_tools ingest ...` "
+            "or `python -m data_tools build-offline DATA_ROOT`"
+        )
+    obj = json.loads(path.read_text())
+    if obj.get("format") != "growclip-manifest":
+        raise ValueError(f"{path} is not a GrowCLIP manifest (format={obj.get('format')!r})")
+    return obj
+
+
+def save_manifest(data_root: str | Path, manifest: dict[str, Any]) -> None:
+    """Atomically replace ``DATA_ROOT/manifest.json``."""
+    manifest["stages"] = sorted(manifest["stages"], key=lambda s: s["stage"])
+    atomic_write_json(Path(data_root) / MANIFEST_NAME, manifest)
+
+
+def stage_entry(manifest: dict[str, Any], stage: int) -> dict[str, Any] | None:
+    """The manifest entry of ``stage`` or None."""
+    for entry in manifest["stages"]:
+        if entry["stage"] == stage:
+            return entry
+    return None
+
+
+def shard_paths(
+    data_root: str | Path, manifest: dict[str, Any], stages: list[int] | None = None
+) -> dict[int, list[Path]]:
+    """Absolute shard paths per stage (all stages when ``stages`` is None).
+
+    Raises:
+        ValueError: a requested stage is not in the manifest.
+    """
+    root = Path(data_root)
+    have = {s["stage"]: s for s in manifest["stages"]}
+    wanted = sorted(have) if stages is None else list(stages)
+    missing = [s for s in wanted if s not in have]
+    if missing:
+        raise ValueError(f"stages {missing} are not in {root / MANIFEST_NAME} (it has {sorted(have)})")
+    return {s: [root / sh["name"] for sh in have[s]["shards"]] for s in wanted}
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def writer_lock(data_root: str | Path, what: str) -> Iterator[None]:
+    """Hold ``DATA_ROOT/.lock`` (flock, released by the kernel if the process dies) while writing.
+
+    Raises:
+        RuntimeError: another ingest/repair holds it.
+    """
+    root = Path(data_root)
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise RuntimeError(
+                f"{root} is being written by another ingest or repair (lock {root / '.lock'}); "
+                f"wait for it to finish before running {what}"
+            ) from exc
+        yield
+    finally:
+        os.close(fd)
