@@ -383,8 +383,11 @@ def ingest(
         The stage summary.
 
     Raises:
+        FileNotFoundError: ``input_path`` does not exist (checked before DATA_ROOT is touched).
         ValueError: the stage already exists (stages are append-only) or a resume does not match.
     """
+    if not Path(input_path).exists():
+        raise FileNotFoundError(f"--input {input_path} does not exist")
     with writer_lock(data_root, "ingest"):
         return _ingest_locked(
             input_path,

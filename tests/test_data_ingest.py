@@ -219,7 +219,13 @@ def test_cli_ingest_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "kept 4 of 4" in capsys.readouterr().out
     assert cli_main([*argv, "--stage", "1"]) == 2
     assert "append-only" in capsys.readouterr().err
-    assert cli_main(["ingest", "--input", str(tmp_path / "nope"), "--format", "table", "--data-root", "x"]) == 2
+    fresh_root = tmp_path / "never-created"
+    assert (
+        cli_main(["ingest", "--input", str(tmp_path / "nope"), "--format", "table", "--data-root", str(fresh_root)])
+        == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
+    assert not fresh_root.exists(), "a missing --input must not create DATA_ROOT"
     assert cli_main(["stats", str(tmp_path / "root"), "--format", "json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["stages"][0]["samples"] == 4 and stats["stages"][0]["caption_words"]["mean"] == 6
