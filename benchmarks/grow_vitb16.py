@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import dataclasses
 import gc
 import platform
 import sys
@@ -32,10 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from model import (
-    ArchSpec,
-    ImageSpec,
-    SharedSpec,
-    TextSpec,
     build_model,
     grow,
     grow_optimizer_state,
@@ -43,19 +38,11 @@ from model import (
     param_groups,
 )
 from model.pim import preservation_error
+from model.spec import VIT_B16
 
-OLD = ArchSpec(
-    image=ImageSpec(image_size=224, patch_size=16, width=768, depth=12, heads=12),
-    text=TextSpec(vocab_size=49408, context_length=77, width=512, depth=12, heads=8),
-    shared=SharedSpec(width=768, depth=0, heads=12),
-    embed_dim=512,
-)
-NEW = dataclasses.replace(
-    OLD,
-    image=dataclasses.replace(OLD.image, depth=14),
-    text=dataclasses.replace(OLD.text, depth=14),
-    shared=dataclasses.replace(OLD.shared, depth=2),
-)
+# Shared width 768 >= both tower widths, so growing the shared encoder from depth 0 is exact.
+OLD = VIT_B16.with_changes(shared={"width": 768, "heads": 12})
+NEW = OLD.with_changes(image={"depth": 14}, text={"depth": 14}, shared={"depth": 2})
 
 
 def _status_mib(field: str) -> float:

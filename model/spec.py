@@ -19,7 +19,7 @@ from typing import Any
 
 from model.structs import from_dict, to_dict
 
-__all__ = ["ImageSpec", "TextSpec", "SharedSpec", "ArchSpec", "block_params", "block_macs"]
+__all__ = ["TINY", "VIT_B16", "ImageSpec", "TextSpec", "SharedSpec", "ArchSpec", "block_params", "block_macs"]
 
 
 def block_params(width: int, mlp_width: int) -> int:
@@ -150,6 +150,22 @@ class ArchSpec:
         """The plain dict (JSON/YAML-ready) that :meth:`from_dict` reads back."""
         return to_dict(self)
 
+    def with_changes(self, **changes: Any) -> ArchSpec:
+        """A validated copy with some fields changed, e.g. ``spec.with_changes(image={"depth": 4})``.
+
+        A mapping updates the fields of that section; anything else replaces the top-level field.
+
+        Raises:
+            ConfigError: unknown field or an invalid result (same checks as :meth:`from_dict`).
+        """
+        d = self.to_dict()
+        for key, value in changes.items():
+            if isinstance(value, dict) and isinstance(d.get(key), dict):
+                d[key] = {**d[key], **value}
+            else:
+                d[key] = value
+        return ArchSpec.from_dict(d)
+
     def params(self) -> int:
         """Exact parameter count of ``build_model(self)`` (a test checks it against the module).
 
@@ -204,3 +220,18 @@ class ArchSpec:
             for n, d in ((n_img, im.width), (n_txt, tx.width)):
                 macs += 2 * n * d * sh.width + sh.depth * block_macs(sh.width, sh.mlp_width, n)
         return 3 * 2 * macs
+
+
+# Registered sizes (like timm's registered builders): a CI-sized spec for tests and the ViT-B/16 CLIP.
+TINY = ArchSpec(
+    image=ImageSpec(image_size=16, patch_size=8, width=32, depth=2, heads=2),
+    text=TextSpec(vocab_size=64, context_length=8, width=32, depth=2, heads=2),
+    shared=SharedSpec(width=32, depth=0, heads=2),
+    embed_dim=16,
+)
+VIT_B16 = ArchSpec(
+    image=ImageSpec(image_size=224, patch_size=16, width=768, depth=12, heads=12),
+    text=TextSpec(vocab_size=49408, context_length=77, width=512, depth=12, heads=8),
+    shared=SharedSpec(width=512, depth=0, heads=8),
+    embed_dim=512,
+)

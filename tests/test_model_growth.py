@@ -9,9 +9,6 @@ import torch
 from model import (
     ArchSpec,
     GrowthOp,
-    ImageSpec,
-    SharedSpec,
-    TextSpec,
     apply_op,
     build_model,
     grow,
@@ -24,42 +21,27 @@ from model import (
 )
 from model.growth import KEY_RE, map_tensor_state
 from model.pim import preservation_error, random_inputs
+from model.spec import TINY
 
-TINY = ArchSpec(
-    image=ImageSpec(image_size=16, patch_size=8, width=32, depth=2, heads=2),
-    text=TextSpec(vocab_size=64, context_length=8, width=32, depth=2, heads=2),
-    shared=SharedSpec(width=32, depth=0, heads=2),
-    embed_dim=16,
-)
-
-
-def _with(spec: ArchSpec, **changes: dict) -> ArchSpec:
-    d = spec.to_dict()
-    for section, values in changes.items():
-        d[section].update(values)
-    return ArchSpec.from_dict(d)
-
-
-TINY_SHARED = _with(TINY, shared={"depth": 1})
+TINY_SHARED = TINY.with_changes(shared={"depth": 1})
 
 EXACT = {
-    "image_depth": (TINY, _with(TINY, image={"depth": 4})),
-    "text_depth": (TINY, _with(TINY, text={"depth": 3})),
-    "image_width": (TINY, _with(TINY, image={"width": 64})),
-    "text_width_x3": (TINY, _with(TINY, text={"width": 96})),
-    "image_width_and_heads": (TINY, _with(TINY, image={"width": 64, "heads": 4})),
-    "text_heads_with_width": (TINY, _with(TINY, text={"width": 64, "heads": 4})),
-    "image_mlp": (TINY, _with(TINY, image={"mlp_ratio": 6.0})),
-    "text_mlp": (TINY, _with(TINY, text={"mlp_ratio": 5.0})),
-    "shared_depth_0_to_2": (TINY, _with(TINY, shared={"depth": 2})),
-    "shared_depth_0_to_1_wide": (TINY, _with(TINY, shared={"depth": 1, "width": 64, "heads": 4})),
-    "shared_depth_1_to_3": (TINY_SHARED, _with(TINY_SHARED, shared={"depth": 3})),
-    "shared_width": (TINY_SHARED, _with(TINY_SHARED, shared={"width": 64, "heads": 4})),
-    "shared_mlp": (TINY_SHARED, _with(TINY_SHARED, shared={"mlp_ratio": 8.0})),
+    "image_depth": (TINY, TINY.with_changes(image={"depth": 4})),
+    "text_depth": (TINY, TINY.with_changes(text={"depth": 3})),
+    "image_width": (TINY, TINY.with_changes(image={"width": 64})),
+    "text_width_x3": (TINY, TINY.with_changes(text={"width": 96})),
+    "image_width_and_heads": (TINY, TINY.with_changes(image={"width": 64, "heads": 4})),
+    "text_heads_with_width": (TINY, TINY.with_changes(text={"width": 64, "heads": 4})),
+    "image_mlp": (TINY, TINY.with_changes(image={"mlp_ratio": 6.0})),
+    "text_mlp": (TINY, TINY.with_changes(text={"mlp_ratio": 5.0})),
+    "shared_depth_0_to_2": (TINY, TINY.with_changes(shared={"depth": 2})),
+    "shared_depth_0_to_1_wide": (TINY, TINY.with_changes(shared={"depth": 1, "width": 64, "heads": 4})),
+    "shared_depth_1_to_3": (TINY_SHARED, TINY_SHARED.with_changes(shared={"depth": 3})),
+    "shared_width": (TINY_SHARED, TINY_SHARED.with_changes(shared={"width": 64, "heads": 4})),
+    "shared_mlp": (TINY_SHARED, TINY_SHARED.with_changes(shared={"mlp_ratio": 8.0})),
     "all_at_once": (
         TINY,
-        _with(
-            TINY,
+        TINY.with_changes(
             image={"depth": 3, "width": 64, "heads": 4, "mlp_ratio": 5.0},
             text={"depth": 4, "width": 64, "heads": 2},
             shared={"depth": 2, "width": 64, "heads": 4},
@@ -67,8 +49,7 @@ EXACT = {
     ),
     "all_at_once_from_shared": (
         TINY_SHARED,
-        _with(
-            TINY_SHARED,
+        TINY_SHARED.with_changes(
             image={"depth": 3, "width": 64},
             text={"width": 96, "heads": 6},
             shared={"depth": 2, "width": 128, "heads": 4, "mlp_ratio": 2.0},
@@ -151,9 +132,9 @@ def test_insert_at_places_new_blocks_and_preserves():
 @pytest.mark.parametrize(
     "new_spec, what",
     [
-        (_with(TINY, image={"heads": 4}), "heads split"),
-        (_with(TINY, image={"width": 48}), "non-integer width ratio"),
-        (_with(TINY, shared={"depth": 1, "width": 16}), "shared narrower than the towers"),
+        (TINY.with_changes(image={"heads": 4}), "heads split"),
+        (TINY.with_changes(image={"width": 48}), "non-integer width ratio"),
+        (TINY.with_changes(shared={"depth": 1, "width": 16}), "shared narrower than the towers"),
     ],
 )
 def test_inexact_growth_is_measured(new_spec, what):
@@ -166,10 +147,10 @@ def test_inexact_growth_is_measured(new_spec, what):
 @pytest.mark.parametrize(
     "new_spec, field",
     [
-        (_with(TINY, image={"depth": 1}), "image.depth 2 -> 1 would shrink"),
-        (_with(TINY, text={"width": 16, "heads": 2}), "text.width 32 -> 16 would shrink"),
-        (_with(TINY, text={"heads": 1}), "text.heads 2 -> 1 would shrink"),
-        (_with(TINY, image={"mlp_ratio": 2.0}), "image.mlp_width 128 -> 64 would shrink"),
+        (TINY.with_changes(image={"depth": 1}), "image.depth 2 -> 1 would shrink"),
+        (TINY.with_changes(text={"width": 16, "heads": 2}), "text.width 32 -> 16 would shrink"),
+        (TINY.with_changes(text={"heads": 1}), "text.heads 2 -> 1 would shrink"),
+        (TINY.with_changes(image={"mlp_ratio": 2.0}), "image.mlp_width 128 -> 64 would shrink"),
     ],
 )
 def test_shrinking_raises_naming_field(new_spec, field):
@@ -180,8 +161,8 @@ def test_shrinking_raises_naming_field(new_spec, field):
 def test_fixed_fields_and_shared_shrink_raise():
     for new_spec, field in [
         (ArchSpec.from_dict({**TINY.to_dict(), "embed_dim": 32}), "embed_dim"),
-        (_with(TINY, image={"image_size": 32}), "image.image_size"),
-        (_with(TINY, text={"vocab_size": 128}), "text.vocab_size"),
+        (TINY.with_changes(image={"image_size": 32}), "image.image_size"),
+        (TINY.with_changes(text={"vocab_size": 128}), "text.vocab_size"),
     ]:
         with pytest.raises(ValueError, match=f"{field} .* not a growth axis"):
             grow(build_model(TINY), new_spec)
@@ -211,20 +192,20 @@ def test_single_axis_operators_and_their_guards():
     old = _old_model(TINY)
     sd = old.state_dict()
     cases = [
-        (grow_depth, "visual", _with(TINY, image={"depth": 3})),
-        (grow_width, "text", _with(TINY, text={"width": 64, "heads": 4})),
-        (grow_mlp, "visual", _with(TINY, image={"mlp_ratio": 8.0})),
-        (grow_depth, "shared", _with(TINY, shared={"depth": 2})),
+        (grow_depth, "visual", TINY.with_changes(image={"depth": 3})),
+        (grow_width, "text", TINY.with_changes(text={"width": 64, "heads": 4})),
+        (grow_mlp, "visual", TINY.with_changes(image={"mlp_ratio": 8.0})),
+        (grow_depth, "shared", TINY.with_changes(shared={"depth": 2})),
     ]
     for op, tower, new_spec in cases:
         grown = op(sd, TINY, new_spec, tower=tower)
         new = build_model(new_spec).double()
         new.load_state_dict(grown, strict=True)
         assert max(preservation_error(old, new, new_spec).values()) < 1e-6, op.__name__
-    grown = grow_heads(sd, TINY, _with(TINY, image={"heads": 4}), tower="visual")  # inexact but loadable
-    build_model(_with(TINY, image={"heads": 4})).double().load_state_dict(grown, strict=True)
+    grown = grow_heads(sd, TINY, TINY.with_changes(image={"heads": 4}), tower="visual")  # inexact but loadable
+    build_model(TINY.with_changes(image={"heads": 4})).double().load_state_dict(grown, strict=True)
     with pytest.raises(ValueError, match=r"grow_depth: text\.depth 2 -> 3 is not changed by this operator"):
-        grow_depth(sd, TINY, _with(TINY, image={"depth": 3}, text={"depth": 3}), tower="visual")
+        grow_depth(sd, TINY, TINY.with_changes(image={"depth": 3}, text={"depth": 3}), tower="visual")
 
 
 def test_growth_ops_and_apply_op_round_trip():

@@ -9,14 +9,9 @@ from torch import nn
 
 from model import build_model, kernel_report, make_optimizer, param_groups  # first: the torchvision guard
 from model.kernels import apex_available, layer_norm_class
-from model.spec import ArchSpec, ImageSpec, SharedSpec, TextSpec
+from model.spec import TINY as BASE_TINY
 
-TINY = ArchSpec(
-    image=ImageSpec(image_size=16, patch_size=8, width=32, depth=1, heads=2),
-    text=TextSpec(vocab_size=64, context_length=8, width=32, depth=1, heads=2),
-    shared=SharedSpec(width=32, depth=1, heads=2),
-    embed_dim=16,
-)
+TINY = BASE_TINY.with_changes(image={"depth": 1}, text={"depth": 1}, shared={"depth": 1})
 ARGS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1}
 
 

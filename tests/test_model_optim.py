@@ -8,9 +8,6 @@ import torch
 from model import (
     ArchSpec,
     ClipLoss,
-    ImageSpec,
-    SharedSpec,
-    TextSpec,
     build_model,
     grow,
     grow_optimizer_state,
@@ -19,13 +16,9 @@ from model import (
 )
 from model.growth import transform_state
 from model.pim import random_inputs
+from model.spec import TINY as BASE_TINY
 
-TINY = ArchSpec(
-    image=ImageSpec(image_size=16, patch_size=8, width=32, depth=2, heads=2),
-    text=TextSpec(vocab_size=64, context_length=8, width=32, depth=2, heads=2),
-    shared=SharedSpec(width=32, depth=1, heads=2),
-    embed_dim=16,
-)
+TINY = BASE_TINY.with_changes(shared={"depth": 1})
 BIG = ArchSpec.from_dict(
     {
         "image": {**TINY.to_dict()["image"], "depth": 3, "width": 64, "heads": 4},

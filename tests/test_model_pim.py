@@ -5,14 +5,9 @@ import copy
 import pytest
 import torch
 
-from model import ArchSpec, ImageSpec, SharedSpec, TextSpec, build_model, grow, grow_state_dict, pim_blend
+from model import ArchSpec, build_model, grow, grow_state_dict, pim_blend
+from model.spec import TINY
 
-TINY = ArchSpec(
-    image=ImageSpec(image_size=16, patch_size=8, width=32, depth=2, heads=2),
-    text=TextSpec(vocab_size=64, context_length=8, width=32, depth=2, heads=2),
-    shared=SharedSpec(width=32, depth=0, heads=2),
-    embed_dim=16,
-)
 BIG = ArchSpec.from_dict(
     {
         **TINY.to_dict(),

@@ -7,31 +7,16 @@ import math
 import pytest
 import torch
 
-from model import ArchSpec, ImageSpec, SharedSpec, TextSpec, build_model
+from model import ArchSpec, build_model
 from model.clip import LOGIT_SCALE_MAX
 from model.pim import random_inputs
-
-TINY = ArchSpec(
-    image=ImageSpec(image_size=16, patch_size=8, width=32, depth=2, heads=2),
-    text=TextSpec(vocab_size=64, context_length=8, width=32, depth=2, heads=2),
-    shared=SharedSpec(width=32, depth=0, heads=2),
-    embed_dim=16,
-)
-
-
-def _with(spec: ArchSpec, **changes: dict) -> ArchSpec:
-    d = spec.to_dict()
-    for section, values in changes.items():
-        d[section].update(values)
-    return ArchSpec.from_dict(d)
-
+from model.spec import TINY
 
 SPECS = {
     "tiny": TINY,
-    "shared1": _with(TINY, shared={"depth": 1}),
-    "shared2_wide": _with(TINY, shared={"depth": 2, "width": 48, "heads": 3, "mlp_ratio": 2.0}),
-    "uneven": _with(
-        TINY,
+    "shared1": TINY.with_changes(shared={"depth": 1}),
+    "shared2_wide": TINY.with_changes(shared={"depth": 2, "width": 48, "heads": 3, "mlp_ratio": 2.0}),
+    "uneven": TINY.with_changes(
         image={"width": 24, "heads": 3, "depth": 1, "mlp_ratio": 3.0},
         text={"width": 40, "heads": 5, "depth": 3},
         shared={"depth": 1, "width": 16},
@@ -49,7 +34,7 @@ def test_params_exact(name):
 def test_flops_grow_with_the_model():
     base = TINY.flops_per_sample()
     assert base > 0 and base % 6 == 0  # 3 (fwd+bwd) x 2 (FLOPs per MAC)
-    for bigger in (_with(TINY, image={"depth": 3}), _with(TINY, text={"width": 64}), SPECS["shared1"]):
+    for bigger in (TINY.with_changes(image={"depth": 3}), TINY.with_changes(text={"width": 64}), SPECS["shared1"]):
         assert bigger.flops_per_sample() > base
 
 
@@ -57,7 +42,7 @@ def test_flops_formula_one_block():
     """Adding one image block adds exactly 6 x its matmul MACs (qkv, proj, MLP, QK^T, AV)."""
     n, d, m = TINY.image.num_patches + 1, 32, 128
     macs = n * (3 * d * d + d * d + 2 * d * m) + 2 * n * n * d
-    assert _with(TINY, image={"depth": 3}).flops_per_sample() - TINY.flops_per_sample() == 6 * macs
+    assert TINY.with_changes(image={"depth": 3}).flops_per_sample() - TINY.flops_per_sample() == 6 * macs
 
 
 def test_spec_round_trip_json():
