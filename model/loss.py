@@ -49,7 +49,12 @@ class ClipLoss(nn.Module):
         rank: this process's rank (0 when not distributed).
         world_size: number of ranks; > 1 gathers features from all ranks.
         local_loss: with gathering, compute only the rows of the local samples (labels offset by
-            ``rank * B``) instead of the full global matrix; cheaper, same expected gradient.
+            ``rank * B``) instead of the full global matrix. Cheaper, but NOT the global gradient: the
+            gathered features carry no gradient, so the local samples' role as negatives in other
+            ranks' rows is dropped (a biased approximation, as open_clip's local loss without
+            gather-with-grad). With ``local_loss=False`` every rank computes the full matrix and the
+            DDP average times ``world_size`` equals the single-process gradient exactly. All ranks
+            must use the same per-rank batch size (all_gather needs equal shapes).
     """
 
     def __init__(self, rank: int = 0, world_size: int = 1, local_loss: bool = False) -> None:

@@ -50,7 +50,12 @@ def _group_names(names: Names, who: str) -> list[list[str]]:
     out = []
     for g in names:
         if isinstance(g, Mapping):
-            out.append([p[0] if isinstance(p, tuple) else p for p in g["params"]])
+            # torch.optim.Optimizer rewrites named groups in place: params become tensors and the
+            # names move to "param_names"; accept both forms.
+            if "param_names" in g:
+                out.append(list(g["param_names"]))
+            else:
+                out.append([p[0] if isinstance(p, tuple) else p for p in g["params"]])
         else:
             out.append(list(g))
     if any(not isinstance(n, str) for g in out for n in g):

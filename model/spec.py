@@ -54,11 +54,14 @@ def _check_blocks(owner: str, width: int, heads: int, mlp_ratio: float) -> None:
     _check_positive(owner, width=width, heads=heads, mlp_ratio=mlp_ratio)
     if width % heads:
         raise ValueError(f"{owner}.heads={heads} must divide {owner}.width={width}; pick heads in {_divisors(width)}")
+    # timm's Block sizes its MLP as int(width * mlp_ratio) in floating point, so the product must be
+    # exactly integral there (0.57 * 100 = 56.99999999999999 would build 56 units, not 57).
     hidden = width * mlp_ratio
-    if abs(hidden - round(hidden)) > 1e-9:
+    if hidden != int(hidden):
         raise ValueError(
-            f"{owner}.width * {owner}.mlp_ratio = {width} * {mlp_ratio} = {hidden} must be a whole number "
-            f"(the MLP hidden width); pick mlp_ratio so that it is"
+            f"{owner}.width * {owner}.mlp_ratio = {width} * {mlp_ratio} = {hidden!r} must be a whole number in "
+            f"floating point (the MLP hidden width); pick mlp_ratio = hidden / width with a hidden width that "
+            f"makes it exact, e.g. a power-of-two fraction such as 4.0, 2.5 or 5.25"
         )
 
 
@@ -83,7 +86,7 @@ class ImageSpec:
 
     @property
     def mlp_width(self) -> int:
-        return round(self.width * self.mlp_ratio)
+        return int(self.width * self.mlp_ratio)
 
     @property
     def num_patches(self) -> int:
@@ -107,7 +110,7 @@ class TextSpec:
 
     @property
     def mlp_width(self) -> int:
-        return round(self.width * self.mlp_ratio)
+        return int(self.width * self.mlp_ratio)
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,7 @@ class SharedSpec:
 
     @property
     def mlp_width(self) -> int:
-        return round(self.width * self.mlp_ratio)
+        return int(self.width * self.mlp_ratio)
 
 
 @dataclass(frozen=True)

@@ -128,3 +128,21 @@ def test_unknown_state_entry_raises():
     new, _ = grow(old, BIG, measure=False)
     with pytest.raises(KeyError, match="momentum_buffer"):
         grow_optimizer_state(state, TINY, BIG, new_names=new)
+
+
+def test_grow_optimizer_state_accepts_groups_rewritten_by_the_optimizer() -> None:
+    """torch.optim rewrites named param groups in place (names -> "param_names"); both forms work."""
+    old = build_model(TINY)
+    groups = param_groups(old, 0.1)
+    opt = make_optimizer(groups, "adamw", 1e-3, (0.9, 0.98), 1e-6, 0.1, "cpu")
+    img, tok = random_inputs(TINY, 2, seed=0)
+    loss = ClipLoss()(*old(img.float(), tok))
+    loss.backward()
+    opt.step()
+    new_spec = TINY.with_changes(image={"depth": 3})
+    new, _ = grow(old, new_spec)
+    new_groups = param_groups(new, 0.1)
+    state = grow_optimizer_state(opt.state_dict(), TINY, new_spec, new_names=new_groups, old_names=groups)
+    new_opt = make_optimizer(new_groups, "adamw", 1e-3, (0.9, 0.98), 1e-6, 0.1, "cpu")
+    new_opt.load_state_dict(state)
+    assert state["state"], "inherited moments were dropped"

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from model import ArchSpec, build_model
+from model import ArchSpec, ConfigError, build_model
 from model.clip import LOGIT_SCALE_MAX
 from model.pim import random_inputs
 from model.spec import TINY
@@ -152,3 +152,16 @@ def test_init_weights_sets_every_tensor():
     b.init_weights(1)
     for (n, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.isfinite(pb).all() and torch.equal(pa, pb), n
+
+
+@pytest.mark.parametrize(("width", "ratio"), [(100, 0.57), (480, 4.1), (800, 2.3)])
+def test_mlp_ratio_must_give_an_exact_hidden_width(width: int, ratio: float) -> None:
+    """timm builds int(width * ratio) units; products like 56.99999999999999 must be refused, not miscounted."""
+    with pytest.raises(ConfigError, match=r"image.width \* image.mlp_ratio"):
+        TINY.with_changes(image={"width": width, "heads": 1, "mlp_ratio": ratio})
+
+
+@pytest.mark.parametrize(("width", "ratio"), [(64, 4.0), (100, 2.5), (96, 5.25), (48, 2.0)])
+def test_params_exact_for_fractional_mlp_ratios(width: int, ratio: float) -> None:
+    spec = TINY.with_changes(image={"width": width, "heads": 2, "mlp_ratio": ratio})
+    assert spec.params() == sum(p.numel() for p in build_model(spec).parameters())
