@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import yaml
 
+from model.search_space import GrowthSpace
 from model.spec import ArchSpec
 from model.structs import ConfigError, apply_override, from_dict, to_dict
 
@@ -45,8 +46,6 @@ __all__ = [
     "dump_cfg",
     "load_cfg",
 ]
-
-GrowthAxis = Literal["image_depth", "image_width", "text_depth", "text_width", "heads", "mlp", "shared_depth"]
 
 
 def _require(cond: bool, message: str) -> None:
@@ -89,40 +88,16 @@ class DataCfg:
 
 
 @dataclass(frozen=True)
-class GrowthCfg:
-    """The data-aware growth space (DESIGN.md step 1) and PIM inheritance.
+class GrowthCfg(GrowthSpace):
+    """The data-aware growth space (DESIGN.md step 1; fields of ``model.search_space.GrowthSpace``:
+    axes, budget, alpha, depth_step, width_factor, heads_factor, mlp_factor, max_ops, max_candidates)
+    and PIM inheritance."""
 
-    Budget: a candidate A is allowed at stage t when
-    ``cost(A) <= cost(A_{t-1}) * (|D_<=t| / |D_<=t-1|) ** alpha``, cost being parameters or FLOPs.
-    """
-
-    axes: tuple[GrowthAxis, ...] = (  # growth operators the search may use ("no growth" is always a candidate)
-        "image_depth",
-        "image_width",
-        "text_depth",
-        "text_width",
-        "heads",
-        "mlp",
-        "shared_depth",
-    )
-    budget: Literal["params", "flops"] = "params"  # what the data-aware budget bounds
-    alpha: float = 1.0  # budget exponent on the data growth ratio |D_<=t| / |D_<=t-1|
-    depth_step: int = 2  # blocks added by one depth operation
-    width_factor: int = 2  # width multiplier of one width operation (integer: exact through LayerNorm)
-    heads_factor: int = 2  # heads multiplier of one heads operation
-    mlp_factor: float = 2.0  # MLP hidden-width multiplier of one MLP operation
-    max_ops: int = 2  # operations combined into one candidate (1 = single-axis candidates only)
-    max_candidates: int = 8  # candidates kept after pruning (cheapest-first tie-break, deterministic)
     momentum: float = 1.0  # PIM m: theta = m*inherited + (1-m)*fresh; 1 = exact inheritance, 0 = scratch
     inherit_from: Literal["model", "ema"] = "model"  # inherit the final weights or their EMA
 
     def __post_init__(self) -> None:
-        _require(len(self.axes) == len(set(self.axes)), f"growth.axes={list(self.axes)} lists an axis twice")
-        _non_negative("growth", alpha=self.alpha)
-        _positive("growth", depth_step=self.depth_step, max_ops=self.max_ops, max_candidates=self.max_candidates)
-        _require(self.width_factor >= 2, f"growth.width_factor={self.width_factor} must be an integer >= 2")
-        _require(self.heads_factor >= 2, f"growth.heads_factor={self.heads_factor} must be an integer >= 2")
-        _require(self.mlp_factor > 1.0, f"growth.mlp_factor={self.mlp_factor} must be > 1")
+        super().__post_init__()
         _fraction("growth", momentum=self.momentum)
 
 
@@ -174,9 +149,16 @@ class TrainCfg:
     keep_checkpoints: int = 3  # newest step checkpoints kept on disk
     log_every: int = 10  # steps between log lines and metric records
     seed: int = 0  # seeds init, data order and dropout
+    data_streams: int = 0  # sub-streams forming the global batch (0 = one per rank); fix it: same data at any #ranks
 
     def __post_init__(self) -> None:
         _positive("train", steps=self.steps, batch_size=self.batch_size, grad_accum=self.grad_accum, lr=self.lr)
+        _non_negative("train", data_streams=self.data_streams)
+        _require(
+            self.data_streams == 0 or self.batch_size % (self.grad_accum * self.data_streams) == 0,
+            f"train.batch_size={self.batch_size} must be divisible by train.grad_accum={self.grad_accum} x "
+            f"train.data_streams={self.data_streams}",
+        )
         _positive("train", eps=self.eps, checkpoint_every=self.checkpoint_every, log_every=self.log_every)
         _positive("train", keep_checkpoints=self.keep_checkpoints)
         _non_negative("train", min_lr=self.min_lr, warmup_steps=self.warmup_steps)

@@ -1,0 +1,213 @@
+"""The data-aware growth space of one stage: which candidate architectures the search may try.
+
+GrowCLIP's dynamic growth space (paper §3.1; our reading in shared/DESIGN.md, step 1): from the
+current architecture A_{t-1}, every candidate is A_{t-1} with a set of growth operations applied
+(deeper/wider image or text tower, more heads, a larger MLP, a deeper shared encoder) — or no growth.
+How far a candidate may grow is bounded by how much the data grew:
+
+    cost(A) <= cost(A_{t-1}) * (|D_<=t| / |D_<=t-1|) ** alpha
+
+with cost = parameters or forward+backward FLOPs per sample (``ArchSpec.params()`` /
+``ArchSpec.flops_per_sample()``). The exponent ``alpha`` and the step sizes are our design choices
+(configurable), not the paper's.
+
+Every operation is chosen so that growth with PIM momentum 1 is exactly function-preserving
+(model/growth.py): depth adds identity blocks; width multiplies by an integer factor keeping the
+head count; heads grow together with the width (head size kept); MLP growth adds units with zero
+outgoing weights; the shared encoder, when it first appears, is as wide as the wider tower.
+
+Enumeration is deterministic: candidates are ordered by (number of ops, cost, name), ties broken by
+name; identical specs reached by different op sets are kept once (the first name wins).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from model.spec import ArchSpec
+
+__all__ = ["AXES", "Candidate", "GrowthSpace", "Pruned", "axis_growth", "enumerate_candidates"]
+
+logger = logging.getLogger(__name__)
+
+Axis = Literal["image_depth", "image_width", "text_depth", "text_width", "heads", "mlp", "shared_depth"]
+AXES: tuple[Axis, ...] = ("image_depth", "image_width", "text_depth", "text_width", "heads", "mlp", "shared_depth")
+NO_GROWTH = "none"
+
+
+@dataclass(frozen=True)
+class GrowthSpace:
+    """Axes, step sizes and bounds of the growth space (the run config's ``growth`` section extends it).
+
+    Budget: a candidate A is allowed at stage t when
+    ``cost(A) <= cost(A_{t-1}) * (|D_<=t| / |D_<=t-1|) ** alpha``, cost being parameters or FLOPs.
+    """
+
+    axes: tuple[Axis, ...] = AXES  # growth operators the search may use ("none" is always a candidate)
+    budget: Literal["params", "flops"] = "params"  # what the data-aware budget bounds
+    alpha: float = 1.0  # budget exponent on the data growth ratio |D_<=t| / |D_<=t-1|
+    depth_step: int = 2  # blocks added by one depth operation
+    width_factor: int = 2  # width multiplier of one width operation (integer: exact through LayerNorm)
+    heads_factor: int = 2  # heads multiplier of one heads operation (the width grows with it)
+    mlp_factor: float = 2.0  # MLP hidden-width multiplier of one MLP operation
+    max_ops: int = 2  # operations combined into one candidate (1 = single-axis candidates only)
+    max_candidates: int = 8  # candidates kept after pruning, "none" included (cheapest first)
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.axes if a not in AXES]
+        if unknown:
+            raise ValueError(f"growth.axes: {unknown} unknown; valid axes: {', '.join(AXES)}")
+        if len(self.axes) != len(set(self.axes)):
+            raise ValueError(f"growth.axes={list(self.axes)} lists an axis twice")
+        if self.alpha < 0:
+            raise ValueError(f"growth.alpha={self.alpha} must be >= 0")
+        for name in ("depth_step", "max_ops", "max_candidates"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"growth.{name}={getattr(self, name)} must be >= 1")
+        for name in ("width_factor", "heads_factor"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"growth.{name}={getattr(self, name)} must be an integer >= 2")
+        if self.mlp_factor <= 1.0:
+            raise ValueError(f"growth.mlp_factor={self.mlp_factor} must be > 1")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the growth space."""
+
+    name: str  # "none" or axis names joined by "+", e.g. "image_depth+shared_depth"
+    spec: ArchSpec  # the candidate architecture
+    cost: int  # params or FLOPs per sample (GrowthSpace.budget)
+    cost_ratio: float  # cost / cost of the current architecture
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "spec": self.spec.to_dict(), "cost": self.cost, "cost_ratio": self.cost_ratio}
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """A candidate left out, and why (logged and written to the plan)."""
+
+    name: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "reason": self.reason}
+
+
+def axis_growth(spec: ArchSpec, axis: str, space: GrowthSpace) -> ArchSpec:
+    """Apply one growth operation of ``axis`` to ``spec`` (see the module docstring for the rules).
+
+    Raises:
+        ValueError: unknown axis, or the grown spec is invalid (e.g. an MLP ratio that gives no
+            whole hidden width); the message names the field.
+    """
+    im, tx = spec.image, spec.text
+    wf, hf = space.width_factor, space.heads_factor
+    rules: dict[str, Callable[[], dict[str, Any]]] = {
+        "image_depth": lambda: {"image": {"depth": im.depth + space.depth_step}},
+        "text_depth": lambda: {"text": {"depth": tx.depth + space.depth_step}},
+        "image_width": lambda: {"image": {"width": im.width * wf}},
+        "text_width": lambda: {"text": {"width": tx.width * wf}},
+        # more heads of the same size in both towers: the width grows with the head count
+        "heads": lambda: {
+            "image": {"width": im.width * hf, "heads": im.heads * hf},
+            "text": {"width": tx.width * hf, "heads": tx.heads * hf},
+        },
+        "mlp": lambda: {
+            "image": {"mlp_ratio": im.mlp_ratio * space.mlp_factor},
+            "text": {"mlp_ratio": tx.mlp_ratio * space.mlp_factor},
+        },
+        "shared_depth": lambda: {"shared": _shared_growth(spec, space)},
+    }
+    if axis not in rules:
+        raise ValueError(f"unknown growth axis {axis!r}; valid axes: {', '.join(AXES)}")
+    return spec.with_changes(**rules[axis]())
+
+
+def _shared_growth(spec: ArchSpec, space: GrowthSpace) -> dict[str, Any]:
+    sh = spec.shared
+    if sh.depth > 0:
+        return {"depth": sh.depth + space.depth_step}
+    # A new shared encoder at least as wide as the wider tower keeps the function exactly
+    # (model/growth.py); it takes that tower's head count when its own does not divide the width.
+    wider = spec.image if spec.image.width >= spec.text.width else spec.text
+    width = max(sh.width, wider.width)
+    heads = sh.heads if width % sh.heads == 0 else wider.heads
+    return {"depth": space.depth_step, "width": width, "heads": heads}
+
+
+def _cost(spec: ArchSpec, budget: str) -> int:
+    return spec.params() if budget == "params" else spec.flops_per_sample()
+
+
+def enumerate_candidates(
+    current: ArchSpec, data_ratio: float, space: GrowthSpace
+) -> tuple[list[Candidate], list[Pruned]]:
+    """The candidates of one growth step, bounded by the data-aware budget.
+
+    Args:
+        current: A_{t-1}, the architecture trained on the previous stages.
+        data_ratio: |D_<=t| / |D_<=t-1| (>= 1): how much the data grew.
+        space: step sizes, axes and bounds.
+
+    Returns:
+        (kept, pruned): kept candidates in deterministic order, "none" first; pruned ones with the
+        reason (over budget, invalid, duplicate of another candidate, over max_candidates).
+
+    Raises:
+        ValueError: ``data_ratio`` < 1 (data never shrinks between stages).
+    """
+    if not data_ratio >= 1.0:
+        raise ValueError(f"data_ratio={data_ratio}: |D_<=t| / |D_<=t-1| must be >= 1 (stages only add data)")
+    base = _cost(current, space.budget)
+    limit = base * data_ratio**space.alpha
+    none = Candidate(NO_GROWTH, current, base, 1.0)
+    kept: list[Candidate] = []
+    pruned: list[Pruned] = []
+    seen: dict[ArchSpec, str] = {current: NO_GROWTH}
+    combos = [c for n in range(1, space.max_ops + 1) for c in itertools.combinations(space.axes, n)]
+    for combo in combos:
+        name = "+".join(combo)
+        spec = current
+        try:
+            for axis in combo:
+                spec = axis_growth(spec, axis, space)
+        except ValueError as exc:
+            pruned.append(Pruned(name, f"invalid: {exc}"))
+            continue
+        if spec in seen:
+            pruned.append(Pruned(name, f"same architecture as {seen[spec]}"))
+            continue
+        seen[spec] = name
+        cost = _cost(spec, space.budget)
+        if cost > limit:
+            pruned.append(
+                Pruned(
+                    name,
+                    f"over budget: {space.budget} {cost:,} > {limit:,.0f} "
+                    f"(= {base:,} x {data_ratio:.3f}^{space.alpha})",
+                )
+            )
+            continue
+        kept.append(Candidate(name, spec, cost, cost / base))
+    kept.sort(key=lambda c: (c.name.count("+"), c.cost, c.name))
+    overflow = kept[space.max_candidates - 1 :]
+    kept = [none, *kept[: space.max_candidates - 1]]
+    pruned += [Pruned(c.name, f"beyond max_candidates={space.max_candidates}") for c in overflow]
+    for p in pruned:
+        logger.info("growth space: pruned %s: %s", p.name, p.reason)
+    logger.info(
+        "growth space: %d candidates within %s budget %.3gx (data grew %.3fx, alpha=%s): %s",
+        len(kept),
+        space.budget,
+        limit / base,
+        data_ratio,
+        space.alpha,
+        ", ".join(c.name for c in kept),
+    )
+    return kept, pruned
