@@ -66,15 +66,21 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 JOURNAL_VERSION = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
-    """One input pair before processing. Exactly one of ``image_path``/``image_bytes`` is used."""
+    """One input pair before processing; the image is read by the worker, never held here.
+
+    The image is one of: ``image_path`` (a file: table and files layouts), ``image_member`` (a member
+    of an uncompressed tar: ``(tar path, data offset, size)``, img2dataset tars) or ``image_bytes``
+    (already in memory; only for compressed tars, which cannot be read at an offset).
+    """
 
     source: str  # stable id relative to the input: "table.jsonl#12" or "00000/000000012"
     caption: bytes | str | None
     image_path: str | None = None  # read by the worker (table and files layouts)
-    image_bytes: bytes | None = None  # already read (img2dataset tars)
+    image_bytes: bytes | None = None  # already read (compressed tars only)
     url: str | None = None
+    image_member: tuple[str, int, int] | None = None  # (tar path, offset of the data, size): read by the worker
 
 
 @dataclass
@@ -143,28 +149,73 @@ def _table_records(path: Path, caption_col: str, image_col: str) -> list[Record]
 
 
 def _img2dataset_tar_records(tars: list[Path]) -> list[Record]:
+    """Records of img2dataset tars from a headers-only pass: image members are referenced, not read.
+
+    Captions and ``.json`` metadata (small) are read; an image is recorded as (tar, offset, size) and
+    read by the worker, so memory does not grow with the size of the crawl.
+    """
     records = []
     for tar_path in tars:
-        groups: dict[str, dict[str, bytes]] = {}
+        groups: dict[str, dict[str, bytes | tuple[str, int, int]]] = {}
         try:
-            with tarfile.open(tar_path) as tf:
-                for member in tf:
+            tar_size = tar_path.stat().st_size
+            lazy = _is_plain_tar(tar_path)  # uncompressed: members can be read at their offset later
+            with tarfile.open(tar_path, "r:" if lazy else "r") as tf:
+                if not lazy:
+                    logger.warning("%s: compressed tar: its images are held in memory; prefer plain .tar", tar_path)
+                while (member := tf.next()) is not None:
+                    tf.members.clear()  # headers of members already seen are not needed: keep memory flat
                     if not member.isfile():
                         continue
                     base = os.path.basename(member.name)
                     key, _, ext = base.partition(".")
-                    fh = tf.extractfile(member)
-                    groups.setdefault(os.path.join(os.path.dirname(member.name), key), {})["." + ext.lower()] = (
-                        fh.read() if fh else b""
-                    )
+                    ext = "." + ext.lower()
+                    value: bytes | tuple[str, int, int]
+                    if lazy and ext in IMAGE_EXTS:
+                        if member.offset_data + member.size > tar_size:
+                            raise tarfile.ReadError(f"unexpected end of data in {member.name}")
+                        value = (str(tar_path), member.offset_data, member.size)
+                    else:
+                        fh = tf.extractfile(member)
+                        value = fh.read() if fh else b""
+                    groups.setdefault(os.path.join(os.path.dirname(member.name), key), {})[ext] = value
         except (tarfile.TarError, OSError) as exc:
             logger.warning("%s: unreadable tar (%s); pairs read before the error are kept", tar_path, exc)
         for key in sorted(groups):
             parts = groups[key]
             image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
-            meta = _json_or_none(parts.get(".json"))
-            records.append(Record(f"{tar_path.name}/{key}", parts.get(".txt"), image_bytes=image, url=meta.get("url")))
+            txt, meta_raw = parts.get(".txt"), parts.get(".json")  # never lazy: read above
+            meta = _json_or_none(meta_raw if isinstance(meta_raw, bytes) else None)
+            records.append(
+                Record(
+                    f"{tar_path.name}/{key}",
+                    txt if isinstance(txt, bytes) else None,
+                    image_bytes=image if isinstance(image, bytes) else None,
+                    image_member=image if isinstance(image, tuple) else None,
+                    url=meta.get("url"),
+                )
+            )
     return records
+
+
+def _is_plain_tar(path: Path) -> bool:
+    """Whether ``path`` is an uncompressed tar (its members can be read at an offset)."""
+    try:
+        with tarfile.open(path, "r:"):
+            return True
+    except tarfile.ReadError:
+        return False
+
+
+def _read_member(ref: tuple[str, int, int]) -> bytes:
+    """The bytes of a tar member recorded as (tar path, data offset, size)."""
+    path, offset, size = ref
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        data = fh.read(size)
+    if len(data) != size:
+        raise OSError(f"{path}: member at offset {offset} is truncated ({len(data)} of {size} bytes)")
+    return data
 
 
 def _json_or_none(raw: bytes | None) -> dict[str, Any]:
@@ -234,7 +285,12 @@ def _process_record(record: Record) -> ProcessedPair | Dropped:
     """Worker entry: read the image (if not in memory) and run every filter."""
     assert _WORKER_OPTS is not None
     data = record.image_bytes
-    if data is None and record.image_path is not None:
+    if data is None and record.image_member is not None:
+        try:
+            data = _read_member(record.image_member)
+        except OSError as exc:
+            return Dropped("read_error", str(exc))
+    elif data is None and record.image_path is not None:
         try:
             data = Path(record.image_path).read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
@@ -314,6 +370,8 @@ def _fingerprint(records: list[Record], fmt: str, opts: ImageOptions, shard_size
     h = hashlib.sha256(json.dumps([fmt, dataclasses.asdict(opts), shard_size], sort_keys=True).encode())
     for r in records:
         h.update(r.source.encode() + b"\0")
+        if r.image_member is not None:  # lazy tar member: where it is and how big (its bytes are not read here)
+            h.update(f"{r.image_member[1]}:{r.image_member[2]}\0".encode())
     return h.hexdigest()
 
 

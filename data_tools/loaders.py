@@ -7,8 +7,14 @@ earlier ones. Each stage is read as an infinite stream of *resampled* shards
 when there are fewer shards than readers; when a stage has at least as many shards as readers
 (ranks x workers), each reader resamples only its own disjoint subset (split by node and worker).
 Every (rank, worker) pair gets its own seed derived from ``seed``, ``rank`` and the worker id
-(never from the environment). Samples that fail to decode
-are counted by reason and skipped.
+(never from the environment). Samples that fail to decode are counted by reason and skipped; a stage
+that yields nothing usable for ``max_consecutive_failures`` samples (or shard opens) in a row stops
+the stream with ``DataStreamError`` naming the stage, shard and reasons instead of spinning forever.
+
+Batches are ``TrainBatch`` objects: they unpack like ``(images, tokens)`` and also carry ``stats``,
+the per-batch counts of samples by stage and of skipped samples by reason, computed in the process
+that read them (a DataLoader worker) and sent back with the data. ``TrainLoader.stats`` (a
+``LoaderStats``) accumulates them in the consuming process, for any ``num_workers``.
 
 The held-out split is a deterministic function of the sample key: ``sha256(key) mod 10_000 <
 val_fraction * 10_000``. Training excludes those keys whenever ``val_fraction > 0``.
@@ -24,7 +30,7 @@ import random
 import tarfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +48,12 @@ __all__ = [
     "stage_weights",
     "is_heldout",
     "ReplayStream",
+    "TrainBatch",
+    "TrainLoader",
+    "LoaderStats",
+    "DataStreamError",
+    "collate_train",
+    "normalize_batch",
     "make_train_loader",
     "make_val_loader",
     "ClassificationSet",
@@ -49,12 +61,21 @@ __all__ = [
     "load_eval_task",
     "list_eval_tasks",
     "image_to_tensor",
+    "image_to_uint8",
 ]
 
 logger = logging.getLogger(__name__)
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalisation constants
 STD = (0.26862954, 0.26130258, 0.27577711)
+# normalize_batch computes (x / 255 - MEAN) / STD as x * _SCALE + _SHIFT (built once, not per call)
+_SCALE = torch.tensor([1.0 / (255.0 * s) for s in STD], dtype=torch.float32).view(3, 1, 1)
+_SHIFT = torch.tensor([-m / s for m, s in zip(MEAN, STD, strict=True)], dtype=torch.float32).view(3, 1, 1)
+MAX_CONSECUTIVE_FAILURES = 1000
+
+
+class DataStreamError(RuntimeError):
+    """A stage of the training stream yields nothing usable (all corrupt, all held out, unreadable)."""
 
 
 def stage_weights(stages: Sequence[int], replay: float) -> dict[int, float]:
@@ -81,10 +102,24 @@ def is_heldout(key: str, val_fraction: float) -> bool:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % 10_000 < val_fraction * 10_000
 
 
+def image_to_uint8(img: Image.Image) -> torch.Tensor:
+    """PIL image -> uint8 tensor (3, H, W) in RGB, not normalised (see ``normalize_batch``)."""
+    img = img if img.mode == "RGB" else img.convert("RGB")
+    hwc = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3)
+    return hwc.permute(2, 0, 1).contiguous()
+
+
+def normalize_batch(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images ``(..., 3, H, W)`` in [0, 255] -> float32 ``(x / 255 - MEAN) / STD``.
+
+    The one place where images are normalised (training batches, val batches, eval sets).
+    """
+    return images.to(torch.float32).mul_(_SCALE).add_(_SHIFT)
+
+
 def image_to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> normalised float tensor (3, H, W)."""
-    arr = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
-    return (arr - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    return normalize_batch(image_to_uint8(img))
 
 
 def _augment(img: Image.Image, size: int, rng: random.Random, scale: tuple[float, float], flip: bool) -> Image.Image:
@@ -114,10 +149,95 @@ class _Opts:
     val_fraction: float
 
 
-class ReplayStream(IterableDataset):
-    """Infinite stream of ``(image (3,H,W), tokens (L,))`` mixing stages by replay weight.
+class TrainBatch(tuple):
+    """A training batch: unpacks like ``(images, tokens)``; ``stats`` says how it was read.
 
-    Errors are counted in ``self.errors`` (per process) and logged, never raised.
+    ``images`` (B, 3, H, W) float32 normalised, ``tokens`` (B, L) long, and ``stats`` =
+    ``{"stages": {stage: samples in this batch}, "errors": {reason: samples skipped since the previous
+    batch of the same reader}}`` (plain dicts, so the batch pickles from a DataLoader worker).
+    """
+
+    stats: dict[str, dict[Any, int]]
+
+    def __new__(
+        cls, images: torch.Tensor, tokens: torch.Tensor, stats: dict[str, dict[Any, int]] | None = None
+    ) -> TrainBatch:
+        self = super().__new__(cls, (images, tokens))
+        self.stats = stats if stats is not None else {"stages": {}, "errors": {}}
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (TrainBatch, (self[0], self[1], self.stats))
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self[1]
+
+
+@dataclass
+class LoaderStats:
+    """Samples by stage and skipped samples by reason, accumulated from ``TrainBatch.stats``.
+
+    ``TrainLoader.stats`` is one, updated as batches are taken; ``update`` takes a batch (or its
+    ``stats``) for a consumer that gathers batches itself.
+    """
+
+    stages: Counter[int] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    batches: int = 0
+
+    def update(self, batch: TrainBatch | dict[str, dict[Any, int]]) -> None:
+        stats = batch if isinstance(batch, dict) else getattr(batch, "stats", None)
+        if stats is None:
+            raise TypeError(f"{type(batch).__name__} carries no loader stats (expected a TrainBatch)")
+        self.stages.update(stats.get("stages", {}))
+        self.errors.update(stats.get("errors", {}))
+        self.batches += 1
+
+    @property
+    def samples(self) -> int:
+        return sum(self.stages.values())
+
+    def stage_mix(self) -> dict[int, float]:
+        """Share of samples per stage so far."""
+        n = self.samples
+        return {s: c / n for s, c in sorted(self.stages.items())} if n else {}
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready summary for logs."""
+        return {
+            "batches": self.batches,
+            "samples": self.samples,
+            "stages": {str(k): v for k, v in sorted(self.stages.items())},
+            "skipped": dict(sorted(self.errors.items())),
+        }
+
+
+def collate_train(samples: Sequence[tuple[torch.Tensor, torch.Tensor, int, dict[str, int] | None]]) -> TrainBatch:
+    """Batch ``ReplayStream`` items: stack, normalise the uint8 images, and sum the per-sample counts."""
+    stages: Counter[int] = Counter()
+    errors: Counter[str] = Counter()
+    for _, _, stage, errs in samples:
+        stages[stage] += 1
+        if errs:
+            errors.update(errs)
+    images = normalize_batch(torch.stack([x[0] for x in samples]))
+    tokens = torch.stack([x[1] for x in samples])
+    return TrainBatch(images, tokens, {"stages": dict(stages), "errors": dict(errors)})
+
+
+class ReplayStream(IterableDataset):
+    """Infinite stream mixing stages by replay weight; batch it with ``collate_train``.
+
+    Yields ``(image uint8 (3,H,W), tokens (L,), stage, errors)`` where ``errors`` is ``{reason: n}``
+    for the samples skipped since the previous yield (None when there were none). Errors are also
+    counted in ``self.errors`` and samples per stage in ``self.stage_counts`` (per process: with
+    ``num_workers > 0`` use ``TrainLoader.stats`` instead) and logged, never raised, unless a stage
+    yields nothing usable ``max_consecutive_failures`` times in a row (``DataStreamError``).
     """
 
     def __init__(
@@ -131,38 +251,73 @@ class ReplayStream(IterableDataset):
         rank: int,
         world_size: int,
         shuffle_buffer: int,
+        max_consecutive_failures: int = MAX_CONSECUTIVE_FAILURES,
     ) -> None:
         super().__init__()
         self.shards, self.weights, self.tokenizer_path, self.opts = shards, weights, tokenizer_path, opts
         self.seed, self.rank, self.world_size, self.shuffle_buffer = seed, rank, world_size, shuffle_buffer
+        self.max_consecutive_failures = max_consecutive_failures
         self.errors: Counter[str] = Counter()
         self.stage_counts: Counter[int] = Counter()
         self.epoch = 0
+        self._pending: Counter[str] = Counter()  # errors since the last yield (sent with the next sample)
+        self._failing: dict[int, Counter[str]] = {}  # per stage: reasons since its last usable sample
+        self._last_reason = ""
 
     def _count(self, reason: str, exc: Exception | None = None) -> None:
         self.errors[reason] += 1
+        self._last_reason = reason
+        self._pending[reason] += 1
         n = self.errors[reason]
         if n & (n - 1) == 0:  # log the 1st, 2nd, 4th, 8th ... occurrence
             logger.warning("skipped sample (%s, %d so far): %s", reason, n, exc)
+
+    def _fail(self, stage: int, reason: str, where: str) -> None:
+        """One more unusable sample (or empty shard read) of ``stage``; raise once there were too many in a row."""
+        failing = self._failing.setdefault(stage, Counter())
+        failing[reason] += 1
+        n = sum(failing.values())
+        if n >= self.max_consecutive_failures:
+            hint = (
+                "lower val_fraction (nearly every sample of the stage is held out)"
+                if failing.most_common(1)[0][0] == "held_out"
+                else f"check the stage with `python -m data_tools validate DATA_ROOT --repair`; last: {where}"
+            )
+            raise DataStreamError(
+                f"stage {stage}: {n} consecutive samples/shard reads gave nothing usable "
+                f"(reasons: {dict(sorted(failing.items()))}); {hint}"
+            )
 
     def _stage_samples(self, stage: int, worker_seed: int, reader: int, readers: int) -> Iterator[dict[str, Any]]:
         urls = self.shards[stage]
         if len(urls) >= readers:  # enough shards: each (rank, worker) resamples its own disjoint subset
             urls = urls[reader::readers]
         shards = wds.ResampledShards(urls, seed=stage, worker_seed=lambda: worker_seed, deterministic=True)
+        last = {"url": ""}
+
+        def opened() -> Iterator[dict[str, Any]]:
+            for shard in shards:  # a shard read that gives no sample at all counts as one failure
+                if last["url"]:
+                    self._fail(stage, "shard_unreadable_or_empty", last["url"])
+                last["url"] = shard["url"]
+                yield shard
 
         def handler(exc: Exception) -> bool:
             self._count("shard_read_error", exc)
             return True
 
-        yield from wds.tariterators.tarfile_samples(shards, handler=handler)
+        for sample in wds.tariterators.tarfile_samples(opened(), handler=handler):
+            last["url"] = ""
+            yield sample
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, dict[str, int] | None]]:
         info = get_worker_info()
         worker, nworkers = (info.id, info.num_workers) if info else (0, 1)
         reader, readers = self.rank * nworkers + worker, self.world_size * nworkers  # split by node and worker
         worker_seed = (self.seed * 1_000_003 + self.rank * 1009 + worker) * 7919 + self.epoch
         self.epoch += 1
+        self._pending.clear()
+        self._failing.clear()
         rng = random.Random(worker_seed)
         tok = load_tokenizer(self.tokenizer_path)
         stages = sorted(self.weights)
@@ -174,6 +329,7 @@ class ReplayStream(IterableDataset):
             sample = next(streams[stage])
             key = sample.get("__key__", "")
             if is_heldout(key, self.opts.val_fraction):
+                self._fail(stage, "held_out", sample.get("__url__", ""))
                 continue
             if len(buffer) < self.shuffle_buffer:
                 buffer.append((stage, sample))
@@ -181,11 +337,17 @@ class ReplayStream(IterableDataset):
             i = rng.randrange(len(buffer))
             (stage, sample), buffer[i] = buffer[i], (stage, sample)
             out = self._decode(sample, tok, rng)
-            if out is not None:
-                self.stage_counts[stage] += 1
-                yield out
+            if out is None:
+                self._fail(stage, self._last_reason, f"{sample.get('__url__', '')} {sample.get('__key__', '')}")
+                continue
+            self._failing.pop(stage, None)
+            self.stage_counts[stage] += 1
+            errors = dict(self._pending) if self._pending else None
+            self._pending.clear()
+            yield out[0], out[1], stage, errors
 
     def _decode(self, sample: dict[str, Any], tok: Any, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(image uint8 (3,H,W), tokens (L,))`` or None (counted) when the sample is unusable."""
         o = self.opts
         if "jpg" not in sample or "txt" not in sample:
             self._count("missing_part", KeyError(f"{sample.get('__key__')}: has {sorted(sample)}"))
@@ -206,7 +368,21 @@ class ReplayStream(IterableDataset):
             img = _augment(img, o.image_size, rng, o.crop_scale, o.flip)
         elif img.size != (o.image_size, o.image_size):
             img = resize_image(img, o.image_size, "center_crop")
-        return image_to_tensor(img), tokenize([text], o.context_length, tok)[0]
+        return image_to_uint8(img), tokenize([text], o.context_length, tok)[0]
+
+
+class TrainLoader(DataLoader):
+    """The training DataLoader; ``stats`` (``LoaderStats``) accumulates, in this process, the counts
+    carried by every batch taken from it, whatever ``num_workers`` is."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stats = LoaderStats()
+
+    def __iter__(self) -> Iterator[TrainBatch]:  # type: ignore[override]
+        for batch in super().__iter__():
+            self.stats.update(batch)
+            yield batch
 
 
 def _tokenizer_file(data_root: Path, tokenizer: str | Path | None) -> str:
@@ -234,8 +410,12 @@ def make_train_loader(
     flip: bool = False,
     val_fraction: float = 0.0,
     tokenizer: str | Path | None = None,
-) -> DataLoader:
+    max_consecutive_failures: int = MAX_CONSECUTIVE_FAILURES,
+) -> TrainLoader:
     """Infinite training batches ``(images (B,3,H,W) float, tokens (B,L) long)`` over stages.
+
+    Each batch is a ``TrainBatch`` (unpacks as that pair) carrying per-batch counts; the loader's
+    ``stats`` accumulates them in the consuming process (see ``LoaderStats``).
 
     Args:
         data_root: the corpus (manifest.json, tokenizer.json).
@@ -254,9 +434,18 @@ def make_train_loader(
         flip: random horizontal flip. Off by default: captions talk about left and right.
         val_fraction: exclude the held-out split (see ``is_heldout``).
         tokenizer: tokenizer file (default ``DATA_ROOT/tokenizer.json``).
+        max_consecutive_failures: a stage that gives this many unusable samples (or empty/unreadable
+            shard reads) in a row stops the stream with ``DataStreamError``.
+
+    Raises:
+        ValueError: bad rank/world size, ``val_fraction`` outside [0, 1), stages without shards.
+        FileNotFoundError: shards listed in the manifest are missing.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    _check_val_fraction(val_fraction)
+    if max_consecutive_failures < 1:
+        raise ValueError(f"max_consecutive_failures={max_consecutive_failures} must be >= 1")
     root = Path(data_root)
     manifest = load_manifest(root, missing_ok=False)
     paths = shard_paths(root, manifest, list(stages))
@@ -280,10 +469,24 @@ def make_train_loader(
         rank=rank,
         world_size=world_size,
         shuffle_buffer=shuffle_buffer,
+        max_consecutive_failures=max_consecutive_failures,
     )
-    return DataLoader(
-        ds, batch_size=batch_size, num_workers=num_workers, drop_last=True, persistent_workers=num_workers > 0
+    return TrainLoader(
+        ds,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        drop_last=True,
+        persistent_workers=num_workers > 0,
+        collate_fn=collate_train,
     )
+
+
+def _check_val_fraction(val_fraction: float) -> None:
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(
+            f"val_fraction={val_fraction} must be in [0, 1): it is the share of each stage held out "
+            "(at 1 nothing is left to train on)"
+        )
 
 
 def _iter_tar(path: Path) -> Iterator[dict[str, Any]]:
@@ -320,6 +523,7 @@ def make_val_loader(
 
     Deterministic: the same keys, in shard order, every time; rank r takes every world_size-th sample.
     """
+    _check_val_fraction(val_fraction)
     root = Path(data_root)
     paths = shard_paths(root, load_manifest(root, missing_ok=False), [stage])[stage]
     tok = load_tokenizer(_tokenizer_file(root, tokenizer))
@@ -331,13 +535,16 @@ def make_val_loader(
                 continue
             if n % world_size == rank:
                 img = resize_image(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"), image_size, "center_crop")
-                images.append(image_to_tensor(img))
+                images.append(image_to_uint8(img))
                 texts.append(sample["txt"].decode("utf-8"))
             n += 1
     batches = []
     for i in range(0, len(images), batch_size):
         batches.append(
-            (torch.stack(images[i : i + batch_size]), tokenize(texts[i : i + batch_size], context_length, tok))
+            (
+                normalize_batch(torch.stack(images[i : i + batch_size])),
+                tokenize(texts[i : i + batch_size], context_length, tok),
+            )
         )
     return batches
 
@@ -380,12 +587,12 @@ def load_eval_task(data_root: str | Path, task: str, *, image_size: int = 64) ->
             img = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
             if img.size != (image_size, image_size):
                 img = resize_image(img, image_size, "center_crop")
-            images.append(image_to_tensor(img))
+            images.append(image_to_uint8(img))
             if "cls" in sample:
                 labels.append(int(sample["cls"]))
             else:
                 captions.append(sample["txt"].decode("utf-8").splitlines())
-    stacked = torch.stack(images)
+    stacked = normalize_batch(torch.stack(images))
     if (tdir / "classnames.txt").exists():
         classnames = (tdir / "classnames.txt").read_text().splitlines()
         templates = (tdir / "zeroshot_classification_templates.txt").read_text().splitlines()

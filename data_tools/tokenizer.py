@@ -29,6 +29,7 @@ __all__ = ["PAD", "SOT", "EOT", "train_tokenizer", "load_tokenizer", "tokenize",
 logger = logging.getLogger(__name__)
 
 PAD, SOT, EOT = "<pad>", "<start_of_text>", "<end_of_text>"
+SPECIALS = (PAD, SOT, EOT)
 TOKENIZER_NAME = "tokenizer.json"
 
 
@@ -110,10 +111,26 @@ def special_ids(tok: Tokenizer) -> dict[str, int]:
     return {"pad": tok.token_to_id(PAD), "sot": tok.token_to_id(SOT), "eot": tok.token_to_id(EOT)}
 
 
+def _strip_specials(text: str) -> str:
+    """Remove literal special-token strings from a text (each becomes a space; whitespace is then collapsed).
+
+    Otherwise the tokenizer would encode a caption's ``<end_of_text>`` as the EOT id and move the
+    pooling position (the text tower pools at the largest id). Replacing with a space can never form
+    a new special string, so one pass is enough.
+    """
+    if "<" not in text or not any(sp in text for sp in SPECIALS):
+        return text
+    for sp in SPECIALS:
+        text = text.replace(sp, " ")
+    return " ".join(text.split())
+
+
 def tokenize(texts: str | Sequence[str], context_length: int, tokenizer: Tokenizer | str | Path) -> torch.Tensor:
     """Tokenize to a ``LongTensor (B, L)``: ``[sot, ..., eot]`` padded with pad id 0.
 
-    Too-long texts are truncated and still end with EOT at position ``L - 1``.
+    Too-long texts are truncated and still end with EOT at position ``L - 1``. Literal special-token
+    strings inside a text (``<pad>``, ``<start_of_text>``, ``<end_of_text>``) are removed first, so
+    the only special ids in a row are the ones added here.
 
     Args:
         texts: one text or a list.
@@ -124,12 +141,13 @@ def tokenize(texts: str | Sequence[str], context_length: int, tokenizer: Tokeniz
         raise ValueError(f"context_length={context_length} must be >= 2 (room for sot and eot)")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     ids = special_ids(tok)
+    pad, sot, eot = ids["pad"], ids["sot"], ids["eot"]
     texts = [texts] if isinstance(texts, str) else list(texts)
-    out = torch.full((len(texts), context_length), ids["pad"], dtype=torch.long)
-    for i, enc in enumerate(tok.encode_batch(texts, add_special_tokens=False)):
-        row = [ids["sot"], *enc.ids[: context_length - 2], ids["eot"]]
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
+    rows = []
+    for enc in tok.encode_batch([_strip_specials(t) for t in texts], add_special_tokens=False):
+        body = enc.ids[: context_length - 2]
+        rows.append([sot, *body, eot, *([pad] * (context_length - 2 - len(body)))])
+    return torch.tensor(rows, dtype=torch.long).view(len(texts), context_length)
 
 
 def describe(path: str | Path) -> str:

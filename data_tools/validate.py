@@ -2,11 +2,14 @@
 
 A shard is good when it exists, its sha256 and sample count match the manifest, and every sample
 has a decodable ``.jpg`` whose bytes match the ``jpg_sha256`` recorded in its ``.json``, a UTF-8
-``.txt`` and a JSON ``.json``. ``--repair`` moves a bad shard to ``DATA_ROOT/quarantine/`` and writes
-a replacement with the same name holding every sample that still passes these per-sample checks
-(read with a tolerant tar scanner that skips damaged headers), then updates the manifest
-atomically. A missing shard cannot be repaired; ``--repair`` removes it from the manifest, records
-it under the stage's ``repairs`` and reports the lost count.
+``.txt`` and a JSON ``.json``. ``--repair`` copies a bad shard to ``DATA_ROOT/quarantine/`` (fsynced),
+then atomically replaces it (temp name + rename) with a shard holding every sample that still passes
+these per-sample checks (read with a tolerant tar scanner that skips damaged headers): at every
+instant a shard exists under its name, so a crash mid-repair loses nothing. The stage's
+``hashes.txt`` is rebuilt from the surviving samples (dropped samples no longer count as
+duplicates), then the manifest is updated atomically. A missing shard cannot be repaired;
+``--repair`` removes it from the manifest, records it under the stage's ``repairs`` and reports the
+lost count.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shutil
 import tarfile
 from dataclasses import dataclass, field
@@ -24,7 +28,7 @@ from typing import Any
 
 from PIL import Image
 
-from data_tools.atomic import atomic_write_json
+from data_tools.atomic import atomic_write_json, atomic_write_text, fsync_dir
 from data_tools.ingest import shard_stats, write_tar
 from data_tools.manifest import load_manifest, save_manifest, sha256_file, writer_lock
 
@@ -150,6 +154,34 @@ def _check_shard(path: Path, expect: dict[str, Any]) -> tuple[list[str], list[di
     return problems, good, bad
 
 
+def _pixel_hash(sample: dict[str, bytes | str]) -> str | None:
+    """The ``pixel_sha256`` recorded in a (checked) sample's json, if any."""
+    try:
+        value = json.loads(sample["json"]).get("pixel_sha256")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _quarantine_copy(src: Path, dest: Path) -> None:
+    """Copy ``src`` to ``dest`` durably (temp name, fsync, rename, fsync of the directory)."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.copy2(src, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, dest)
+    fsync_dir(dest.parent)
+
+
+def _rebuild_hashes(root: Path, stage: dict[str, Any], hashes: set[str]) -> int:
+    """Rewrite the stage's ``hashes.txt`` (atomically) from its surviving samples; return how many left it."""
+    path = root / stage.get("hashes", f"{stage['dir']}/hashes.txt")
+    old = set(path.read_text().split()) if path.exists() else set()
+    if hashes != old:
+        atomic_write_text(path, "".join(h + "\n" for h in sorted(hashes)))
+    return len(old - hashes)
+
+
 def validate(data_root: str | Path, *, repair: bool = False) -> ValidationReport:
     """Check (and optionally repair) every shard listed in ``DATA_ROOT/manifest.json``.
 
@@ -173,6 +205,8 @@ def _validate(root: Path, repair: bool) -> ValidationReport:
     changed = False
     for stage in manifest["stages"]:
         kept_shards = []
+        stage_changed = False
+        survivors: set[str] = set()  # pixel hashes of the samples the stage still holds
         for sh in stage["shards"]:
             report.shards += 1
             path = root / sh["name"]
@@ -186,12 +220,13 @@ def _validate(root: Path, repair: bool) -> ValidationReport:
                         {"shard": sh["name"], "action": "missing", "lost": sh["count"]}
                     )
                     stage["count"] -= sh["count"]
-                    changed = True
+                    changed = stage_changed = True
                     continue
                 kept_shards.append(sh)
                 continue
             problems, good, bad = _check_shard(path, sh)
             report.samples += len(good)
+            survivors.update(h for h in map(_pixel_hash, good) if h)
             if not problems:
                 kept_shards.append(sh)
                 continue
@@ -208,11 +243,11 @@ def _validate(root: Path, repair: bool) -> ValidationReport:
                 qpath = qdir / f"{path.stem}.{n}{path.suffix}"
                 n += 1
             good.sort(key=lambda s: str(s["__key__"]))
-            # write the replacement under a temp name first, then swap: a crash leaves the old shard in place
-            tmp_new = path.with_name(path.name + ".repair")
-            sha = write_tar(tmp_new, good)
-            shutil.move(str(path), qpath)
-            tmp_new.replace(path)
+            # copy (not move) to quarantine, then write_tar replaces the shard atomically (temp name +
+            # rename): a shard exists under its name at every instant, so a crash here loses nothing
+            _quarantine_copy(path, qpath)
+            sha = write_tar(path, good)
+            fsync_dir(path.parent)
             nbytes = path.stat().st_size
             atomic_write_json(path.with_name(path.stem + "_stats.json"), shard_stats(sh["name"], good, sha, nbytes))
             report.lost += max(0, sh["count"] - len(good))
@@ -222,9 +257,13 @@ def _validate(root: Path, repair: bool) -> ValidationReport:
             )
             kept_shards.append({**sh, "count": len(good), "sha256": sha, "bytes": nbytes})
             prob.action = f"repaired: {len(good)} good samples re-packed, original in {qpath.relative_to(root)}"
-            changed = True
+            changed = stage_changed = True
             logger.warning("repaired %s: %d good samples kept, %d bad dropped", sh["name"], len(good), bad)
         stage["shards"] = kept_shards
+        if repair and stage_changed:  # dropped samples must not count as duplicates of later stages
+            gone = _rebuild_hashes(root, stage, survivors)
+            if gone and "dedupe" in manifest:
+                manifest["dedupe"]["unique"] = max(0, manifest["dedupe"].get("unique", 0) - gone)
     if changed:
         save_manifest(root, manifest)
     return report

@@ -238,3 +238,125 @@ def test_concurrent_writer_refused(tmp_path: Path) -> None:
     with writer_lock(tmp_path / "root", "test"), pytest.raises(RuntimeError, match="another ingest"):
         ingest(table, "table", tmp_path / "root")
     assert ingest(table, "table", tmp_path / "root").count == 2
+
+
+# ------------------------------------------------------------------ img2dataset tars are read lazily
+def _big_img2dataset_tar(folder: Path, n: int, pad: int) -> Path:
+    """``n`` pairs whose JPEGs carry ``pad`` bytes after the end-of-image marker (still decodable)."""
+    import io
+
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(folder / "00000.tar", "w") as tf:
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.new("RGB", (16, 16), (i * 7 % 256, 40, 90)).save(buf, format="JPEG")
+            for name, data in (
+                (f"{i:09d}.jpg", buf.getvalue() + b"\0" * pad),
+                (f"{i:09d}.txt", f"big pair {i}".encode()),
+                (f"{i:09d}.json", json.dumps({"url": f"https://example.com/{i}"}).encode()),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return folder
+
+
+def test_img2dataset_tar_enumeration_holds_no_image_bytes(tmp_path: Path) -> None:
+    """Memory of the enumeration does not grow with the crawl: records reference tar members."""
+    import tracemalloc
+
+    src = _big_img2dataset_tar(tmp_path / "crawl", 24, pad=512 * 1024)  # ~12 MiB of images
+    input_bytes = (src / "00000.tar").stat().st_size
+    tracemalloc.start()
+    try:
+        records = ingest_mod.enumerate_records(src, "img2dataset")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(records) == 24
+    assert all(r.image_bytes is None and r.image_member is not None for r in records)
+    assert peak < input_bytes / 20, f"enumeration peaked at {peak} B for {input_bytes} B of input"
+    res1 = ingest(src, "img2dataset", tmp_path / "r1", shard_size=10, workers=1)
+    res2 = ingest(src, "img2dataset", tmp_path / "r2", shard_size=10, workers=2)
+    assert res1.count == res2.count == 24 and res1.drops == {}
+    assert tree_bytes(tmp_path / "r1") == tree_bytes(tmp_path / "r2")
+
+
+def test_img2dataset_truncated_tar_keeps_pairs_before(tmp_path: Path) -> None:
+    src = make_img2dataset_input(tmp_path / "crawl", 6)
+    tar = src / "00000.tar"
+    with tarfile.open(tar) as tf:
+        cut = tf.getmember("000000004.jpg")
+    tar.write_bytes(tar.read_bytes()[: cut.offset_data + cut.size // 2])  # pair 4's JPEG is cut in half
+    records = ingest_mod.enumerate_records(src, "img2dataset")
+    assert [r.source for r in records] == [f"00000.tar/00000000{i}" for i in range(4)]
+    assert ingest(src, "img2dataset", tmp_path / "root").count == 4
+
+
+def test_resume_detects_changed_tar_member(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Images are not read for the fingerprint, but a member that changed size is still noticed."""
+    src = make_img2dataset_input(tmp_path / "crawl", 12)
+
+    def crash(path: Path, samples: list) -> str:
+        raise RuntimeError("crash")
+
+    monkeypatch.setattr(ingest_mod, "_write_shard", crash)
+    with pytest.raises(RuntimeError):
+        ingest(src, "img2dataset", tmp_path / "root", shard_size=5)
+    monkeypatch.undo()
+    make_img2dataset_input(tmp_path / "crawl", 12, seed=9)  # same names, other pictures
+    with pytest.raises(ValueError, match="different input or options"):
+        ingest(src, "img2dataset", tmp_path / "root", shard_size=5)
+
+
+# ------------------------------------------------------------------------------- repair is crash-safe
+def test_repair_crash_before_replace_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from data_tools import validate as validate_mod
+
+    root = tmp_path / "root"
+    ingest(make_table_input(tmp_path / "in", 10), "table", root, shard_size=5)
+    s0 = root / "shards/stage_01/000000.tar"
+    with tarfile.open(s0) as tf:
+        jpg = tf.getmember(shard_keys(s0)[1] + ".jpg")
+    flip_byte(s0, jpg.offset_data + jpg.size // 2)
+
+    def crash(path: Path, samples: list) -> str:
+        raise KeyboardInterrupt("crash between quarantine and replace")
+
+    monkeypatch.setattr(validate_mod, "write_tar", crash)
+    with pytest.raises(KeyboardInterrupt):
+        validate(root, repair=True)
+    assert s0.exists(), "the shard must stay under its name until its replacement is in place"
+    assert (root / "quarantine/stage_01/000000.tar").read_bytes() == s0.read_bytes()
+    monkeypatch.undo()
+    report = validate(root, repair=True)
+    assert report.ok and report.lost == 1, report.render()  # only the damaged sample, not the shard
+    assert len(shard_keys(s0)) == 4 and validate(root).ok
+
+
+def test_repair_rebuilds_stage_hashes(tmp_path: Path) -> None:
+    """A sample dropped by --repair no longer counts as a duplicate when its image comes back."""
+    root = tmp_path / "root"
+    table = make_table_input(tmp_path / "a", 10, seed=1)
+    ingest(table, "table", root, shard_size=5)
+    s0 = root / "shards/stage_01/000000.tar"
+    key = shard_keys(s0)[2]
+    with tarfile.open(s0) as tf:
+        meta = json.loads(tf.extractfile(key + ".json").read())
+        jpg = tf.getmember(key + ".jpg")
+    flip_byte(s0, jpg.offset_data + jpg.size // 2)
+    hashes = root / "shards/stage_01/hashes.txt"
+    assert meta["pixel_sha256"] in hashes.read_text().split()
+    assert validate(root, repair=True).ok
+    assert meta["pixel_sha256"] not in hashes.read_text().split()
+    assert len(hashes.read_text().split()) == 9
+    assert load_manifest(root)["dedupe"]["unique"] == 9
+    # the dropped picture comes back in stage 2: kept, not a duplicate
+    row = json.loads(table.read_text().splitlines()[int(meta["source"].split("#")[1])])
+    again = tmp_path / "b" / "pairs.jsonl"
+    again.parent.mkdir()
+    again.write_text(json.dumps({"caption": "back again", "image": str(tmp_path / "a" / row["image"])}) + "\n")
+    res = ingest(again, "table", root)
+    assert res.count == 1 and res.drops == {}
