@@ -1,20 +1,22 @@
 """``python -m jobs <verb>``: the command line of the GrowCLIP job suite.
 
-Only verbs that work are registered; later issues add ``plan``, ``submit``, ``status``, ``train``,
-``evaluate``, ``report`` here. Exit codes: 0 success, 1 the job ran and failed, 2 bad input
-(config, arguments) — the message on stderr names the problem and the fix.
+Only verbs that work are registered; later issues add ``plan``, ``submit``, ``status``, ``report``
+here. Exit codes: 0 success, 1 the job ran and failed, 2 bad input (config, arguments) — the message
+on stderr names the problem and the fix; ``train`` also returns 3 when preempted (checkpointed, re-run
+to resume). ``train``/``evaluate``/``submit-train`` import torch lazily, so ``--help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.metadata
 import os
 import platform
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from jobs.config import ConfigError, dump_cfg, load_cfg
@@ -104,7 +106,87 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--strict", action="store_true", help="exit 1 when SLURM is installed but not answering")
     p.set_defaults(func=cmd_doctor)
+
+    p = verbs.add_parser(
+        "train",
+        help="train one stage (single process, torchrun or srun tasks); checkpoints, resume, eval at the end",
+        description="Train stage T of the run config on D_<=T into RUN_DIR/stage_NN/train (see jobs/README.md). "
+        "Resumes from the newest verified checkpoint; SIGUSR2 checkpoints and exits 3.",
+    )
+    _add_train_args(p)
+    p.add_argument(
+        "--resume",
+        default="latest",
+        metavar="latest|none|CKPT",
+        help="latest (default): newest verified checkpoint of the stage, else a fresh start; none: refuse to "
+        "reuse a run dir with checkpoints; CKPT: that checkpoint",
+    )
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation of final.pt")
+    p.set_defaults(func=_lazy("jobs.train", "cmd_train"))
+
+    p = verbs.add_parser(
+        "submit-train",
+        help="submit `train` through submitit (SLURM, local or debug); requeued and resumed on USR2/timeout",
+        description="Submit one stage training as a submitit Checkpointable; print the job id.",
+    )
+    _add_train_args(p)
+    p.add_argument("--executor", choices=("slurm", "local", "debug"), help="override cluster.executor")
+    p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
+    p.set_defaults(func=_lazy("jobs.submit_train", "cmd_submit_train"))
+
+    p = verbs.add_parser(
+        "evaluate",
+        help="zero-shot classification + retrieval of a checkpoint on DATA_ROOT/eval (JSON out)",
+        description="Evaluate CKPT on every eval task: acc1/acc5/mean per-class recall, retrieval R@k.",
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="a step_*.pt or final.pt")
+    p.add_argument("--data-root", type=Path, required=True, help="corpus with eval/ and tokenizer.json")
+    p.add_argument("--out", type=Path, help="write the JSON here (atomically); default: stdout")
+    p.add_argument("--weights", choices=("model", "ema"), default="model", help="trained weights or their EMA")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="eval.KEY=VALUE",
+        help="eval settings (default: the checkpoint's eval section), e.g. --set eval.tasks=[mnist]",
+    )
+    p.set_defaults(func=_lazy("jobs.evaluate", "cmd_evaluate"))
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, required=True, help="run config YAML, e.g. configs/demo.yaml")
+    p.add_argument("--stage", type=_positive_int, required=True, help="growth stage T (trains on D_<=T)")
+    p.add_argument("--run-dir", type=Path, required=True, help="RUN_DIR (RUN_ROOT/<run>); writes stage_NN/train")
+    p.add_argument("--init", type=Path, help="start a fresh training from this checkpoint's weights and ArchSpec")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable), e.g. --set train.steps=100",
+    )
+
+
+def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """A verb handler imported on use (torch is heavy; --help and check-config do not need it)."""
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), name)(args)
+
+    return run
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -139,6 +139,12 @@ class GrowCLIP(nn.Module):
         )
         self.logit_scale = nn.Parameter(torch.empty(()))
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing of every transformer block (image, text and shared towers)."""
+        for tower in (self.visual, self.text, self.shared):
+            if tower is not None:
+                tower.set_grad_checkpointing(enable)
+
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(B,3,H,W) float -> (B, embed_dim), L2-normalised unless ``normalize=False``."""
         x = self.visual.tokens(images)

@@ -94,17 +94,18 @@ def kernel_report(device: torch.device | str = "cpu") -> dict[str, str]:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two named parameter groups: decay for >=2-D weights, none for biases, norms, embeddings' 1-D.
+    """Two named parameter groups: decay for >=2-D weights; none for biases, norms, embeddings, logit scale.
 
     Parameters are passed as ``(name, tensor)`` pairs, so the optimizer's ``state_dict()`` carries
     ``param_names``, which :func:`model.grow_optimizer_state` uses to map state through growth.
-    ``pos_embed``, ``cls_token`` and ``logit_scale`` are not decayed (as in CLIP/timm).
+    ``pos_embed``, ``cls_token``, ``logit_scale`` and the token embedding (a lookup table, not a
+    projection: decay would only shrink rarely seen tokens) are not decayed.
     """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim < 2 or name.endswith(("pos_embed", "cls_token", "logit_scale"))
+        skip = p.ndim < 2 or name.endswith(("pos_embed", "cls_token", "logit_scale", "token_embedding.weight"))
         (no_decay if skip else decay).append((name, p))
     return [
         {"params": decay, "weight_decay": weight_decay},

@@ -20,6 +20,7 @@ import math
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["Transformer", "init_linear_", "INIT_STD"]
 
@@ -76,11 +77,19 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList(
             [Block(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
         )
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward instead of storing them (saves memory)."""
+        self.grad_checkpointing = enable
 
     def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
         """Run all blocks; ``is_causal`` masks attention to earlier positions (text)."""
         for block in self.resblocks:
-            x = block(x, is_causal=is_causal)  # (B, L, D)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, is_causal=is_causal, use_reentrant=False)  # (B, L, D)
+            else:
+                x = block(x, is_causal=is_causal)  # (B, L, D)
         return x
 
     @torch.no_grad()

@@ -116,3 +116,87 @@ def slurm_cluster(_slurm_probe: tuple[SlurmCluster | None, str], monkeypatch: py
 
 
 # --- end of slurm section -------------------------------------------------------------------------
+
+
+# --- train: a tiny offline corpus and run config for the training/evaluation tests (issue #5) -----
+# One small corpus per session (build-offline, 16 px images, ~8 s), shared by tests/test_train_*.py
+# and tests/test_evaluate.py. Skipped with the Debian package names when the offline sources are
+# missing (see `make data-sources`).
+
+TINY_TRAIN_YAML = """\
+name: tiny
+data: {{root: {root}, stages: 3, replay_fraction: 0.5, val_fraction: 0.05, num_workers: 0, shuffle_buffer: 64, seed: 0}}
+model:
+  image: {{image_size: 16, patch_size: 4, width: 32, depth: 2, heads: 2, mlp_ratio: 2.0}}
+  text: {{vocab_size: {vocab}, context_length: 16, width: 32, depth: 2, heads: 2, mlp_ratio: 2.0}}
+  shared: {{width: 32, depth: 0, heads: 2}}
+  embed_dim: 32
+train: {{steps: 40, batch_size: 32, lr: 1.0e-3, warmup_steps: 5, weight_decay: 0.1, checkpoint_every: 10,
+        keep_checkpoints: 3, log_every: 1, seed: 0}}
+eval: {{batch_size: 256}}
+cluster: {{executor: slurm, cpus_per_task: 1, mem_gb: 2, train_time_min: 30, search_time_min: 10, eval_time_min: 10,
+          signal_delay_s: 30}}
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-stage offline corpus (200 pairs/stage, 16 px, 100 images per eval task) with its tokenizer."""
+    from data_tools.offline import build_offline, check_sources
+
+    missing = check_sources()
+    if missing:
+        pytest.skip("offline sources missing: " + "; ".join(missing))
+    root = tmp_path_factory.mktemp("train_corpus") / "data"
+    build_offline(root, stages=3, pairs_per_stage=200, eval_per_task=100, image_size=16, workers=2, vocab_size=512)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """configs-style YAML for the tiny spec on ``tiny_corpus`` (40 steps, checkpoint every 10, log every step)."""
+    from data_tools.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(tiny_corpus / "tokenizer.json").get_vocab_size()
+    path = tmp_path_factory.mktemp("train_cfg") / "tiny.yaml"
+    path.write_text(TINY_TRAIN_YAML.format(root=tiny_corpus, vocab=vocab))
+    return path
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """A finished CLI training of the tiny spec (stage 1, 200 steps of 64): run dir, config, output."""
+
+    run_dir: Path
+    config: Path
+    seconds: float
+    stderr: str
+
+    @property
+    def train_dir(self) -> Path:
+        return self.run_dir / "stage_01" / "train"
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_config: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
+    """``python -m jobs train`` for 200 steps (batch 64), evaluation included (~15 s on 2 cores)."""
+    import sys
+    import time
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    args = ["--set", "train.steps=200", "--set", "train.batch_size=64", "--set", "train.warmup_steps=20"]
+    args += ["--set", "train.checkpoint_every=50", "--set", "train.log_every=5"]
+    t0 = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs", "train", "--config", str(tiny_config), "--stage", "1", "--run-dir", str(run_dir)]
+        + args,
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return TrainedRun(run_dir, tiny_config, time.time() - t0, proc.stderr)
+
+
+# --- end of train section -------------------------------------------------------------------------

@@ -1,0 +1,166 @@
+"""Checkpoint IO: atomic, checksummed, last-K-kept, resume from the newest that verifies (R14).
+
+Layout (DESIGN.md "On disk")::
+
+    RUN_DIR/stage_NN/train/checkpoints/step_00000100.pt         torch.save of a plain dict
+    RUN_DIR/stage_NN/train/checkpoints/step_00000100.pt.sha256  "<hex>  step_00000100.pt"
+    RUN_DIR/stage_NN/train/final.pt (+ final.pt.sha256)
+
+Both files are written through ``data_tools.atomic`` (temp name in the same directory, fsync,
+``os.replace``), the ``.pt`` first: a sidecar therefore always describes a complete file, and a
+checkpoint without its sidecar (crash between the two renames) counts as unverified. The payload is
+plain data (tensors, dicts, lists, numbers, strings; see :func:`build_payload`) and is loaded with
+``torch.load(weights_only=True)``: no pickled objects or namespaces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from data_tools.atomic import atomic_open, atomic_write_text
+
+__all__ = [
+    "FORMAT",
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "verify_checkpoint",
+    "list_checkpoints",
+    "find_resume",
+    "prune_checkpoints",
+    "checkpoint_name",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "growclip-checkpoint"
+VERSION = 1
+_STEP_RE = re.compile(r"^step_(\d{8})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, fails its checksum or is not a GrowCLIP checkpoint."""
+
+
+class _HashingWriter:
+    """File wrapper that feeds every written byte into a sha256 (one pass, no copy of the payload)."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self.fh, self.hash = fh, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def checkpoint_name(step: int) -> str:
+    """``step_00000100.pt``: zero-padded so names sort by step."""
+    return f"step_{step:08d}.pt"
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def save_checkpoint(payload: dict[str, Any], path: Path) -> str:
+    """Write ``payload`` atomically to ``path`` and its sha256 sidecar; return the hex digest."""
+    with atomic_open(path, "wb") as fh:
+        writer = _HashingWriter(fh)
+        torch.save(payload, writer)
+    digest = writer.hash.hexdigest()
+    atomic_write_text(_sidecar(path), f"{digest}  {path.name}\n")
+    return digest
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check that ``path`` exists and matches its sidecar checksum.
+
+    Raises:
+        CheckpointError: missing file, missing/garbled sidecar, or a checksum mismatch.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    side = _sidecar(path)
+    if not side.is_file():
+        raise CheckpointError(f"{path}: checksum file {side.name} is missing (write interrupted?)")
+    expected = side.read_text().split()[0] if side.read_text().strip() else ""
+    actual = _file_sha256(path)
+    if actual != expected:
+        raise CheckpointError(f"{path}: sha256 {actual[:12]}… does not match {side.name} ({expected[:12]}…)")
+
+
+def load_checkpoint(path: Path, *, verify: bool = True, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Verify (optionally) and load a checkpoint written by :func:`save_checkpoint`.
+
+    Raises:
+        CheckpointError: verification or unpickling failed, or the file is not a GrowCLIP checkpoint.
+    """
+    path = Path(path)
+    if verify:
+        verify_checkpoint(path)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, bad magic, disallowed types: all mean "unusable"
+        raise CheckpointError(f"{path}: cannot be loaded ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{path}: not a {FORMAT} file (format={found!r})")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {payload.get('version')} != supported {VERSION}")
+    return payload
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``step_NNNNNNNN.pt`` in ``ckpt_dir``, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for p in ckpt_dir.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def find_resume(
+    ckpt_dir: Path, loader: Callable[[Path], dict[str, Any]] = load_checkpoint
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in ``ckpt_dir`` that loads and verifies, with its payload.
+
+    A newer checkpoint that fails is skipped with a WARNING naming it and the reason, and the
+    previous one is tried. Returns None when there is no usable checkpoint.
+    """
+    for step, path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            return path, loader(path)
+        except CheckpointError as exc:
+            logger.warning("checkpoint step %d is unusable, falling back to the previous one: %s", step, exc)
+    return None
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` step checkpoints (and their sidecars); return what went."""
+    gone = []
+    for _, path in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+        for p in (path, _sidecar(path)):
+            p.unlink(missing_ok=True)
+        gone.append(path)
+    return gone

@@ -1,0 +1,154 @@
+"""The training batch stream: resumable, and the same global batch for any world size.
+
+Two properties the streaming loaders of ``data_tools`` do not have on their own:
+
+* **World-size independence.** The global batch is the concatenation, in order, of ``streams``
+  independent sub-streams (``make_train_loader(rank=v, world_size=streams)`` for v = 0..streams-1).
+  Rank r of W reads streams ``r·streams/W … (r+1)·streams/W - 1``. With ``train.data_streams``
+  fixed, 1 process and 2 processes see exactly the same global batches (the 2-process test).
+* **Restorable position.** A streaming loader with a shuffle buffer has no serialisable state, so
+  the stream is *re-seeded* from ``(data.seed, stage, step)`` at every segment boundary (every
+  ``train.checkpoint_every`` steps, where the periodic checkpoints are taken). The data position is
+  ``(segment_start, offset)``: resuming re-creates the segment's loaders and skips ``offset``
+  micro-batches (data loading only; zero after a periodic checkpoint, at most one segment after a
+  preemption checkpoint). Resumed and uninterrupted runs therefore read identical batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from data_tools.loaders import make_train_loader, stage_weights
+from jobs.config import DataCfg
+
+__all__ = ["DataPosition", "BatchStream", "segment_seed"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where the stream is: segment start step and micro-batches consumed per stream since then."""
+
+    segment_start: int = 0
+    offset: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"segment_start": self.segment_start, "offset": self.offset}
+
+
+def segment_seed(seed: int, stage: int, segment_start: int) -> int:
+    """Loader seed of one segment: a hash, so neighbouring segments get unrelated streams."""
+    digest = hashlib.sha256(f"growclip-data:{seed}:{stage}:{segment_start}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+class BatchStream:
+    """Per-rank micro-batches ``(images (B,3,H,W), tokens (B,L))`` of a stage's data mixture.
+
+    Args:
+        data: the ``data`` config section (root, replay, workers, shuffle buffer, seed, val split).
+        stage: growth stage t; stages 1..t are mixed (newest ``1 - replay``).
+        per_stream_batch: samples each stream contributes to one micro-batch.
+        streams: number of sub-streams making up the global batch (multiple of ``world_size``).
+        rank: this process's rank.
+        world_size: number of ranks.
+        image_size: image side of the model.
+        context_length: token length of the model.
+        segment_every: steps between re-seeds (the checkpoint interval).
+        position: where to start (resume) — default the beginning.
+    """
+
+    def __init__(
+        self,
+        data: DataCfg,
+        stage: int,
+        *,
+        per_stream_batch: int,
+        streams: int,
+        rank: int,
+        world_size: int,
+        image_size: int,
+        context_length: int,
+        segment_every: int,
+        position: DataPosition = DataPosition(),
+    ) -> None:
+        if streams % world_size:
+            raise ValueError(f"train.data_streams={streams} must be a multiple of the world size {world_size}")
+        self.data, self.stage = data, stage
+        self.per_stream_batch, self.streams = per_stream_batch, streams
+        self.image_size, self.context_length = image_size, context_length
+        self.segment_every = segment_every
+        per_rank = streams // world_size
+        self.my_streams = list(range(rank * per_rank, (rank + 1) * per_rank))
+        self.stages = list(range(1, stage + 1))
+        self.mix = stage_weights(self.stages, data.replay_fraction)
+        self._iters: list[Iterator[Any]] = []
+        self._stage_counts: Counter[int] = Counter()  # samples per stage since the last take_mix()
+        self.position = position
+        self._open(position)
+
+    def _open(self, position: DataPosition) -> None:
+        self._iters = []  # drop the old loaders first: their worker processes exit with them
+        seed = segment_seed(self.data.seed, self.stage, position.segment_start)
+        for v in self.my_streams:
+            loader = make_train_loader(
+                self.data.root,
+                self.stages,
+                batch_size=self.per_stream_batch,
+                image_size=self.image_size,
+                context_length=self.context_length,
+                replay=self.data.replay_fraction,
+                seed=seed,
+                rank=v,
+                world_size=self.streams,
+                num_workers=self.data.num_workers,
+                shuffle_buffer=self.data.shuffle_buffer,
+                augment=True,
+                val_fraction=self.data.val_fraction,
+            )
+            self._iters.append(iter(loader))
+        if position.offset:
+            logger.info(
+                "data: fast-forwarding %d micro-batches into the segment that started at step %d",
+                position.offset,
+                position.segment_start,
+            )
+            for _ in range(position.offset):
+                for it in self._iters:
+                    next(it)
+        self.position = position
+
+    def begin_step(self, step: int) -> None:
+        """Call before each optimizer step: re-seeds the stream at segment boundaries."""
+        if step % self.segment_every == 0 and step != self.position.segment_start:
+            self._open(DataPosition(segment_start=step, offset=0))
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's next micro-batch (its streams concatenated in order)."""
+        parts = [next(it) for it in self._iters]
+        self.position = DataPosition(self.position.segment_start, self.position.offset + 1)
+        for p in parts:  # data_tools' TrainBatch says which stage each sample came from
+            self._stage_counts.update(getattr(p, "stats", {}).get("stages", {}))
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def take_mix(self) -> dict[str, float]:
+        """Observed share of samples per stage since the previous call (target weights if unknown)."""
+        counts, self._stage_counts = self._stage_counts, Counter()
+        n = sum(counts.values())
+        if not n:
+            return {str(s): round(w, 4) for s, w in self.mix.items()}
+        return {str(s): round(counts[s] / n, 4) for s in self.stages}
+
+    def close(self) -> None:
+        """Release the loaders (and their worker processes)."""
+        self._iters = []

@@ -1,0 +1,240 @@
+"""Zero-shot classification and image-text retrieval on the eval suite (DESIGN.md step 3, "evaluate").
+
+Classification: the classifier of a task is, for each class, the mean of the L2-normalised text
+embeddings of every template filled with the class name (CLIP's prompt ensembling), renormalised.
+Reported: top-1 and top-5 accuracy (top-k with k capped at the class count), mean per-class recall
+(balanced accuracy) and chance level. Retrieval (several captions per image): image→text R@k
+counts an image as found when ANY of its captions ranks in the top k; text→image R@k counts each
+caption whose image ranks in the top k.
+
+JSON schema written by :func:`evaluate_checkpoint` (``format: growclip-eval``, version 1)::
+
+    {"format", "version", "checkpoint", "step", "stage", "weights", "spec",
+     "tasks": {"<task>": {"type": "classification", "count", "classes", "acc1", "acc5",
+                          "mean_per_class_recall", "chance_acc1"}
+               | {"type": "retrieval", "images", "captions",
+                  "image_to_text_R@1", ..., "text_to_image_R@1", ...}},
+     "summary": {"mean_acc1", "mean_mean_per_class_recall", "mean_retrieval_R@1"}}
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from data_tools.loaders import ClassificationSet, list_eval_tasks, load_eval_task
+from data_tools.tokenizer import load_tokenizer, tokenize
+from jobs.config import EvalCfg
+from jobs.engine.checkpoint import load_checkpoint
+from model.spec import ArchSpec
+
+__all__ = [
+    "EVAL_FORMAT",
+    "classification_metrics",
+    "retrieval_metrics",
+    "zero_shot_classifier",
+    "evaluate_model",
+    "evaluate_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+EVAL_FORMAT = "growclip-eval"
+
+
+def _autocast(device: torch.device) -> Any:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def _encode_images(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        with _autocast(device):
+            out.append(model.encode_image(images[i : i + batch_size].to(device)).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def _encode_texts(model: nn.Module, tokens: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    out = []
+    for i in range(0, tokens.shape[0], batch_size):
+        with _autocast(device):
+            out.append(model.encode_text(tokens[i : i + batch_size].to(device)).float())
+    return torch.cat(out)
+
+
+def zero_shot_classifier(
+    model: nn.Module,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    tokenizer: Any,
+    context_length: int,
+    device: torch.device,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """(C, E) class embeddings: mean over templates of normalised text embeddings, renormalised."""
+    texts = [t.replace("{c}", c) for c in classnames for t in templates]
+    emb = _encode_texts(model, tokenize(texts, context_length, tokenizer), batch_size, device)  # (C·T, E)
+    emb = emb.view(len(classnames), len(templates), -1).mean(dim=1)  # (C, E)
+    return torch.nn.functional.normalize(emb, dim=-1)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """acc@k (k capped at the class count), mean per-class recall and chance for (N, C) logits."""
+    c = logits.shape[1]
+    out: dict[str, float] = {}
+    topk = logits.topk(min(max(ks), c), dim=1).indices  # (N, k)
+    hits = topk == labels[:, None]
+    for k in ks:
+        out[f"acc{k}"] = hits[:, : min(k, c)].any(dim=1).float().mean().item()
+    pred = topk[:, 0]
+    recalls = [(pred[labels == k] == k).float().mean().item() for k in range(c) if (labels == k).any()]
+    out["mean_per_class_recall"] = sum(recalls) / len(recalls)
+    out["chance_acc1"] = 1.0 / c
+    return out
+
+
+def retrieval_metrics(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int]
+) -> dict[str, float]:
+    """Image→text and text→image R@k for (N, E) images, (M, E) captions, caption→image index (M,)."""
+    sim = image_emb @ text_emb.T  # (N, M)
+    n, m = sim.shape
+    out: dict[str, float] = {}
+    kmax = max(ks)
+    # image -> text: rank of the best-ranked caption belonging to the image
+    i2t = sim.topk(min(kmax, m), dim=1).indices  # (N, k)
+    owner = text_to_image[i2t] == torch.arange(n)[:, None]  # (N, k)
+    # text -> image
+    t2i = sim.T.topk(min(kmax, n), dim=1).indices  # (M, k)
+    hit = t2i == text_to_image[:, None]
+    for k in ks:
+        out[f"image_to_text_R@{k}"] = owner[:, :k].any(dim=1).float().mean().item()
+        out[f"text_to_image_R@{k}"] = hit[:, :k].any(dim=1).float().mean().item()
+    return out
+
+
+def evaluate_model(
+    model: nn.Module,
+    spec: ArchSpec,
+    data_root: Path,
+    cfg: EvalCfg,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Run every eval task (``cfg.tasks``, empty = all under DATA_ROOT/eval) and return per-task metrics.
+
+    Raises:
+        FileNotFoundError: no eval suite under ``data_root``.
+        ValueError: a task named in ``cfg.tasks`` does not exist.
+    """
+    available = list_eval_tasks(data_root)
+    names = list(cfg.tasks) or sorted(available)
+    unknown = [t for t in names if t not in available]
+    if unknown:
+        raise ValueError(f"eval.tasks {unknown} not found under {data_root}/eval; available: {sorted(available)}")
+    tok = load_tokenizer(Path(data_root) / "tokenizer.json")
+    ctx = spec.text.context_length
+    was_training = model.training
+    model.eval()
+    results: dict[str, Any] = {}
+    try:
+        for name in names:
+            t0 = time.time()
+            task = load_eval_task(data_root, name, image_size=spec.image.image_size)
+            img = _encode_images(model, task.images, cfg.batch_size, device)
+            if isinstance(task, ClassificationSet):
+                classifier = zero_shot_classifier(
+                    model, task.classnames, task.templates, tok, ctx, device, cfg.batch_size
+                )
+                logits = (img @ classifier.T).cpu()
+                r = {"type": "classification", "count": len(task.labels), "classes": len(task.classnames)}
+                r.update(classification_metrics(logits, task.labels))
+            else:
+                captions = [c for caps in task.captions for c in caps]
+                owner = torch.tensor([i for i, caps in enumerate(task.captions) for _ in caps])
+                txt = _encode_texts(model, tokenize(captions, ctx, tok), cfg.batch_size, device)
+                r = {"type": "retrieval", "images": len(task.captions), "captions": len(captions)}
+                r.update(retrieval_metrics(img.cpu(), txt.cpu(), owner, cfg.retrieval_ks))
+            results[name] = r
+            shown = {k: round(v, 4) for k, v in r.items() if isinstance(v, float)}
+            logger.info("eval %s (%.1fs): %s", name, time.time() - t0, shown)
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _summary(tasks: dict[str, Any]) -> dict[str, float | None]:
+    cls = [r for r in tasks.values() if r["type"] == "classification"]
+    ret = [r for r in tasks.values() if r["type"] == "retrieval"]
+
+    def mean(xs: list[float]) -> float | None:
+        return sum(xs) / len(xs) if xs else None
+
+    return {
+        "mean_acc1": mean([r["acc1"] for r in cls]),
+        "mean_mean_per_class_recall": mean([r["mean_per_class_recall"] for r in cls]),
+        "mean_retrieval_R@1": mean(
+            [(r["image_to_text_R@1"] + r["text_to_image_R@1"]) / 2 for r in ret if "image_to_text_R@1" in r]
+        ),
+    }
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    data_root: Path,
+    cfg: EvalCfg | None = None,
+    *,
+    weights: Literal["model", "ema"] = "model",
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """Load a training checkpoint (verified), rebuild its model from its own ArchSpec and evaluate it.
+
+    Args:
+        checkpoint: a ``step_*.pt`` or ``final.pt``.
+        data_root: the corpus with ``eval/`` and ``tokenizer.json``.
+        cfg: eval settings; default: the ``eval`` section stored in the checkpoint's config.
+        weights: evaluate the trained weights or their EMA (when the run kept one).
+        device: default CUDA when available, else CPU.
+
+    Returns:
+        The JSON-ready result (schema in the module docstring).
+
+    Raises:
+        CheckpointError: the checkpoint is unusable.
+        ValueError: ``weights="ema"`` for a run without EMA; unknown eval tasks.
+    """
+    from model.clip import build_model
+    from model.structs import from_dict
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    payload = load_checkpoint(Path(checkpoint))
+    spec = ArchSpec.from_dict(payload["spec"])
+    if cfg is None:
+        cfg = from_dict(EvalCfg, payload.get("config", {}).get("eval", {}))
+    state = payload["model"] if weights == "model" else payload.get("ema")
+    if state is None:
+        raise ValueError(f"{checkpoint}: has no EMA weights (train.ema_decay was 0); use --weights model")
+    model = build_model(spec)
+    model.load_state_dict(state, strict=True)
+    model.to(device)
+    tasks = evaluate_model(model, spec, Path(data_root), cfg, device)
+    return {
+        "format": EVAL_FORMAT,
+        "version": 1,
+        "checkpoint": str(checkpoint),
+        "step": payload.get("step"),
+        "stage": payload.get("stage"),
+        "weights": weights,
+        "spec": payload["spec"],
+        "tasks": tasks,
+        "summary": _summary(tasks),
+    }

@@ -1,0 +1,136 @@
+"""Training metrics: ``events.jsonl`` (source of truth) and ``metrics.h5`` (one appendable dataset per series).
+
+Every record is one JSON line ``{"event": ..., "time": ..., ...}``. Step records
+(``event == "train"``) carry the series below; ``metrics.h5`` holds the same series as 1-D float64
+datasets (``maxshape=(None,)``), one row per step record, so ``h5py.File(p)["loss"][:]`` plots directly.
+The observed share of samples per stage over the log interval is stored as ``stage_mix/stage_NN``
+(``stage_mix_target`` in the JSONL holds the configured replay weights).
+
+On resume both files are cut back to the resumed step: ``events.jsonl`` is rewritten atomically
+without step records beyond it (their steps are about to be redone), and ``metrics.h5`` is rebuilt
+from it. The HDF5 file is reopened and closed around every append, so a SIGKILL can at worst lose it,
+never the JSONL; a metrics.h5 that fails to open is rebuilt from the JSONL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from data_tools.atomic import atomic_write_text
+
+__all__ = ["SERIES", "MetricsLog", "read_events"]
+
+logger = logging.getLogger(__name__)
+
+# Per-step series: (name, meaning). Units: lr absolute, samples/s global, memory in MiB.
+SERIES = (
+    ("step", "optimizer steps done"),
+    ("samples", "samples seen (global)"),
+    ("loss", "contrastive loss, mean over the step's micro-batches"),
+    ("lr", "learning rate of the first parameter group"),
+    ("samples_per_s", "global training throughput over the last log interval"),
+    ("grad_norm", "global grad norm before clipping"),
+    ("logit_scale", "exp(logit_scale), the inverse temperature"),
+    ("memory_mb", "peak CUDA memory allocated (GPU) or peak RSS (CPU), MiB"),
+)
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """All records of an events.jsonl; a torn last line (SIGKILL mid-write) is skipped."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("%s: skipping an unreadable line (interrupted write?)", path)
+    return out
+
+
+class MetricsLog:
+    """Appends records to ``events.jsonl`` and step series to ``metrics.h5`` (rank 0 only).
+
+    Args:
+        train_dir: RUN_DIR/stage_NN/train.
+        enabled: False on ranks other than 0 (every method is then a no-op).
+    """
+
+    def __init__(self, train_dir: Path, enabled: bool = True) -> None:
+        self.events_path = train_dir / "events.jsonl"
+        self.h5_path = train_dir / "metrics.h5"
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        """Drop step records with ``step > step`` and rebuild metrics.h5 from the JSONL (resume)."""
+        if not self.enabled:
+            return
+        events = read_events(self.events_path)
+        kept = [e for e in events if not (e.get("event") == "train" and e.get("step", 0) > step)]
+        text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in kept)
+        atomic_write_text(self.events_path, text)
+        self._rebuild_h5([e for e in kept if e.get("event") == "train"])
+        if len(kept) != len(events):
+            logger.info(
+                "metrics: dropped %d step records after step %d (redone on resume)", len(events) - len(kept), step
+            )
+
+    def _rebuild_h5(self, records: list[dict[str, Any]]) -> None:
+        tmp = self.h5_path.with_name(f".{self.h5_path.name}.{os.getpid()}.tmp")
+        with h5py.File(tmp, "w") as f:
+            self._create(f)
+            for r in records:
+                self._append(f, r)
+        os.replace(tmp, self.h5_path)
+
+    @staticmethod
+    def _create(f: h5py.File) -> None:
+        for name, meaning in SERIES:
+            if name not in f:
+                ds = f.create_dataset(name, shape=(0,), maxshape=(None,), dtype="f8", chunks=(1024,))
+                ds.attrs["meaning"] = meaning
+
+    @staticmethod
+    def _append(f: h5py.File, record: dict[str, Any]) -> None:
+        series = {name: record.get(name, float("nan")) for name, _ in SERIES}
+        for stage, w in record.get("stage_mix", {}).items():
+            series[f"stage_mix/stage_{int(stage):02d}"] = w
+        for name, value in series.items():
+            if name not in f:
+                f.create_dataset(name, shape=(0,), maxshape=(None,), dtype="f8", chunks=(1024,))
+            ds = f[name]
+            n = ds.shape[0]
+            ds.resize((n + 1,))
+            ds[n] = np.nan if value is None else float(value)
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """Append one ``{"event": kind, ...}`` line (fsync'ed: other jobs and tests read it)."""
+        if not self.enabled:
+            return
+        record = {"event": kind, "time": round(time.time(), 3), **fields}
+        self.events_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.events_path, "a") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def step(self, **fields: Any) -> None:
+        """A ``train`` record in events.jsonl plus one row in every metrics.h5 series."""
+        if not self.enabled:
+            return
+        self.event("train", **fields)
+        try:
+            with h5py.File(self.h5_path, "a") as f:
+                self._create(f)
+                self._append(f, fields)
+        except OSError as exc:  # e.g. left damaged by a SIGKILL mid-write: rebuild from the JSONL
+            logger.warning("metrics.h5 unusable (%s): rebuilding it from events.jsonl", exc)
+            self._rebuild_h5([e for e in read_events(self.events_path) if e.get("event") == "train"])

@@ -1,0 +1,100 @@
+"""``python -m jobs submit-train``: submit one stage's training through submitit, requeued on preemption (R13).
+
+:class:`TrainJob` (a ``submitit.helpers.Checkpointable``) calls ``jobs.engine.trainer.train_stage``. On
+SIGUSR2 (``scancel --signal=USR2``, or ``cluster.signal_delay_s`` before the time limit) the loop checkpoints
+at the next step boundary, then submitit's handler runs :meth:`TrainJob.checkpoint` (the same job again) and
+``scontrol requeue``; the restart resumes from the newest verified checkpoint. Only paths travel in the pickle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from jobs.config import ClusterCfg, ConfigError, load_cfg
+from jobs.engine.dist import cleanup_distributed, init_distributed
+from jobs.engine.trainer import train_stage
+from jobs.logs import setup_logging
+from jobs.train import StopFlag
+
+__all__ = ["TrainJob", "make_executor", "cmd_submit_train"]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """Picklable description of one stage training: config path + overrides + stage + run dir."""
+
+    def __init__(self, config: str, overrides: tuple[str, ...], stage: int, run_dir: str, init: str | None = None):
+        self.config, self.overrides, self.stage, self.run_dir, self.init = config, overrides, stage, run_dir, init
+
+    def __call__(self) -> dict[str, Any]:
+        job_env = submitit.JobEnvironment()
+        if job_env.num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export()  # RANK, WORLD_SIZE, MASTER_* for dist.py
+        setup_logging(job_env.global_rank)
+        cfg = load_cfg(Path(self.config), self.overrides)
+        stop = StopFlag()
+        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
+        signal.signal(signal.SIGUSR2, stop.set)
+        env = init_distributed()
+        try:
+            init = Path(self.init) if self.init else None
+            result = train_stage(cfg, self.stage, Path(self.run_dir), env, init=init, should_stop=stop.is_set)
+        finally:
+            cleanup_distributed()
+        if result.status == "preempted" and callable(requeue):
+            requeue(stop.signum or signal.SIGUSR2, None)  # rank 0: checkpoint() + scontrol requeue + exit
+        return {"status": result.status, "step": result.step, "final": str(result.final) if result.final else None}
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Resubmit the same job; it resumes from the newest verified checkpoint in the run dir."""
+        return submitit.helpers.DelayedSubmission(TrainJob(**vars(self)))
+
+
+def make_executor(cc: ClusterCfg, folder: Path, executor: str | None = None) -> submitit.Executor:
+    """A submitit executor for a training job from the ``cluster`` config section."""
+    kind = executor or cc.executor
+    if kind != "slurm":
+        ex = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=kind)
+    else:
+        ex = submitit.AutoExecutor(folder=str(folder / "%j"), slurm_max_num_timeout=cc.max_requeues)
+        extra = {**cc.extra_sbatch, **{k: v for k, v in (("account", cc.account), ("qos", cc.qos)) if v}}
+        # the job imports jobs/ and model/ from this checkout, whatever the job's working directory
+        setup = [f"export PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}}", *cc.setup]
+        part = {"slurm_partition": cc.partition} if cc.partition else {}
+        ex.update_parameters(slurm_signal_delay_s=cc.signal_delay_s, slurm_setup=setup, **part)
+        ex.update_parameters(slurm_additional_parameters=extra)
+    ex.update_parameters(
+        name="growclip-train",
+        timeout_min=cc.train_time_min,
+        nodes=cc.nodes,
+        tasks_per_node=max(cc.gpus_per_node, 1),  # one rank per GPU
+        cpus_per_task=cc.cpus_per_task,
+        mem_gb=cc.mem_gb,
+        **({"gpus_per_node": cc.gpus_per_node} if cc.gpus_per_node else {}),
+    )
+    return ex
+
+
+def cmd_submit_train(args: argparse.Namespace) -> int:
+    """Submit the training; print the job id (and wait for the result with ``--wait``)."""
+    try:
+        cfg = load_cfg(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run_dir = Path(args.run_dir).resolve()
+    job_fn = TrainJob(
+        str(Path(args.config).resolve()), tuple(args.overrides), args.stage, str(run_dir), args.init and str(args.init)
+    )
+    job = make_executor(cfg.cluster, run_dir / "submitit", args.executor).submit(job_fn)
+    print(job.job_id, flush=True)
+    if args.wait:
+        print(job.result())
+    return 0
