@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -110,12 +111,14 @@ class SharedEncoder(Transformer):
         self.text_in = nn.Linear(text_width, s)
         self.text_out = nn.Linear(s, text_width)
 
-    def encode(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, modality: Literal["image", "text"]) -> torch.Tensor:
         """(B, L, D_tower) -> (B, L, D_tower); text runs causally through the same blocks."""
         if modality == "image":
             proj_in, proj_out = self.image_in, self.image_out
-        else:
+        elif modality == "text":
             proj_in, proj_out = self.text_in, self.text_out
+        else:
+            raise ValueError(f"SharedEncoder.encode: modality={modality!r}; expected 'image' or 'text'")
         h = super().forward(proj_in(x), is_causal=modality == "text")  # (B, L, S)
         return proj_out(h)
 

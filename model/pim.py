@@ -175,6 +175,8 @@ def grow(
     fresh_model.load_state_dict(blended, strict=True)
     del inherited, blended
     new_model = fresh_model.train(model.training)
+    # the grown model keeps the old one's run-time settings (not part of the spec)
+    new_model.set_grad_checkpointing(any(getattr(m, "grad_checkpointing", False) for m in model.modules()))
 
     ops = growth_ops(old_spec, new_spec)
     before, after = old_spec.params(), new_spec.params()

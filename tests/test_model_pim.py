@@ -90,3 +90,18 @@ def test_momentum_out_of_range(m):
         grow(build_model(TINY), BIG, momentum=m)
     with pytest.raises(ValueError, match="momentum"):
         pim_blend({"a": torch.zeros(1)}, {"a": torch.ones(1)}, m)
+
+
+def test_grow_keeps_gradient_checkpointing() -> None:
+    old = build_model(TINY)
+    old.set_grad_checkpointing(True)
+    new, _ = grow(old, TINY.with_changes(image={"depth": 3}), measure=False)
+    assert all(t.grad_checkpointing for t in (new.visual, new.text))
+    plain, _ = grow(build_model(TINY), TINY.with_changes(image={"depth": 3}), measure=False)
+    assert not plain.visual.grad_checkpointing
+
+
+def test_shared_encoder_rejects_unknown_modality() -> None:
+    model = build_model(TINY.with_changes(shared={"depth": 1}))
+    with pytest.raises(ValueError, match="modality='audio'"):
+        model.shared.encode(torch.zeros(1, 2, TINY.image.width), "audio")  # type: ignore[arg-type]
