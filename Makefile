@@ -1,5 +1,6 @@
 # GrowCLIP: the two commands in README.md set everything up on a fresh machine.
 #   make test         create .venv (pinned deps, CPU torch) and run the test suite
+#   make demo         build the offline corpus if missing, run the 3-stage growth plan, print the table
 # Others:
 #   make lint         ruff lint + format check
 #   make slurm-up     start a real single-node SLURM on this machine (root; see slurm/local/README.md)
@@ -21,7 +22,7 @@ PYTEST_ARGS ?=
 DATA_SOURCES := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz:dataset-fashion-mnist \
                 /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf:fonts-noto-color-emoji
 
-.PHONY: venv test lint format slurm-up slurm-down slurm-status check-configs data-sources clean
+.PHONY: venv test demo lint format slurm-up slurm-down slurm-status check-configs data-sources clean
 
 venv: $(STAMP)
 
@@ -46,6 +47,21 @@ data-sources:
 	  echo "warning: offline data sources missing:$$missing (install them as root: apt-get install$$missing);" \
 	       "tests that build the offline corpus will be skipped" >&2; \
 	fi
+
+# make demo: configs/demo.yaml on data/offline (32 px images, 2048-token tokenizer = the config's
+# model.image.image_size / model.text.vocab_size) with the local executor; DEMO_EXECUTOR=slurm uses
+# the cluster of `make slurm-up` (then `python -m jobs status $(DEMO_RUN)` follows it). Re-running
+# skips finished stages and prints the table again.
+DEMO_DATA ?= data/offline
+DEMO_RUN ?= runs/demo
+DEMO_EXECUTOR ?= local
+DEMO_PAIRS ?= 1000
+
+demo: $(STAMP) data-sources
+	@test -f $(DEMO_DATA)/manifest.json || $(PY) -m data_tools build-offline $(DEMO_DATA) \
+	  --pairs-per-stage $(DEMO_PAIRS) --image-size 32 --vocab-size 2048 > /dev/null
+	GROWCLIP_LOG_LEVEL=$${GROWCLIP_LOG_LEVEL:-WARNING} $(PY) -m jobs submit --config configs/demo.yaml \
+	  --run-dir $(DEMO_RUN) --executor $(DEMO_EXECUTOR) --wait --set data.root=$(DEMO_DATA)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

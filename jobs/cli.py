@@ -1,9 +1,11 @@
 """``python -m jobs <verb>``: the command line of the GrowCLIP job suite.
 
-Only verbs that work are registered; later issues add ``plan``, ``submit``, ``status``, ``report``
-here. Exit codes: 0 success, 1 the job ran and failed, 2 bad input (config, arguments) — the message
-on stderr names the problem and the fix; ``train`` also returns 3 when preempted (checkpointed, re-run
-to resume). ``train``/``evaluate``/``submit-train`` import torch lazily, so ``--help`` stays fast.
+Only verbs that work are registered: the stage pipeline (``plan``, ``submit``, ``status``, ``cancel``,
+``report``), the per-job entry points the sbatch scripts call (``search-candidate``, ``select``,
+``train``, ``evaluate``), ``submit-train`` and the checks (``check-config``, ``doctor``).
+Exit codes: 0 success, 1 the job ran and failed, 2 bad input (config, arguments) — the
+message on stderr names the problem and the fix; ``train`` also returns 3 when preempted
+(checkpointed, re-run to resume). Verbs that need torch import it lazily, so ``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from jobs.config import ConfigError, dump_cfg, load_cfg
 
@@ -152,7 +155,79 @@ def build_parser() -> argparse.ArgumentParser:
         help="eval settings (default: the checkpoint's eval section), e.g. --set eval.tasks=[mnist]",
     )
     p.set_defaults(func=_lazy("jobs.evaluate", "cmd_evaluate"))
+    _add_pipeline_verbs(verbs)
     return parser
+
+
+def _add_stage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, required=True, help="the run's resolved config, RUN_DIR/config.yaml")
+    p.add_argument("--stage", type=_positive_int, required=True, help="growth stage T (>= 2: stage 1 has no search)")
+    p.add_argument("--run-dir", type=Path, required=True, help="RUN_DIR (RUN_ROOT/<run>)")
+
+
+def _add_submit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, required=True, help="run config YAML, e.g. configs/demo.yaml")
+    p.add_argument("--run-dir", type=Path, help="RUN_DIR (default: run_root/name of the config)")
+    p.add_argument("--stages", metavar="A-B|A,B", help="stages to run, e.g. 2-3 (default: all of data.stages)")
+    p.add_argument("--executor", choices=("slurm", "local", "debug"), help="override cluster.executor")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable); the resolved config is saved as RUN_DIR/config.yaml",
+    )
+
+
+def _add_pipeline_verbs(verbs: Any) -> None:
+    p = verbs.add_parser(
+        "plan",
+        help="dry run of `submit`: per stage the steps to run or skip, candidates, resources, sbatch equivalents",
+        description="Show what `submit` would do with this config and run dir; submits and writes nothing.",
+    )
+    _add_submit_args(p)
+    p.set_defaults(func=_lazy("jobs.submit", "cmd_plan"))
+
+    p = verbs.add_parser(
+        "submit",
+        help="run the growth plan: per stage search array -> select -> train -> evaluate (afterok chains on SLURM)",
+        description="Submit (slurm: all at once, chained by dependencies, returns at once) or run (local/debug: "
+        "waits) every unfinished step of the selected stages. Finished work is skipped, partial work resumes, "
+        "jobs of this run still queued are reused. RUN_DIR/lock keeps a second submitter off the run.",
+    )
+    _add_submit_args(p)
+    p.add_argument("--break-lock", action="store_true", help="remove a stale RUN_DIR/lock (its process is gone)")
+    p.add_argument("--wait", action="store_true", help="slurm: wait until this run's jobs have left the queue")
+    p.set_defaults(func=_lazy("jobs.submit", "cmd_submit"))
+
+    for verb, fn, text in (
+        ("status", "cmd_status", "each stage's steps (run dir + squeue/sacct), candidates and winner"),
+        ("cancel", "cmd_cancel", "cancel this run's queued/running jobs (ids recorded in RUN_DIR/jobs.json) only"),
+        ("report", "cmd_report", "per stage: chosen architecture, params, FLOPs spent, zero-shot acc1, R@1"),
+    ):
+        p = verbs.add_parser(verb, help=text, description=text)
+        p.add_argument("run_dir", type=Path, help="RUN_DIR of a submitted run")
+        p.set_defaults(func=_lazy("jobs.submit", fn))
+
+    p = verbs.add_parser(
+        "search-candidate",
+        help="grow candidate K of stage T with PIM, train it search.steps, score it -> cand_KK/result.json",
+        description="One search array task (what slurm/search_array.sbatch runs with --index $SLURM_ARRAY_TASK_ID). "
+        "Skips a candidate whose result.json exists; an index beyond the stage's candidates exits 0.",
+    )
+    _add_stage_args(p)
+    p.add_argument("--index", type=int, required=True, help="candidate index K (array task id)")
+    p.set_defaults(func=_lazy("jobs.stage_jobs", "cmd_search_candidate"))
+
+    p = verbs.add_parser(
+        "select",
+        help="rank stage T's candidates by score; write selected.json (table, reason) and selected.pt",
+        description="Rank the finished candidates (lower score wins); fails when fewer than "
+        "search.min_successful finished.",
+    )
+    _add_stage_args(p)
+    p.set_defaults(func=_lazy("jobs.stage_jobs", "cmd_select"))
 
 
 def _positive_int(text: str) -> int:

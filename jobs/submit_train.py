@@ -1,10 +1,9 @@
 """``python -m jobs submit-train``: submit one stage's training through submitit, requeued on preemption (R13).
 
 :class:`TrainJob` (a ``submitit.helpers.Checkpointable``) calls ``jobs.engine.trainer.train_stage``. On
-SIGUSR2 (``scancel --signal=USR2``, or ``cluster.signal_delay_s`` before the time limit) the loop checkpoints
-at the next step boundary, then submitit's handler runs :meth:`TrainJob.checkpoint` (the same job again) and
-``scontrol requeue``; the restart resumes from the newest verified checkpoint. Only paths travel in the pickle.
-"""
+SIGUSR2 (``scancel --signal=USR2``, or ``cluster.signal_delay_s`` before the time limit) the loop checkpoints at
+the next step boundary, then submitit's handler runs :meth:`TrainJob.checkpoint` (the same job again) and ``scontrol
+requeue``; the restart resumes from the newest verified checkpoint. Only paths travel in the pickle."""
 
 from __future__ import annotations
 
@@ -30,8 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 class TrainJob(submitit.helpers.Checkpointable):
     """Picklable description of one stage training: config path + overrides + stage + run dir."""
 
-    def __init__(self, config: str, overrides: tuple[str, ...], stage: int, run_dir: str, init: str | None = None):
+    def __init__(self, config: str, overrides: tuple, stage: int, run_dir: str, init: str | None = None, evaluate=True):
         self.config, self.overrides, self.stage, self.run_dir, self.init = config, overrides, stage, run_dir, init
+        self.evaluate = evaluate  # False: a separate evaluate job follows (the stage pipeline)
 
     def __call__(self) -> dict[str, Any]:
         job_env = submitit.JobEnvironment()
@@ -44,8 +44,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         signal.signal(signal.SIGUSR2, stop.set)
         env = init_distributed()
         try:
-            init = Path(self.init) if self.init else None
-            result = train_stage(cfg, self.stage, Path(self.run_dir), env, init=init, should_stop=stop.is_set)
+            kw = {"init": Path(self.init) if self.init else None, "should_stop": stop.is_set, "evaluate": self.evaluate}
+            result = train_stage(cfg, self.stage, Path(self.run_dir), env, **kw)
         finally:
             cleanup_distributed()
         if result.status == "preempted" and callable(requeue):

@@ -200,3 +200,38 @@ def trained_run(tiny_config: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 # --- end of train section -------------------------------------------------------------------------
+
+
+# --- pipeline: tiny growth plans for tests/test_pipeline_*.py (issue #6) --------------------------
+# The tiny spec at depth 1, three candidates (none, image_depth, text_depth), a few steps each: a
+# 2-stage plan is ~10 s in-process and ~40 s through the local SLURM.
+
+TINY_PIPELINE_YAML = """\
+name: tinygrow
+data: {{root: {root}, stages: 3, replay_fraction: 0.5, val_fraction: 0.1, num_workers: 0, shuffle_buffer: 64, seed: 0}}
+model:
+  image: {{image_size: 16, patch_size: 4, width: 32, depth: 1, heads: 2, mlp_ratio: 2.0}}
+  text: {{vocab_size: {vocab}, context_length: 16, width: 32, depth: 1, heads: 2, mlp_ratio: 2.0}}
+  shared: {{width: 32, depth: 0, heads: 2}}
+  embed_dim: 32
+growth: {{axes: [image_depth, text_depth], depth_step: 1, max_ops: 1, max_candidates: 3}}
+search: {{steps: 4, batch_size: 16, lr: 1.0e-3, warmup_steps: 1, val_samples: 32, cost_weight: 0.05}}
+train: {{steps: 6, batch_size: 16, lr: 1.0e-3, warmup_steps: 1, checkpoint_every: 3, keep_checkpoints: 2, log_every: 3}}
+eval: {{batch_size: 256}}
+cluster: {{executor: debug, cpus_per_task: 1, mem_gb: 2, train_time_min: 10, search_time_min: 10, eval_time_min: 10,
+          signal_delay_s: 30, array_parallelism: 2}}
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_config(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A growth-plan YAML on ``tiny_corpus``: 3 candidates per stage, 4 search steps, 6 training steps."""
+    from data_tools.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(tiny_corpus / "tokenizer.json").get_vocab_size()
+    path = tmp_path_factory.mktemp("pipeline_cfg") / "tinygrow.yaml"
+    path.write_text(TINY_PIPELINE_YAML.format(root=tiny_corpus, vocab=vocab))
+    return path
+
+
+# --- end of pipeline section ----------------------------------------------------------------------

@@ -41,6 +41,7 @@ __all__ = [
     "zero_shot_classifier",
     "evaluate_model",
     "evaluate_checkpoint",
+    "evaluate_stage",
 ]
 
 logger = logging.getLogger(__name__)
@@ -238,3 +239,18 @@ def evaluate_checkpoint(
         "tasks": tasks,
         "summary": _summary(tasks),
     }
+
+
+def evaluate_stage(final: Path, data_root: Path, cfg: EvalCfg, out: Path, device: torch.device) -> dict[str, Any]:
+    """Evaluate a stage's ``final.pt`` into ``out`` (stage_NN/eval/metrics.json) unless it exists; return it."""
+    import json
+
+    from data_tools.atomic import atomic_write_json
+
+    if out.exists():
+        logger.info("already evaluated: %s", out)
+        return json.loads(out.read_text())
+    metrics = evaluate_checkpoint(final, data_root, cfg, device=device)
+    atomic_write_json(out, metrics)
+    logger.info("evaluated %s -> %s: %s", final, out, metrics["summary"])
+    return metrics

@@ -1,0 +1,297 @@
+"""One search candidate of a growth stage: grow with PIM, train briefly, score (DESIGN.md step 2).
+
+``run_search_candidate(cfg, stage, index, run_dir, env)`` is what one SLURM array task runs:
+
+1. the stage's growth space (``model.search_space.enumerate_candidates`` from A_{t-1} = the ArchSpec
+   of stage t-1's ``final.pt`` and the data ratio |D_<=t| / |D_<=t-1| of the manifest) is
+   recomputed — it is deterministic, so every task and ``select`` agree — and candidate ``index``
+   picked (an index beyond the list means "nothing to do": arrays submitted before A_{t-1} was known
+   use an upper bound);
+2. ``model.grow`` expands stage t-1's final weights (or their EMA, ``growth.inherit_from``) to the
+   candidate with PIM momentum ``growth.momentum``; the grown checkpoint is ``cand_KK/grown.pt``;
+3. the trainer (``jobs.engine.trainer.run_training``) trains it ``search.steps`` steps on D_<=t with
+   replay (``search.batch_size/lr/warmup_steps``) in ``cand_KK/work/`` — resumable like any training;
+4. it is scored on the held-out split of stage t (``data.val_fraction``; first ``search.val_samples``
+   pairs, in batches of ``search.batch_size``, identical for every candidate)::
+
+       score = val_loss - zeroshot_weight * proxy_acc1 + cost_weight * log(cost / cost_prev)
+
+   ``val_loss``: symmetric InfoNCE; ``proxy_acc1``: the zero-shot proxy — top-1 accuracy of matching
+   each held-out image to its own caption among the batch's captions and vice versa (mean of both
+   directions); the eval suite is never used for selection. ``cost``: params or FLOPs
+   (``growth.budget``). Lower wins. This proxy is our design, not the paper's (only its abstract is
+   public).
+5. ``cand_KK/result.json`` is written atomically; an existing one means the task is done (skipped).
+   A failure writes ``cand_KK/failed.json`` (reason) and re-raises, so the task fails and a
+   resubmission reruns it alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_tools.atomic import atomic_write_json
+from data_tools.loaders import make_val_loader
+from jobs.config import RunCfg
+from jobs.engine.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
+from jobs.engine.dist import DistEnv
+from jobs.engine.metrics import MetricsLog
+from jobs.engine.pipeline import cand_dir, data_ratio, previous_spec, read_json, stage_candidates, stage_path
+from jobs.engine.trainer import run_training
+from model.search_space import Candidate
+from model.structs import to_dict
+
+__all__ = ["RESULT_FORMAT", "search_cfg", "score", "grow_checkpoint", "validate_model", "run_search_candidate"]
+
+logger = logging.getLogger(__name__)
+
+RESULT_FORMAT = "growclip-search-result"
+
+
+def search_cfg(cfg: RunCfg) -> RunCfg:
+    """The run config of a candidate's short training: ``train`` takes the ``search`` hyper-parameters."""
+    s, t = cfg.search, cfg.train
+    train = replace(
+        t,
+        steps=s.steps,
+        batch_size=s.batch_size,
+        grad_accum=1,
+        data_streams=0,
+        lr=s.lr,
+        min_lr=min(t.min_lr, s.lr),
+        warmup_steps=s.warmup_steps,
+        checkpoint_every=s.steps,  # one final checkpoint; a requeued candidate restarts its few steps
+        keep_checkpoints=1,
+        log_every=max(1, min(t.log_every, s.steps)),
+        ema_decay=0.0,
+    )
+    return replace(cfg, train=train)
+
+
+def score(val_loss: float, proxy_acc1: float, cost_ratio: float, cfg: RunCfg) -> dict[str, float]:
+    """The search score (lower wins) and its three terms; see the module docstring."""
+    terms = {
+        "val_loss": val_loss,
+        "zeroshot": -cfg.search.zeroshot_weight * proxy_acc1,
+        "cost": cfg.search.cost_weight * math.log(cost_ratio),
+    }
+    return {"score": sum(terms.values()), **{f"term_{k}": v for k, v in terms.items()}}
+
+
+def grow_checkpoint(cfg: RunCfg, run_dir: Path, stage: int, cand: Candidate, out: Path) -> dict[str, Any]:
+    """Grow stage t-1's final model to ``cand.spec`` with PIM and save it as a checkpoint ``out``.
+
+    Returns the growth record (``GrowthRecord.to_dict()``). The checkpoint is a valid ``--init``:
+    its ``growth_history`` is stage t-1's plus this record.
+    """
+    from model.clip import build_model
+    from model.pim import grow
+
+    prev_final = stage_path(run_dir, stage - 1) / "train" / "final.pt"
+    payload = load_checkpoint(prev_final)
+    prev = previous_spec(run_dir, stage)
+    model = build_model(prev, seed=cfg.train.seed)
+    model.load_state_dict(payload["model"], strict=True)
+    source = None
+    if cfg.growth.inherit_from == "ema":
+        if payload.get("ema") is None:
+            logger.warning(
+                "growth.inherit_from=ema but %s has no EMA (train.ema_decay=0): inheriting the model", prev_final
+            )
+        else:
+            source = {k: v.to(next(model.parameters()).dtype) for k, v in payload["ema"].items()}
+    grown, record = grow(model, cand.spec, cfg.growth.momentum, seed=cfg.train.seed + stage, source=source)
+    rec = record.to_dict()
+    rec.update(stage=stage, candidate=cand.name)
+    save_checkpoint(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "step": 0,
+            "samples_seen": 0,
+            "stage": stage,
+            "spec": cand.spec.to_dict(),
+            "model": grown.state_dict(),
+            "optimizer": None,
+            "ema": None,
+            "growth_history": [*payload.get("growth_history", []), rec],
+            "config": to_dict(cfg),
+            "init": str(prev_final),
+        },
+        out,
+    )
+    return rec
+
+
+@torch.no_grad()
+def validate_model(
+    model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+) -> dict[str, float]:
+    """Mean contrastive loss and caption-matching top-1 (both directions) over fixed held-out batches."""
+    from model.loss import ClipLoss
+
+    loss_fn = ClipLoss()
+    model.eval()
+    loss_sum = acc_sum = 0.0
+    n = 0
+    for images, tokens in batches:
+        img, txt, scale = model(images.to(device), tokens.to(device))
+        b = images.shape[0]
+        labels = torch.arange(b, device=device)
+        sim = img.float() @ txt.float().T  # (B, B)
+        i2t = (sim.argmax(dim=1) == labels).float().mean().item()
+        t2i = (sim.argmax(dim=0) == labels).float().mean().item()
+        loss_sum += loss_fn(img.float(), txt.float(), scale.float()).item() * b
+        acc_sum += (i2t + t2i) / 2 * b
+        n += b
+    if n == 0:
+        raise ValueError("the held-out split of the stage is empty: raise data.val_fraction or add data")
+    return {"val_loss": loss_sum / n, "proxy_acc1": acc_sum / n, "val_samples": n}
+
+
+def _val_batches(
+    cfg: RunCfg, stage: int, image_size: int, context_length: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    bs = cfg.search.batch_size
+    batches = make_val_loader(
+        cfg.data.root,
+        stage,
+        batch_size=bs,
+        image_size=image_size,
+        context_length=context_length,
+        val_fraction=cfg.data.val_fraction,
+    )
+    out, left = [], cfg.search.val_samples
+    for images, tokens in batches:
+        if left <= 0:
+            break
+        out.append((images[:left], tokens[:left]))
+        left -= images.shape[0]
+    return out
+
+
+def run_search_candidate(cfg: RunCfg, stage: int, index: int, run_dir: Path, env: DistEnv) -> dict[str, Any]:
+    """Grow, train and score candidate ``index`` of stage ``stage``; write and return its result.
+
+    Returns:
+        result.json's content; ``{"status": "absent"}`` when the stage has fewer candidates.
+
+    Raises:
+        RuntimeError: stage t-1 is not trained yet, or the candidate's training did not complete.
+        Any error of growth/training/scoring (after ``failed.json`` is written).
+    """
+    from model.clip import build_model
+
+    if stage < 2:
+        raise ValueError(f"stage {stage} has no growth search: stage 1 trains the config's model")
+    run_dir = Path(run_dir)
+    found = stage_candidates(cfg, run_dir, stage)
+    if found is None:
+        raise RuntimeError(f"stage {stage - 1} is not trained yet ({stage_path(run_dir, stage - 1)}/train/final.pt)")
+    kept, pruned = found
+    cands_json = stage_path(run_dir, stage) / "search" / "candidates.json"
+    if env.is_main and not cands_json.exists():
+        atomic_write_json(
+            cands_json,
+            {
+                "stage": stage,
+                "data_ratio": data_ratio(cfg.data.root, stage),
+                "budget": cfg.growth.budget,
+                "candidates": [c.to_dict() for c in kept],
+                "pruned": [p.to_dict() for p in pruned],
+            },
+        )
+    if index >= len(kept):
+        logger.info("stage %d has %d candidates: array task %d has nothing to do", stage, len(kept), index)
+        return {"status": "absent", "index": index}
+    cand = kept[index]
+    out = cand_dir(run_dir, stage, index)
+    done = read_json(out / "result.json")
+    if done is not None:
+        logger.info("stage %d candidate %d (%s) already scored: %s", stage, index, cand.name, done["score"])
+        return done
+    out.mkdir(parents=True, exist_ok=True)
+    events = MetricsLog(out, enabled=env.is_main)
+    t0 = time.time()
+    try:
+        atomic_write_json(out / "spec.json", {"name": cand.name, "spec": cand.spec.to_dict()})
+        events.event("start", stage=stage, index=index, name=cand.name, cost=cand.cost, cost_ratio=cand.cost_ratio)
+        grown = out / "grown.pt"
+        record = read_json(out / "growth.json")
+        if record is None or not grown.exists():
+            record = grow_checkpoint(cfg, run_dir, stage, cand, grown)
+            atomic_write_json(out / "growth.json", record)
+        events.event(
+            "grown", params_before=record["params_before"], params_after=record["params_after"], error=record["error"]
+        )
+        scfg = search_cfg(cfg)
+        result = run_training(scfg, stage, out / "work", env, init=grown)
+        if result.final is None:
+            raise RuntimeError(f"candidate training stopped at step {result.step} ({result.status})")
+        payload = load_checkpoint(result.final)
+        model = build_model(cand.spec, seed=cfg.train.seed)
+        model.load_state_dict(payload["model"], strict=True)
+        model.to(env.device)
+        val = validate_model(
+            model, _val_batches(cfg, stage, cand.spec.image.image_size, cand.spec.text.context_length), env.device
+        )
+        samples = int(payload["samples_seen"])
+        res = {
+            "format": RESULT_FORMAT,
+            "status": "done",
+            "stage": stage,
+            "index": index,
+            "name": cand.name,
+            "spec": cand.spec.to_dict(),
+            "cost": cand.cost,
+            "cost_ratio": cand.cost_ratio,
+            "params": cand.spec.params(),
+            "flops_per_sample": cand.spec.flops_per_sample(),
+            "steps": result.step,
+            "samples": samples,
+            "train_flops": cand.spec.flops_per_sample() * samples,
+            **val,
+            **score(val["val_loss"], val["proxy_acc1"], cand.cost_ratio, cfg),
+            "growth": record,
+            "grown": str(grown),
+            "seconds": time.time() - t0,
+        }
+    except Exception as exc:
+        if env.is_main:
+            atomic_write_json(
+                out / "failed.json",
+                {
+                    "stage": stage,
+                    "index": index,
+                    "name": cand.name,
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "traceback": traceback.format_exc(),
+                    "time": time.time(),
+                },
+            )
+            events.event("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    if env.is_main:
+        atomic_write_json(out / "result.json", res)
+        (out / "failed.json").unlink(missing_ok=True)  # an earlier attempt's failure is history now
+        events.event("scored", **{k: res[k] for k in ("val_loss", "proxy_acc1", "score", "train_flops")})
+    logger.info(
+        "stage=%d candidate %d %s: params %.3fM val_loss %.4f proxy_acc1 %.3f score %.4f (%.0f s)",
+        stage,
+        index,
+        cand.name,
+        res["params"] / 1e6,
+        res["val_loss"],
+        res["proxy_acc1"],
+        res["score"],
+        res["seconds"],
+    )
+    return res

@@ -1,0 +1,100 @@
+"""Thin jobs of the stage pipeline (R13): ``search-candidate``, ``select``, stage ``evaluate``.
+
+Checkpointables holding only paths and numbers (the candidate index is the array argument): a requeued
+task is the same call again and skips or resumes finished work. The CLI verbs (what ``slurm/*.sbatch``
+call) run the same engine functions in this process. Training is ``jobs.submit_train.TrainJob``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from jobs.config import ConfigError, load_cfg
+from jobs.engine.dist import init_distributed
+from jobs.engine.pipeline import stage_path
+from jobs.logs import setup_logging
+
+__all__ = ["SearchJob", "SelectJob", "EvalJob", "cmd_search_candidate", "cmd_select"]
+
+
+def _search(config: str, stage: int, run_dir: str, index: int) -> dict[str, Any]:
+    from jobs.engine.search import run_search_candidate
+
+    return run_search_candidate(load_cfg(Path(config)), stage, index, Path(run_dir), init_distributed())
+
+
+def _select(config: str, stage: int, run_dir: str) -> dict[str, Any]:
+    from jobs.engine.select import run_select
+
+    return run_select(load_cfg(Path(config)), stage, Path(run_dir))
+
+
+def _evaluate(config: str, stage: int, run_dir: str) -> dict[str, Any]:
+    from jobs.engine.evaluate import evaluate_stage
+
+    cfg, sd = load_cfg(Path(config)), stage_path(Path(run_dir), stage)
+    final, out = sd / "train" / "final.pt", sd / "eval" / "metrics.json"
+    return evaluate_stage(final, cfg.data.root, cfg.eval, out, init_distributed().device)["summary"]
+
+
+class SearchJob(submitit.helpers.Checkpointable):
+    """One array task: ``SearchJob(config, stage, run_dir)(index)``."""
+
+    def __init__(self, config: str, stage: int, run_dir: str) -> None:
+        self.config, self.stage, self.run_dir = config, stage, run_dir
+
+    def __call__(self, index: int) -> dict[str, Any]:
+        setup_logging()
+        return _search(self.config, self.stage, self.run_dir, index)
+
+
+class SelectJob(submitit.helpers.Checkpointable):
+    """Rank the stage's candidates and write selected.json."""
+
+    def __init__(self, config: str, stage: int, run_dir: str) -> None:
+        self.config, self.stage, self.run_dir = config, stage, run_dir
+
+    def __call__(self) -> dict[str, Any]:
+        setup_logging()
+        return _select(self.config, self.stage, self.run_dir)
+
+
+class EvalJob(submitit.helpers.Checkpointable):
+    """Evaluate the stage's final.pt into stage_NN/eval/metrics.json (skipped when it exists)."""
+
+    def __init__(self, config: str, stage: int, run_dir: str) -> None:
+        self.config, self.stage, self.run_dir = config, stage, run_dir
+
+    def __call__(self) -> dict[str, Any]:
+        setup_logging()
+        return _evaluate(self.config, self.stage, self.run_dir)
+
+
+def _run(fn: Any, *args: Any) -> int:
+    setup_logging()
+    keep = ("status", "index", "name", "score", "val_loss", "proxy_acc1", "winner", "reason")
+    try:
+        out = fn(*args)  # one JSON line on stdout: the gist of result.json / selected.json
+        print(json.dumps({k: (v["name"] if k == "winner" else v) for k, v in out.items() if k in keep}))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # the message names the candidate/stage; the traceback is in failed.json
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_search_candidate(args: argparse.Namespace) -> int:
+    """Grow, train and score one candidate (``--index``, e.g. $SLURM_ARRAY_TASK_ID)."""
+    return _run(_search, str(args.config), args.stage, str(args.run_dir), args.index)
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    """Rank a stage's candidates; write selected.json and selected.pt."""
+    return _run(_select, str(args.config), args.stage, str(args.run_dir))
