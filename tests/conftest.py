@@ -152,15 +152,19 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def _corpus_config(template: str, corpus: Path, path: Path) -> Path:
+    """Write ``template`` formatted with the corpus root and its tokenizer's vocabulary size."""
+    from data_tools.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(corpus / "tokenizer.json").get_vocab_size()
+    path.write_text(template.format(root=corpus, vocab=vocab))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_config(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """configs-style YAML for the tiny spec on ``tiny_corpus`` (40 steps, checkpoint every 10, log every step)."""
-    from data_tools.tokenizer import load_tokenizer
-
-    vocab = load_tokenizer(tiny_corpus / "tokenizer.json").get_vocab_size()
-    path = tmp_path_factory.mktemp("train_cfg") / "tiny.yaml"
-    path.write_text(TINY_TRAIN_YAML.format(root=tiny_corpus, vocab=vocab))
-    return path
+    return _corpus_config(TINY_TRAIN_YAML, tiny_corpus, tmp_path_factory.mktemp("train_cfg") / "tiny.yaml")
 
 
 @dataclass(frozen=True)
@@ -226,12 +230,7 @@ cluster: {{executor: debug, cpus_per_task: 1, mem_gb: 2, train_time_min: 10, sea
 @pytest.fixture(scope="session")
 def tiny_pipeline_config(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A growth-plan YAML on ``tiny_corpus``: 3 candidates per stage, 4 search steps, 6 training steps."""
-    from data_tools.tokenizer import load_tokenizer
-
-    vocab = load_tokenizer(tiny_corpus / "tokenizer.json").get_vocab_size()
-    path = tmp_path_factory.mktemp("pipeline_cfg") / "tinygrow.yaml"
-    path.write_text(TINY_PIPELINE_YAML.format(root=tiny_corpus, vocab=vocab))
-    return path
+    return _corpus_config(TINY_PIPELINE_YAML, tiny_corpus, tmp_path_factory.mktemp("pipeline_cfg") / "tinygrow.yaml")
 
 
 # --- end of pipeline section ----------------------------------------------------------------------

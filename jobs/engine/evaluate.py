@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,20 +56,14 @@ def _autocast(device: torch.device) -> Any:
 
 
 @torch.no_grad()
-def _encode_images(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+def _encode_batched(
+    encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int, device: torch.device
+) -> torch.Tensor:
+    """Run ``encode`` (model.encode_image / encode_text) over ``x`` in chunks; float32 (N, E) out."""
     out = []
-    for i in range(0, images.shape[0], batch_size):
+    for i in range(0, x.shape[0], batch_size):
         with _autocast(device):
-            out.append(model.encode_image(images[i : i + batch_size].to(device)).float())
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def _encode_texts(model: nn.Module, tokens: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    out = []
-    for i in range(0, tokens.shape[0], batch_size):
-        with _autocast(device):
-            out.append(model.encode_text(tokens[i : i + batch_size].to(device)).float())
+            out.append(encode(x[i : i + batch_size].to(device)).float())
     return torch.cat(out)
 
 
@@ -84,7 +78,7 @@ def zero_shot_classifier(
 ) -> torch.Tensor:
     """(C, E) class embeddings: mean over templates of normalised text embeddings, renormalised."""
     texts = [t.replace("{c}", c) for c in classnames for t in templates]
-    emb = _encode_texts(model, tokenize(texts, context_length, tokenizer), batch_size, device)  # (C·T, E)
+    emb = _encode_batched(model.encode_text, tokenize(texts, context_length, tokenizer), batch_size, device)  # (C·T, E)
     emb = emb.view(len(classnames), len(templates), -1).mean(dim=1)  # (C, E)
     return torch.nn.functional.normalize(emb, dim=-1)
 
@@ -151,7 +145,7 @@ def evaluate_model(
         for name in names:
             t0 = time.time()
             task = load_eval_task(data_root, name, image_size=spec.image.image_size)
-            img = _encode_images(model, task.images, cfg.batch_size, device)
+            img = _encode_batched(model.encode_image, task.images, cfg.batch_size, device)
             if isinstance(task, ClassificationSet):
                 classifier = zero_shot_classifier(
                     model, task.classnames, task.templates, tok, ctx, device, cfg.batch_size
@@ -162,7 +156,7 @@ def evaluate_model(
             else:
                 captions = [c for caps in task.captions for c in caps]
                 owner = torch.tensor([i for i, caps in enumerate(task.captions) for _ in caps])
-                txt = _encode_texts(model, tokenize(captions, ctx, tok), cfg.batch_size, device)
+                txt = _encode_batched(model.encode_text, tokenize(captions, ctx, tok), cfg.batch_size, device)
                 r = {"type": "retrieval", "images": len(task.captions), "captions": len(captions)}
                 r.update(retrieval_metrics(img.cpu(), txt.cpu(), owner, cfg.retrieval_ks))
             results[name] = r
