@@ -22,6 +22,7 @@ val_fraction * 10_000``. Training excludes those keys whenever ``val_fraction > 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -72,6 +73,9 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 _SCALE = torch.tensor([1.0 / (255.0 * s) for s in STD], dtype=torch.float32).view(3, 1, 1)
 _SHIFT = torch.tensor([-m / s for m, s in zip(MEAN, STD, strict=True)], dtype=torch.float32).view(3, 1, 1)
 MAX_CONSECUTIVE_FAILURES = 1000
+# Captions longer than this are skipped (caption_too_long) before tokenizing: ingest keeps <= 512
+# characters by default, and byte-level BPE on a 4 MB caption takes ~7 s (a stall, not a sample).
+MAX_CAPTION_BYTES = 65_536
 
 
 class DataStreamError(RuntimeError):
@@ -306,7 +310,8 @@ class ReplayStream(IterableDataset):
             self._count("shard_read_error", exc)
             return True
 
-        for sample in wds.tariterators.tarfile_samples(opened(), handler=handler):
+        files = _tar_members(wds.tariterators.url_opener(opened(), handler=handler), handler)
+        for sample in wds.tariterators.group_by_keys(files, handler=handler):
             last["url"] = ""
             yield sample
 
@@ -352,23 +357,73 @@ class ReplayStream(IterableDataset):
         if "jpg" not in sample or "txt" not in sample:
             self._count("missing_part", KeyError(f"{sample.get('__key__')}: has {sorted(sample)}"))
             return None
-        try:
-            img = Image.open(io.BytesIO(sample["jpg"]))
-            img.load()
-            img = img.convert("RGB")
-        except (OSError, ValueError, SyntaxError) as exc:
-            self._count("image_decode_error", exc)
+        text, reason = _caption(sample["txt"])
+        if text is None:
+            self._count(reason, ValueError(f"{sample.get('__key__')}: {reason}"))
             return None
         try:
-            text = sample["txt"].decode("utf-8")
-        except UnicodeDecodeError as exc:
-            self._count("caption_decode_error", exc)
+            img = _open_image(sample["jpg"])
+        except Exception as exc:  # any decoder error on untrusted bytes (PIL raises many types) = a bad sample
+            self._count("image_decode_error", exc)
             return None
         if o.augment:
             img = _augment(img, o.image_size, rng, o.crop_scale, o.flip)
         elif img.size != (o.image_size, o.image_size):
             img = resize_image(img, o.image_size, "center_crop")
         return image_to_uint8(img), tokenize([text], o.context_length, tok)[0]
+
+
+def _caption(raw: bytes) -> tuple[str | None, str]:
+    """``(text, "")``, or ``(None, reason)`` with reason caption_too_long, caption_decode_error, caption_binary or
+    caption_empty (the ingest rules, so that a damaged shard cannot feed the model what ingest would drop)."""
+    if len(raw) > MAX_CAPTION_BYTES:
+        return None, "caption_too_long"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "caption_decode_error"
+    if any(ord(ch) < 32 and ch not in "\t\n\r" for ch in text):  # NUL and other control bytes
+        return None, "caption_binary"
+    if not text.strip():
+        return None, "caption_empty"
+    return text, ""
+
+
+def _open_image(data: bytes) -> Image.Image:
+    """Decode fully to RGB (raises on anything that is not a complete, sane image)."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img.convert("RGB")
+
+
+def _tar_members(streams: Iterator[dict[str, Any]], handler: Any, skip_meta: str = "__") -> Iterator[dict[str, Any]]:
+    """``webdataset.tariterators.tar_file_expander``, tolerant of damaged tar headers.
+
+    ``tarfile`` stops at the first header whose checksum fails, silently losing the rest of the
+    shard; with ``ignore_zeros`` it skips the bad block and resynchronises at the next valid
+    header, so one flipped byte costs one member, not the shard. A truncated shard keeps the
+    members before the damage (the read error goes to ``handler``). Yields ``{fname, data, __url__}``
+    and ``{}`` at the end of each shard (the end marker ``group_by_keys`` expects).
+    """
+    for source in streams:
+        url, members = source["url"], 0
+        try:
+            with tarfile.open(fileobj=source["stream"], mode="r|*", ignore_zeros=True) as tf:
+                for info in tf:
+                    members += 1
+                    if not info.isreg() or info.name.startswith(skip_meta):
+                        continue
+                    fh = tf.extractfile(info)
+                    yield {"fname": info.name, "data": fh.read() if fh else b"", "__url__": url}
+            if members == 0:
+                raise tarfile.ReadError(f"{url}: no tar member (empty, or not a tar)")
+        except Exception as exc:  # truncated data, not a tar, I/O error: counted, then the next shard
+            if not handler(exc):
+                break
+        finally:
+            with contextlib.suppress(Exception):
+                source["stream"].close()
+        yield {}
 
 
 class TrainLoader(DataLoader):
@@ -489,20 +544,32 @@ def _check_val_fraction(val_fraction: float) -> None:
         )
 
 
-def _iter_tar(path: Path) -> Iterator[dict[str, Any]]:
-    """Samples of one tar in order (``__key__`` + extension -> bytes)."""
+def _iter_tar(path: Path, errors: Counter[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Samples of one tar in order (``__key__`` + extension -> bytes).
+
+    Tolerant like the training reader: a damaged header costs one member (``ignore_zeros``
+    resynchronises), a truncated tar keeps the samples before the damage; read errors are counted
+    in ``errors["shard_read_error"]`` and logged instead of raised.
+    """
     current: dict[str, Any] = {}
-    with tarfile.open(path) as tf:
-        for member in tf:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            if current and current["__key__"] != key:
-                yield current
-                current = {}
-            fh = tf.extractfile(member)
-            current.setdefault("__key__", key)
-            current[ext] = fh.read() if fh else b""
+    try:
+        with tarfile.open(path, ignore_zeros=True) as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                if current and current["__key__"] != key:
+                    yield current
+                    current = {}
+                fh = tf.extractfile(member)
+                data = fh.read() if fh else b""
+                current.setdefault("__key__", key)
+                current[ext] = data
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        logger.warning("%s: read error, keeping the samples before it: %s", path, exc)
+        if errors is not None:
+            errors["shard_read_error"] += 1
+        current = {}  # the sample being read when the damage came is incomplete
     if current:
         yield current
 
@@ -529,15 +596,29 @@ def make_val_loader(
     tok = load_tokenizer(_tokenizer_file(root, tokenizer))
     images, texts = [], []
     n = 0
+    skipped: Counter[str] = Counter()
     for path in paths:
-        for sample in _iter_tar(path):
+        for sample in _iter_tar(path, skipped):
             if not is_heldout(sample["__key__"], val_fraction):
                 continue
-            if n % world_size == rank:
-                img = resize_image(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"), image_size, "center_crop")
-                images.append(image_to_uint8(img))
-                texts.append(sample["txt"].decode("utf-8"))
+            if "jpg" not in sample or "txt" not in sample:
+                skipped["missing_part"] += 1
+                continue
+            text, reason = _caption(sample["txt"])
+            if text is None:
+                skipped[reason] += 1
+                continue
+            try:
+                img = _open_image(sample["jpg"])
+            except Exception:  # any decoder error on untrusted bytes = a bad sample
+                skipped["image_decode_error"] += 1
+                continue
+            if n % world_size == rank:  # counted after the checks: every rank skips the same samples
+                images.append(image_to_uint8(resize_image(img, image_size, "center_crop")))
+                texts.append(text)
             n += 1
+    if skipped:
+        logger.warning("held-out split of stage %d: skipped %s (%d usable)", stage, dict(sorted(skipped.items())), n)
     batches = []
     for i in range(0, len(images), batch_size):
         batches.append(

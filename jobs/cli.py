@@ -1,8 +1,9 @@
 """``python -m jobs <verb>``: the command line of the GrowCLIP job suite.
 
-Only verbs that work are registered: the stage pipeline (``plan``, ``submit``, ``status``, ``cancel``,
-``report``), the per-job entry points the sbatch scripts call (``search-candidate``, ``select``,
-``train``, ``evaluate``), ``submit-train`` and the checks (``check-config``, ``doctor``).
+Only verbs that work are registered: the stage pipeline (``plan``, ``submit``, ``status``, ``cancel``),
+offline analysis (``report``, ``runs``), the per-job entry points the sbatch scripts call
+(``search-candidate``, ``select``, ``train``, ``evaluate``), ``submit-train`` and the checks
+(``check-config``, ``doctor``).
 Exit codes: 0 success, 1 the job ran and failed, 2 bad input (config, arguments) — the
 message on stderr names the problem and the fix; ``train`` also returns 3 when preempted
 (checkpointed, re-run to resume). Verbs that need torch import it lazily, so ``--help`` stays fast.
@@ -204,11 +205,37 @@ def _add_pipeline_verbs(verbs: Any) -> None:
     for verb, fn, text in (
         ("status", "cmd_status", "each stage's steps (run dir + squeue/sacct), candidates and winner"),
         ("cancel", "cmd_cancel", "cancel this run's queued/running jobs (ids recorded in RUN_DIR/jobs.json) only"),
-        ("report", "cmd_report", "per stage: chosen architecture, params, FLOPs spent, zero-shot acc1, R@1"),
     ):
         p = verbs.add_parser(verb, help=text, description=text)
         p.add_argument("run_dir", type=Path, help="RUN_DIR of a submitted run")
         p.set_defaults(func=_lazy("jobs.submit", fn))
+
+    p = verbs.add_parser(
+        "report",
+        help="offline run report: per-stage/search/growth tables, plots, comparison of runs (md|html|json|csv)",
+        description="Read run dirs only (no model is run; finished, running or failed runs). Without --out: the "
+        "per-stage summary of one run on stdout. With --out DIR: tables (architecture, params, FLOPs, wall time, "
+        "estimated GPU-hours, losses, zero-shot, retrieval; search; growth events; kernels), PNG plots, and for "
+        "several runs a side-by-side comparison including metrics at equal compute.",
+    )
+    p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="one or more runs (RUN_ROOT/<run>)")
+    p.add_argument("--out", type=Path, metavar="DIR", help="write the report here (created if missing)")
+    p.add_argument(
+        "--format",
+        choices=("md", "html", "json", "csv"),
+        help="md (default): report.md + plots/*.png; html: one self-contained page; json: everything "
+        "machine-readable; csv: stages/search/growth/kernels(/compare).csv",
+    )
+    p.set_defaults(func=_lazy("jobs.report", "cmd_report"))
+
+    p = verbs.add_parser(
+        "runs",
+        help="one line per run under RUN_ROOT: name, stages done/planned, state, last update",
+        description="List the runs under RUN_ROOT with their state (finished, running, queued, failed, incomplete) "
+        "from their run dirs, lock, and squeue/sacct when reachable.",
+    )
+    p.add_argument("run_root", type=Path, metavar="RUN_ROOT", help="directory holding run dirs, e.g. runs")
+    p.set_defaults(func=_lazy("jobs.report", "cmd_runs"))
 
     p = verbs.add_parser(
         "search-candidate",

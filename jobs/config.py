@@ -248,6 +248,12 @@ class RunCfg:
             bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name),
             f"name={self.name!r} must be non-empty and use only letters, digits, '-', '_', '.'",
         )
+        n = len(self.growth.schedule)
+        _require(
+            n == 0 or n >= self.data.stages - 1,
+            f"growth.schedule has {n} entries but data.stages={self.data.stages} needs {self.data.stages - 1} "
+            f"(one per stage after the first)",
+        )
 
     @property
     def run_dir(self) -> Path:

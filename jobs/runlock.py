@@ -3,7 +3,8 @@
 The lock file (JSON: pid, host, time, command) is created with O_EXCL. A second submitter is
 refused with the holder's pid/host/age. A lock whose pid is dead on this host is *stale*; it is
 reported as such and broken only with ``--break-lock`` (a lock held by a live process, or by
-another host whose processes we cannot see, is never broken silently).
+another host whose processes we cannot see, is never broken silently). So is an empty or garbled
+lock file older than a few seconds (its creator died between creating and writing it).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["LockError", "run_lock", "lock_holder_alive"]
+
+
+_BEING_WRITTEN_S = 10.0  # an unreadable lock younger than this may still be being written by its creator
 
 
 class LockError(RuntimeError):
@@ -59,6 +63,21 @@ def run_lock(run_dir: Path, *, break_lock: bool = False) -> Iterator[Path]:
                 info = json.loads(path.read_text() or "{}")
             except (OSError, json.JSONDecodeError):
                 info = {}
+            if not isinstance(info, dict) or "pid" not in info:
+                # empty/garbled: its creator died between O_EXCL and the write (or is writing it right now)
+                try:
+                    age = time.time() - path.stat().st_mtime
+                except FileNotFoundError:
+                    continue  # removed meanwhile: try again
+                if age < _BEING_WRITTEN_S:
+                    raise LockError(f"{path} is being created by another submitter ({age:.1f} s ago)") from None
+                if not break_lock:
+                    raise LockError(
+                        f"{path} is stale (unreadable, {age:.0f} s old: its submitter died while creating it); "
+                        "pass --break-lock to remove it"
+                    ) from None
+                path.unlink(missing_ok=True)
+                continue
             alive = lock_holder_alive(info)
             age = time.time() - float(info.get("time", time.time()))
             who = f"pid {info.get('pid', '?')} on {info.get('host', '?')} since {age:.0f} s ago"
@@ -80,6 +99,8 @@ def run_lock(run_dir: Path, *, break_lock: bool = False) -> Iterator[Path]:
             fh.flush()
             os.fsync(fh.fileno())
         break
+    else:  # broken, then taken again by someone else before us
+        raise LockError(f"{path} was re-created by another submitter while the stale lock was being broken")
     try:
         yield path
     finally:

@@ -30,7 +30,16 @@ from typing import Any, Literal
 
 from model.spec import ArchSpec
 
-__all__ = ["AXES", "Candidate", "GrowthSpace", "Pruned", "axis_growth", "enumerate_candidates"]
+__all__ = [
+    "AXES",
+    "NO_GROWTH",
+    "Candidate",
+    "GrowthSpace",
+    "Pruned",
+    "axis_growth",
+    "enumerate_candidates",
+    "scheduled_candidate",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +65,9 @@ class GrowthSpace:
     mlp_factor: float = 2.0  # MLP hidden-width multiplier of one MLP operation
     max_ops: int = 2  # operations combined into one candidate (1 = single-axis candidates only)
     max_candidates: int = 8  # candidates kept after pruning, "none" included (cheapest first)
+    # fixed growth schedule, no search: entry i is the growth of stage i+2 ("none" or axes joined by "+",
+    # e.g. "image_depth+text_depth"); empty = search the space above
+    schedule: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.axes if a not in AXES]
@@ -73,6 +85,17 @@ class GrowthSpace:
                 raise ValueError(f"growth.{name}={getattr(self, name)} must be an integer >= 2")
         if self.mlp_factor <= 1.0:
             raise ValueError(f"growth.mlp_factor={self.mlp_factor} must be > 1")
+        for i, entry in enumerate(self.schedule):
+            bad = [a for a in _schedule_axes(entry) if a not in AXES]
+            if bad or not entry:
+                raise ValueError(
+                    f"growth.schedule[{i}]={entry!r}: unknown axis {bad[0] if bad else entry!r}; write "
+                    f"'{NO_GROWTH}' or axes joined by '+' (valid axes: {', '.join(AXES)})"
+                )
+
+
+def _schedule_axes(entry: str) -> list[str]:
+    return [] if entry == NO_GROWTH else entry.split("+")
 
 
 @dataclass(frozen=True)
@@ -143,6 +166,38 @@ def _shared_growth(spec: ArchSpec, space: GrowthSpace) -> dict[str, Any]:
 
 def _cost(spec: ArchSpec, budget: str) -> int:
     return spec.params() if budget == "params" else spec.flops_per_sample()
+
+
+def scheduled_candidate(current: ArchSpec, stage: int, data_ratio: float, space: GrowthSpace) -> Candidate:
+    """The one candidate of stage ``stage`` under a fixed growth schedule (``space.schedule``; no search).
+
+    The schedule is applied as written: the data-aware budget is not enforced, only logged when exceeded.
+
+    Raises:
+        ValueError: the schedule has no entry for the stage, or an entry makes an invalid spec.
+    """
+    if not 2 <= stage <= len(space.schedule) + 1:
+        raise ValueError(
+            f"growth.schedule has {len(space.schedule)} entries (stages 2..{len(space.schedule) + 1}); "
+            f"stage {stage} has none: add one per stage after the first"
+        )
+    name = space.schedule[stage - 2]
+    spec = current
+    for axis in _schedule_axes(name):
+        spec = axis_growth(spec, axis, space)
+    base, cost = _cost(current, space.budget), _cost(spec, space.budget)
+    limit = base * data_ratio**space.alpha
+    if cost > limit:
+        logger.warning(
+            "growth schedule: stage %d %s costs %s %s > budget %.0f (applied anyway: the schedule is fixed)",
+            stage,
+            name,
+            space.budget,
+            f"{cost:,}",
+            limit,
+        )
+    logger.info("growth schedule: stage %d grows %s (no search)", stage, name)
+    return Candidate(name, spec, cost, cost / base)
 
 
 def enumerate_candidates(

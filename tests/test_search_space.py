@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.config import GrowthCfg, load_cfg
+from jobs.config import ConfigError, GrowthCfg, load_cfg
 from model import build_model, grow
-from model.search_space import AXES, GrowthSpace, axis_growth, enumerate_candidates
+from model.search_space import AXES, GrowthSpace, axis_growth, enumerate_candidates, scheduled_candidate
 from model.spec import TINY
 
 
@@ -92,3 +92,23 @@ def test_run_config_growth_section_is_a_growth_space() -> None:
     assert isinstance(cfg.growth, GrowthCfg) and isinstance(cfg.growth, GrowthSpace)
     kept, _ = enumerate_candidates(TINY, 4.0, cfg.growth)
     assert all("+" not in c.name for c in kept)
+
+
+def test_fixed_schedule_gives_one_candidate_per_stage(caplog: pytest.LogCaptureFixture) -> None:
+    space = GrowthSpace(schedule=("image_depth+text_depth", "none"), depth_step=1)
+    s2 = scheduled_candidate(TINY, 2, 1.0, space)  # no data growth: over budget, applied anyway (logged)
+    assert s2.name == "image_depth+text_depth"
+    assert (s2.spec.image.depth, s2.spec.text.depth) == (TINY.image.depth + 1, TINY.text.depth + 1)
+    assert "applied anyway" in caplog.text
+    s3 = scheduled_candidate(s2.spec, 3, 1.5, space)
+    assert s3.name == "none" and s3.spec == s2.spec and s3.cost_ratio == 1.0
+    with pytest.raises(ValueError, match="stage 4 has none"):
+        scheduled_candidate(s3.spec, 4, 1.5, space)
+    with pytest.raises(ValueError, match=r"growth\.schedule\[1\]='image_dpth'.*valid axes"):
+        GrowthSpace(schedule=("none", "image_dpth"))
+    with pytest.raises(ConfigError, match=r"growth\.schedule has 1 entries but data\.stages=3"):
+        load_cfg(None, ["growth.schedule=[none]"])
+    cfg = load_cfg(None, ["growth.schedule=[none, shared_depth]", "growth.axes=[]"])
+    assert cfg.growth.schedule == ("none", "shared_depth") and cfg.growth.axes == ()
+    kept, _ = enumerate_candidates(TINY, 4.0, cfg.growth)  # no axes: the space is "none" alone
+    assert [c.name for c in kept] == ["none"]

@@ -8,16 +8,24 @@ Layout (DESIGN.md "On disk")::
 
 Both files are written through ``data_tools.atomic`` (temp name in the same directory, fsync,
 ``os.replace``), the ``.pt`` first: a sidecar therefore always describes a complete file, and a
-checkpoint without its sidecar (crash between the two renames) counts as unverified. The payload is
+checkpoint without its sidecar (crash between the two renames) counts as unverified. A process
+killed mid-write leaves a torn temp file (``.step_00000100.pt.XXXX.tmp``) that no reader ever
+opens; the next save of that name and every prune delete such leftovers. A full disk (ENOSPC,
+EDQUOT) fails the save with a :class:`CheckpointError` naming the path, the free space and the fix;
+the temp file is removed and the previous checkpoints are untouched. The payload is
 plain data (tensors, dicts, lists, numbers, strings; see :func:`build_payload`) and is loaded with
 ``torch.load(weights_only=True)``: no pickled objects or namespaces.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import logging
+import os
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -53,10 +61,11 @@ class _HashingWriter:
     """File wrapper that feeds every written byte into a sha256 (one pass, no copy of the payload)."""
 
     def __init__(self, fh: IO[bytes]) -> None:
-        self.fh, self.hash = fh, hashlib.sha256()
+        self.fh, self.hash, self.size = fh, hashlib.sha256(), 0
 
     def write(self, data: bytes) -> int:
         self.hash.update(data)
+        self.size += len(data)
         return self.fh.write(data)
 
     def flush(self) -> None:
@@ -72,13 +81,65 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+def _remove_stale_temps(directory: Path, pattern: str) -> None:
+    """Delete temp files of killed writers (``atomic_open``'s ``.NAME.XXXX.tmp``) matching ``pattern``.
+
+    Only called by the one process that writes checkpoints into ``directory`` (rank 0 of the stage's
+    training), at a moment when it is not writing one, so no live write is touched.
+    """
+    for p in directory.glob(pattern):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            logger.info("removed the torn temp file of an interrupted checkpoint write: %s", p)
+
+
+def _disk_full(path: Path, exc: OSError, written: int | None) -> CheckpointError:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    previous = [p for _, p in list_checkpoints(path.parent) if p != path]
+    if previous:  # the last complete checkpoint says how much room one needs
+        need = f"; a checkpoint needs about {previous[-1].stat().st_size / 2**20:.1f} MiB"
+    elif written:
+        need = f"; {written / 2**20:.1f} MiB had been written when the disk filled"
+    else:
+        need = ""
+    return CheckpointError(
+        f"disk full ({errno.errorcode.get(exc.errno or 0, exc.errno)}: {os.strerror(exc.errno or 0)}) while writing "
+        f"checkpoint {path} ({free} on that filesystem{need}); the previous checkpoints are intact. Free space "
+        f"there (or lower train.keep_checkpoints, or use a --run-dir on a filesystem with room), then re-run the "
+        f"same command to resume"
+    )
+
+
 def save_checkpoint(payload: dict[str, Any], path: Path) -> str:
-    """Write ``payload`` atomically to ``path`` and its sha256 sidecar; return the hex digest."""
-    with atomic_open(path, "wb") as fh:
-        writer = _HashingWriter(fh)
-        torch.save(payload, writer)
+    """Write ``payload`` atomically to ``path`` and its sha256 sidecar; return the hex digest.
+
+    Raises:
+        CheckpointError: the disk is full (or over quota): the message names the path, the free space
+            and the fix; nothing half-written is left (a ``.pt`` whose sidecar cannot be written is removed).
+    """
+    path = Path(path)
+    if path.parent.is_dir():
+        _remove_stale_temps(path.parent, f".{path.name}.*.tmp")  # the .pt's and its sidecar's
+    writer: _HashingWriter | None = None
+    try:
+        with atomic_open(path, "wb") as fh:
+            writer = _HashingWriter(fh)
+            torch.save(payload, writer)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _disk_full(path, exc, writer.size if writer else None) from exc
+        raise
     digest = writer.hash.hexdigest()
-    atomic_write_text(_sidecar(path), f"{digest}  {path.name}\n")
+    try:
+        atomic_write_text(_sidecar(path), f"{digest}  {path.name}\n")
+    except OSError as exc:
+        path.unlink(missing_ok=True)  # a .pt without its sidecar could never be verified
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _disk_full(path, exc, writer.size) from exc
+        raise
     return digest
 
 
@@ -158,6 +219,8 @@ def find_resume(
 
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` step checkpoints (and their sidecars); return what went."""
+    if Path(ckpt_dir).is_dir():
+        _remove_stale_temps(Path(ckpt_dir), ".step_*.pt.*.tmp")  # the .pt's and the sidecars' temps
     gone = []
     for _, path in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
         for p in (path, _sidecar(path)):

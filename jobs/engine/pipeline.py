@@ -23,7 +23,7 @@ from typing import Any
 
 from data_tools.manifest import load_manifest, stage_entry
 from jobs.config import RunCfg
-from model.search_space import Candidate, GrowthSpace, Pruned, enumerate_candidates
+from model.search_space import Candidate, GrowthSpace, Pruned, enumerate_candidates, scheduled_candidate
 from model.spec import ArchSpec
 
 __all__ = [
@@ -91,11 +91,17 @@ def previous_spec(run_dir: Path, stage: int) -> ArchSpec | None:
 
 
 def stage_candidates(cfg: RunCfg, run_dir: Path, stage: int) -> tuple[list[Candidate], list[Pruned]] | None:
-    """The growth space of stage t > 1 (deterministic), or None while stage t-1 is not trained."""
+    """The growth space of stage t > 1 (deterministic), or None while stage t-1 is not trained.
+
+    With a fixed schedule (``growth.schedule``) the space is the one scheduled candidate.
+    """
     prev = previous_spec(run_dir, stage)
     if prev is None:
         return None
-    return enumerate_candidates(prev, data_ratio(cfg.data.root, stage), cfg.growth)
+    ratio = data_ratio(cfg.data.root, stage)
+    if cfg.growth.schedule:
+        return [scheduled_candidate(prev, stage, ratio, cfg.growth)], []
+    return enumerate_candidates(prev, ratio, cfg.growth)
 
 
 def max_candidates(space: GrowthSpace) -> int:
@@ -104,6 +110,8 @@ def max_candidates(space: GrowthSpace) -> int:
     The array of a stage whose predecessor is still running is submitted with this many tasks; a
     task whose index is beyond the stage's actual candidate list finds nothing to do and exits 0.
     """
+    if space.schedule:
+        return 1
     combos = sum(1 for n in range(1, space.max_ops + 1) for _ in itertools.combinations(space.axes, n))
     return min(space.max_candidates, 1 + combos)
 

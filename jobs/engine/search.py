@@ -10,7 +10,9 @@
 2. ``model.grow`` expands stage t-1's final weights (or their EMA, ``growth.inherit_from``) to the
    candidate with PIM momentum ``growth.momentum``; the grown checkpoint is ``cand_KK/grown.pt``;
 3. the trainer (``jobs.engine.trainer.run_training``) trains it ``search.steps`` steps on D_<=t with
-   replay (``search.batch_size/lr/warmup_steps``) in ``cand_KK/work/`` — resumable like any training;
+   replay (``search.batch_size/lr/warmup_steps``) in ``cand_KK/work/`` — resumable like any training
+   (skipped when the stage has a single candidate — a fixed ``growth.schedule`` or ``axes: []`` —
+   since there is nothing to choose: the grown weights are scored as they are);
 4. it is scored on the held-out split of stage t (``data.val_fraction``; first ``search.val_samples``
    pairs, in batches of ``search.batch_size``, identical for every candidate)::
 
@@ -232,11 +234,16 @@ def run_search_candidate(cfg: RunCfg, stage: int, index: int, run_dir: Path, env
         events.event(
             "grown", params_before=record["params_before"], params_after=record["params_after"], error=record["error"]
         )
-        scfg = search_cfg(cfg)
-        result = run_training(scfg, stage, out / "work", env, init=grown)
-        if result.final is None:
-            raise RuntimeError(f"candidate training stopped at step {result.step} ({result.status})")
-        payload = load_checkpoint(result.final)
+        if len(kept) == 1:
+            # nothing to choose (a fixed schedule, or a space holding only "none"): no search training;
+            # the grown weights are scored as they are, which records the loss just after growth
+            logger.info("stage %d has a single candidate (%s): scored without search training", stage, cand.name)
+            payload, steps = load_checkpoint(grown), 0
+        else:
+            result = run_training(search_cfg(cfg), stage, out / "work", env, init=grown)
+            if result.final is None:
+                raise RuntimeError(f"candidate training stopped at step {result.step} ({result.status})")
+            payload, steps = load_checkpoint(result.final), result.step
         model = build_model(cand.spec, seed=cfg.train.seed)
         model.load_state_dict(payload["model"], strict=True)
         model.to(env.device)
@@ -255,7 +262,7 @@ def run_search_candidate(cfg: RunCfg, stage: int, index: int, run_dir: Path, env
             "cost_ratio": cand.cost_ratio,
             "params": cand.spec.params(),
             "flops_per_sample": cand.spec.flops_per_sample(),
-            "steps": result.step,
+            "steps": steps,
             "samples": samples,
             "train_flops": cand.spec.flops_per_sample() * samples,
             **val,

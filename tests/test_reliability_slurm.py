@@ -1,0 +1,97 @@
+"""Reliability (issue #10, item 2): USR2 preemption of a search array task on the real local SLURM.
+
+Stage 1 is trained in-process; stage 2's search is submitted as a 2-task array of ``SearchJob``
+(exactly what ``submit --executor slurm`` submits), with ``search.steps`` raised so that the
+candidate is still training when ``scancel --signal=USR2`` hits task 0. submitit's handler calls
+``SearchJob.checkpoint()`` (the same task again: config path, stage, run dir, index), runs
+``scontrol requeue`` on the array task and exits; the requeued task skips the growth already on disk
+(``grown.pt``) and trains the candidate again in ``cand_00/work``; both tasks finish with a score.
+The training job's USR2 → checkpoint → requeue → resume path is ``tests/test_train_slurm.py``.
+Every wait is bounded; a requeued task held on ``Reason=BeginTime`` is released with
+``scontrol update StartTime=now`` (slurmctld holds requeued jobs briefly).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from data_tools.atomic import atomic_write_text
+from jobs.config import dump_cfg, load_cfg
+from jobs.engine.dist import DistEnv
+from jobs.engine.metrics import read_events
+from jobs.engine.trainer import run_training
+from jobs.stage_jobs import SearchJob
+from jobs.submit import _executor
+
+pytestmark = pytest.mark.slurm
+
+
+def wait_for(what: str, cond, timeout: float, poll: float = 0.5):  # type: ignore[no-untyped-def]
+    end = time.time() + timeout
+    while time.time() < end:
+        value = cond()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def squeue(job_id: str) -> str:
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True, timeout=30)
+    return out.stdout.strip()
+
+
+def test_usr2_requeues_a_search_array_task(slurm_cluster, tiny_pipeline_config: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    run_dir = tmp_path / "run"
+    cfg = load_cfg(tiny_pipeline_config, ["search.steps=120", "train.log_every=3"])
+    cfg_path = run_dir / "config.yaml"
+    atomic_write_text(cfg_path, dump_cfg(cfg))
+    assert run_training(cfg, 1, run_dir, DistEnv()).status == "completed"  # stage 1: what the search grows
+    jobs = _executor(cfg, run_dir, "slurm", "search", []).map_array(SearchJob(str(cfg_path), 2, str(run_dir)), [0, 1])
+    victim = jobs[0]
+    cand = run_dir / "stage_02" / "search" / "cand_00"
+    work_events = cand / "work" / "stage_02" / "train" / "events.jsonl"
+
+    def steps_done() -> int:
+        if not work_events.exists():
+            return 0
+        return max((e["step"] for e in read_events(work_events) if e["event"] == "train"), default=0)
+
+    try:
+        wait_for("candidate 0 to train 15 steps", lambda: steps_done() >= 15 or victim.done(), timeout=180)
+        assert not victim.done(), f"the task finished before it could be preempted: {victim.stderr()}"
+        t_signal = time.time()
+        subprocess.run(["scancel", "--signal=USR2", victim.job_id], check=True, timeout=30)
+        interrupted_at = steps_done()
+
+        def restarted() -> bool:
+            state = squeue(victim.job_id)
+            if state.startswith("PENDING") and "BeginTime" in state and time.time() - t_signal > 5:
+                subprocess.run(["scontrol", "update", f"JobId={victim.job_id}", "StartTime=now"], timeout=30)
+            return sum(e["event"] == "start" for e in read_events(cand / "events.jsonl")) >= 2
+
+        wait_for("the requeued task to start again", restarted, timeout=180, poll=1.0)
+        t_restart = time.time()
+        wait_for("both tasks to finish", lambda: all(j.done() for j in jobs), timeout=300, poll=1.0)
+    finally:
+        live = [j.job_id for j in jobs if not j.done()]
+        if live:
+            subprocess.run(["scancel", *live], timeout=30, check=False)
+    results = [j.result() for j in jobs]
+    assert [r["status"] for r in results] == ["done", "done"], results
+    assert [r["index"] for r in results] == [0, 1] and all(
+        (cand.parent / f"cand_{k:02d}" / "result.json").exists() for k in (0, 1)
+    )
+    log = victim.stderr() or ""
+    assert "Caught signal SIGUSR2" in log and "Requeued" in log, log[-3000:]
+    assert results[0]["steps"] == 120
+    events = read_events(cand / "events.jsonl")
+    assert [e["event"] for e in events].count("start") == 2 and events[-1]["event"] == "scored"
+    print(
+        f"search requeue: USR2 at candidate step {interrupted_at}; restarted {t_restart - t_signal:.1f} s later; "
+        f"both tasks scored ({results[0]['score']:.4f}, {results[1]['score']:.4f})"
+    )
