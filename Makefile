@@ -6,6 +6,7 @@
 #   make slurm-up     start a real single-node SLURM on this machine (root; see slurm/local/README.md)
 #   make slurm-down   stop exactly the daemons slurm-up started
 #   make slurm-status show the local cluster's daemons, nodes and queue
+#   make experiments  the issue-#8 experiment suite (~2 h on 2 CPU cores), then docs/results.md
 #   make check-configs validate every config under configs/
 #   make data-sources install the Debian packages of the offline corpus (root; else say which)
 SHELL := /bin/bash
@@ -22,7 +23,7 @@ PYTEST_ARGS ?=
 DATA_SOURCES := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz:dataset-fashion-mnist \
                 /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf:fonts-noto-color-emoji
 
-.PHONY: venv test demo lint format slurm-up slurm-down slurm-status check-configs data-sources clean
+.PHONY: venv test demo experiments lint format slurm-up slurm-down slurm-status check-configs data-sources clean
 
 venv: $(STAMP)
 
@@ -62,6 +63,21 @@ demo: $(STAMP) data-sources
 	  --pairs-per-stage $(DEMO_PAIRS) --image-size 32 --vocab-size 2048 > /dev/null
 	GROWCLIP_LOG_LEVEL=$${GROWCLIP_LOG_LEVEL:-WARNING} $(PY) -m jobs submit --config configs/demo.yaml \
 	  --run-dir $(DEMO_RUN) --executor $(DEMO_EXECUTOR) --wait --set data.root=$(DEMO_DATA)
+
+# make experiments: every run of configs/experiments/suite.yaml on data/experiments (built if missing),
+# EXPERIMENT_JOBS at a time (resumable: finished runs are skipped), then docs/results.md + docs/results/.
+# On a GPU machine: EXPERIMENT_ARGS="--set cluster.gpus_per_node=1 --threads 2" EXPERIMENT_JOBS=13.
+EXPERIMENT_DATA ?= data/experiments
+EXPERIMENT_ROOT ?= runs/experiments
+EXPERIMENT_JOBS ?= 1
+EXPERIMENT_ARGS ?=
+
+experiments: $(STAMP) data-sources
+	@test -f $(EXPERIMENT_DATA)/manifest.json || $(PY) -m data_tools build-offline $(EXPERIMENT_DATA) \
+	  --pairs-per-stage 3000 --image-size 32 --vocab-size 2048 > /dev/null
+	$(PY) -m jobs.experiments run --root $(EXPERIMENT_ROOT) --jobs $(EXPERIMENT_JOBS) \
+	  --set data.root=$(EXPERIMENT_DATA) $(EXPERIMENT_ARGS)
+	$(PY) -m jobs.experiments summarize --root $(EXPERIMENT_ROOT)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -281,7 +281,7 @@ def cmd_summarize(args: argparse.Namespace) -> int:
     from jobs.engine.results import write_results
 
     runs, root = _runs_from_args(args)
-    write_results(runs, root, Path(args.out), Path(args.plots))
+    write_results(runs, root, Path(args.out), Path(args.plots), note=args.note)
     print(f"wrote {args.out}")
     return 0
 
@@ -307,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "summarize":
             q.add_argument("--out", default="docs/results.md", help="markdown file written (default docs/results.md)")
             q.add_argument("--plots", default="docs/results", help="folder of the figures (default docs/results)")
+            q.add_argument("--note", default="", help="how the runs were made (machine, overrides), put in the page")
     return p
 
 
