@@ -35,7 +35,7 @@ from jobs.config import ClusterCfg, ConfigError, RunCfg, dump_cfg, load_cfg
 from jobs.engine.pipeline import STEPS, max_candidates, read_json, stage_candidates, stage_state
 from jobs.runlock import LockError, lock_holder_alive, run_lock
 
-__all__ = ["cmd_plan", "cmd_submit", "cmd_status", "cmd_cancel", "cmd_report", "parse_stages", "plan_actions"]
+__all__ = ["cmd_plan", "cmd_submit", "cmd_status", "cmd_cancel", "parse_stages", "plan_actions"]
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = {
@@ -547,18 +547,4 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         print(f"stopped the local submitter pid {lock['pid']}")
     elif not live:
         print("nothing to cancel")
-    return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    """Per stage: chosen architecture, params, FLOPs spent, zero-shot acc1 per task + mean, retrieval R@1."""
-    from jobs.engine.report import format_report
-
-    run_dir = Path(args.run_dir).resolve()
-    try:
-        cfg = _run_dir_cfg(run_dir)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(format_report(run_dir, cfg.data.stages))
     return 0
