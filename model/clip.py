@@ -12,6 +12,9 @@ Wiring (our design; only the paper abstract is public, see shared/DESIGN.md)::
       {visual,text}.norm -> pool (image: class token; text: end-of-text token) -> {visual,text}.proj
       -> L2 normalise -> (B, embed_dim)
 
+    (computed pool-first: the last block of the last encoder and the final norm run on the pooled
+    rows only, ``Transformer.forward_pooled``; the same function with less work, issue #9)
+
 Why the shared encoder sits *between* the tower's blocks and the tower's final norm, with in/out
 projections back to the tower width: a shared encoder of depth 0 is then literally absent (plain
 CLIP), and growing it from 0 to N blocks is function-preserving: identity-initialised blocks plus
@@ -63,15 +66,26 @@ class VisualTower(Transformer):
         self.norm = norm_layer(d)
         self.proj = nn.Linear(d, embed_dim, bias=False)
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) -> (B, 1+N, D): patch embedding, class token, positions (before the blocks)."""
+        x = self.patch_embed(images)  # (B, N, D)
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """(B,3,H,W) -> (B, 1+N, D) after the tower's blocks (before the final norm)."""
-        x = self.patch_embed(images)  # (B, N, D)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        return super().forward(x)  # (B, 1+N, D)
+        return super().forward(self.embed(images))  # (B, 1+N, D)
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1+N, D) -> (B, E): final norm, class-token pooling, projection."""
-        return self.proj(self.norm(x)[:, 0])
+    @staticmethod
+    def pool_index(x: torch.Tensor) -> torch.Tensor:
+        """(B, 1+N, D) -> (B,) long: the class token's row (0) of every sample."""
+        return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, D) class-token rows -> (B, E): final norm, projection.
+
+        LayerNorm is per row, so pooling before the norm is the same function as norm-then-pool.
+        """
+        return self.proj(self.norm(pooled))
 
 
 class TextTower(Transformer):
@@ -85,19 +99,25 @@ class TextTower(Transformer):
         self.norm = norm_layer(d)
         self.proj = nn.Linear(d, embed_dim, bias=False)
 
-    def tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, L) long -> (B, L, D) after the tower's causal blocks."""
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) long -> (B, L, D): token embedding plus positions (before the blocks)."""
         length = tokens.shape[1]
         if length > self.pos_embed.shape[1]:
             raise ValueError(f"text length {length} exceeds context_length={self.pos_embed.shape[1]}")
-        x = self.token_embedding(tokens) + self.pos_embed[:, :length]
-        return super().forward(x, is_causal=True)  # (B, L, D)
+        return self.token_embedding(tokens) + self.pos_embed[:, :length]
 
-    def head(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) -> (B, E): final norm, pooling at argmax token id (EOT), projection."""
-        x = self.norm(x)
-        eot = tokens.argmax(dim=-1)  # (B,)
-        return self.proj(x[torch.arange(x.shape[0], device=x.device), eot])
+    def tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) long -> (B, L, D) after the tower's causal blocks."""
+        return super().forward(self.embed(tokens), is_causal=True)  # (B, L, D)
+
+    @staticmethod
+    def pool_index(tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) long -> (B,): the end-of-text position, the argmax token id (module docstring)."""
+        return tokens.argmax(dim=-1)
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, D) end-of-text rows -> (B, E): final norm, projection."""
+        return self.proj(self.norm(pooled))
 
 
 class SharedEncoder(Transformer):
@@ -111,16 +131,23 @@ class SharedEncoder(Transformer):
         self.text_in = nn.Linear(text_width, s)
         self.text_out = nn.Linear(s, text_width)
 
+    def _projections(self, modality: Literal["image", "text"]) -> tuple[nn.Linear, nn.Linear]:
+        if modality == "image":
+            return self.image_in, self.image_out
+        if modality == "text":
+            return self.text_in, self.text_out
+        raise ValueError(f"SharedEncoder.encode: modality={modality!r}; expected 'image' or 'text'")
+
     def encode(self, x: torch.Tensor, modality: Literal["image", "text"]) -> torch.Tensor:
         """(B, L, D_tower) -> (B, L, D_tower); text runs causally through the same blocks."""
-        if modality == "image":
-            proj_in, proj_out = self.image_in, self.image_out
-        elif modality == "text":
-            proj_in, proj_out = self.text_in, self.text_out
-        else:
-            raise ValueError(f"SharedEncoder.encode: modality={modality!r}; expected 'image' or 'text'")
+        proj_in, proj_out = self._projections(modality)
         h = super().forward(proj_in(x), is_causal=modality == "text")  # (B, L, S)
         return proj_out(h)
+
+    def encode_pooled(self, x: torch.Tensor, index: torch.Tensor, modality: Literal["image", "text"]) -> torch.Tensor:
+        """``encode(x, modality)[b, index[b]]``: (B, L, D_tower), (B,) -> (B, D_tower), last block pooled."""
+        proj_in, proj_out = self._projections(modality)
+        return proj_out(self.forward_pooled(proj_in(x), index, is_causal=modality == "text"))  # (B, D_tower)
 
 
 class GrowCLIP(nn.Module):
@@ -150,18 +177,24 @@ class GrowCLIP(nn.Module):
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(B,3,H,W) float -> (B, embed_dim), L2-normalised unless ``normalize=False``."""
-        x = self.visual.tokens(images)
-        if self.shared is not None:
-            x = self.shared.encode(x, "image")
+        x = self.visual.embed(images)  # (B, 1+N, D)
+        index = self.visual.pool_index(x)  # (B,) class token
+        if self.shared is None:
+            x = self.visual.forward_pooled(x, index)  # (B, D)
+        else:
+            x = self.shared.encode_pooled(self.visual(x), index, "image")
         x = self.visual.head(x)
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(B, L) long -> (B, embed_dim), L2-normalised; EOT = highest token id (module docstring)."""
-        x = self.text.tokens(tokens)
-        if self.shared is not None:
-            x = self.shared.encode(x, "text")
-        x = self.text.head(x, tokens)
+        x = self.text.embed(tokens)  # (B, L, D)
+        index = self.text.pool_index(tokens)  # (B,) end-of-text
+        if self.shared is None:
+            x = self.text.forward_pooled(x, index, is_causal=True)  # (B, D)
+        else:
+            x = self.shared.encode_pooled(self.text(x, is_causal=True), index, "text")
+        x = self.text.head(x)
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -234,3 +235,13 @@ def tiny_pipeline_config(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFac
 
 
 # --- end of pipeline section ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def restore_root_logging():  # type: ignore[no-untyped-def]
+    """The in-process CLI installs a stderr handler on the root logger (pytest's capture): undo it after."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from data_tools.loaders import (
 from data_tools.manifest import load_manifest, save_manifest, sha256_file
 from data_tools.synthetic import make_table_input
 from data_tools.tokenizer import load_tokenizer, special_ids, tokenize, train_tokenizer
+from tests.helpers import bounded
 
 
 @pytest.fixture(scope="module")
@@ -148,25 +147,6 @@ def _one_shard_stage(root: Path, samples: list[dict[str, Any]], stage: int = 1) 
     save_manifest(root, m)
 
 
-def _bounded(fn: Callable[[], Any], seconds: float = 60.0) -> Any:
-    """Run ``fn`` in a thread; fail (instead of hanging the suite) if it does not finish in time."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["value"] = fn()
-        except BaseException as exc:  # handed to the test
-            out["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(seconds)
-    assert not t.is_alive(), f"did not finish within {seconds}s (spinning?)"
-    if "error" in out:
-        raise out["error"]
-    return out.get("value")
-
-
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_loader_stats_reach_the_main_process(tmp_path: Path, corpus: Path, num_workers: int) -> None:
     """Each batch carries its reader's counts: with workers, the main process still sees every fault.
@@ -226,7 +206,7 @@ def test_all_corrupt_stage_stops_with_clear_error(tmp_path: Path, corpus: Path) 
     _one_shard_stage(root, [{"__key__": f"s02_{i}", "jpg": b"junk", "txt": "x"} for i in range(5)], stage=2)
     dl = make_train_loader(root, [1, 2], batch_size=4, image_size=16, context_length=8, shuffle_buffer=4)
     with pytest.raises(DataStreamError, match=r"stage 2: 1000 consecutive.*image_decode_error.*000000\.tar"):
-        _bounded(lambda: [next(it) for it in [iter(dl)] for _ in range(10_000)])
+        bounded(lambda: [next(it) for it in [iter(dl)] for _ in range(10_000)])
 
 
 def test_unreadable_stage_stops_with_clear_error(tmp_path: Path, corpus: Path) -> None:
@@ -237,7 +217,7 @@ def test_unreadable_stage_stops_with_clear_error(tmp_path: Path, corpus: Path) -
         shard.write_bytes(b"\x01" * 100)
     dl = make_train_loader(root, [1], batch_size=4, image_size=16, context_length=8, max_consecutive_failures=50)
     with pytest.raises(DataStreamError, match=r"stage 1: 50 consecutive.*shard_unreadable_or_empty"):
-        _bounded(lambda: next(iter(dl)))
+        bounded(lambda: next(iter(dl)))
     assert dl.dataset.errors["shard_read_error"] >= 49
 
 
@@ -248,7 +228,7 @@ def test_all_held_out_stage_stops(tmp_path: Path, corpus: Path) -> None:
     _one_shard_stage(root, [{"__key__": k, "jpg": _jpeg(), "txt": "x"} for k in keys])
     dl = make_train_loader(root, [1], batch_size=2, image_size=16, context_length=8, val_fraction=0.5)
     with pytest.raises(DataStreamError, match=r"held_out.*lower val_fraction"):
-        _bounded(lambda: next(iter(dl)))
+        bounded(lambda: next(iter(dl)))
 
 
 def test_special_token_strings_in_captions_are_not_special(corpus: Path) -> None:

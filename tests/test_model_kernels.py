@@ -47,7 +47,7 @@ def test_fallback_is_torch_and_timm():
     report = kernel_report("cpu")
     assert report["apex"] == "absent"
     assert report["layer_norm"] == "torch.nn.modules.normalization.LayerNorm"
-    assert report["adamw"] == "torch.optim.AdamW" and report["lamb"] == "timm.optim.Lamb"
+    assert report["adamw"] == "torch.optim.AdamW(fused=True)" and report["lamb"] == "timm.optim.Lamb"
     assert layer_norm_class() is nn.LayerNorm
     model = build_model(TINY)
     assert type(model.visual.resblocks[0].norm1) is nn.LayerNorm
@@ -70,7 +70,7 @@ def test_apex_selected_when_importable(fake_apex):
     assert type(make_optimizer(groups, "adamw", device="cuda", **ARGS)) is FakeFusedAdam
     assert type(make_optimizer(param_groups(model, 0.1), "lamb", device="cuda", **ARGS)) is FakeFusedLAMB
     # apex optimizers need CUDA tensors: on CPU the torch/timm ones are used even with apex present
-    assert kernel_report("cpu")["adamw"] == "torch.optim.AdamW"
+    assert kernel_report("cpu")["adamw"] == "torch.optim.AdamW(fused=True)"
 
 
 def test_unknown_optimizer_name():
@@ -93,3 +93,88 @@ def test_cuda_fused_adamw():
     opt = make_optimizer(param_groups(model, 0.1), "adamw", device="cuda", **ARGS)
     assert opt.defaults["fused"] is True
     assert kernel_report("cuda")["adamw"] == "torch.optim.AdamW(fused=True)"
+
+
+# --- fast paths (issue #9): each must compute the same function as the plain one -------------------
+
+
+def _pooling_block(width: int = 32, heads: int = 4) -> torch.nn.Module:
+    from model.transformer import PoolingBlock, init_linear_
+
+    block = PoolingBlock(width, heads, mlp_ratio=4.0, qkv_bias=True).double()
+    with torch.no_grad():
+        for p in block.parameters():  # non-trivial norms and biases too
+            init_linear_(p) if p.ndim == 2 else p.normal_(0.0, 0.5)
+    return block
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_pooled_block_equals_full_block_rows(is_causal):
+    """block(x, index=i) == block(x)[b, i[b]]: values and parameter gradients (float64)."""
+    block = _pooling_block()
+    x = torch.randn(5, 9, 32, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([0, 8, 3, 3, 5])
+    rows = torch.arange(5)
+    full = block(x, is_causal=is_causal)[rows, index]
+    grads_full = torch.autograd.grad(full.square().sum(), [x, *block.parameters()])
+    pooled = block(x, is_causal=is_causal, index=index)
+    grads_pooled = torch.autograd.grad(pooled.square().sum(), [x, *block.parameters()])
+    torch.testing.assert_close(pooled, full, rtol=0, atol=1e-12)
+    for a, b in zip(grads_pooled, grads_full, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sdpa_equals_explicit_attention(is_causal):
+    """The F.scaled_dot_product_attention path equals the explicit softmax(QKᵀ/√d)V path to 1e-6 (float32)."""
+    block = _pooling_block().float()
+    x = torch.randn(4, 11, 32)
+    assert block.attn.fused_attn
+    fused = block(x, is_causal=is_causal)
+    block.attn.fused_attn = False
+    explicit = block(x, is_causal=is_causal)
+    torch.testing.assert_close(fused, explicit, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shared_depth", [0, 1])
+def test_pooled_last_block_keeps_the_embeddings(shared_depth):
+    """encode_image / encode_text with the pooled last block == the full last block then pooling (float64)."""
+    spec = TINY.with_changes(shared={"depth": shared_depth})
+    model = build_model(spec).double().eval()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 3, spec.image.image_size, spec.image.image_size, generator=g, dtype=torch.float64)
+    tokens = torch.randint(1, spec.text.vocab_size - 1, (3, spec.text.context_length), generator=g)
+    tokens[torch.arange(3), torch.tensor([2, 7, 4])] = spec.text.vocab_size - 1  # EOT, highest id
+    with torch.no_grad():
+        fast = model.encode_image(images), model.encode_text(tokens)
+        for tower in (model.visual, model.text, model.shared):
+            if tower is not None:
+                tower.pooled_last_block = False
+        slow = model.encode_image(images), model.encode_text(tokens)
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_cpu_adamw_is_fused_and_matches_the_reference_loop():
+    model = build_model(TINY)
+    ref = build_model(TINY)
+    opt = make_optimizer(param_groups(model, 0.1), "adamw", device="cpu", **ARGS)
+    assert opt.defaults["fused"] is True
+    ref_opt = torch.optim.AdamW(param_groups(ref, 0.1), foreach=False, **ARGS)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref_opt.step()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_maybe_compile_is_off_on_cpu_by_default():
+    from model.kernels import maybe_compile
+
+    model = build_model(TINY)
+    assert maybe_compile(model, "cpu") is model
+    assert maybe_compile(model, "cpu", enable=False) is model

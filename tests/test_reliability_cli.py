@@ -9,7 +9,6 @@ cases also run as real subprocesses. Nothing here trains a model or writes into 
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -21,15 +20,7 @@ from jobs.cli import main as jobs_main
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True)
-def _restore_logging():  # type: ignore[no-untyped-def]
-    """The in-process CLI installs a stderr handler on the root logger (pytest's capture): undo it after."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_root_logging")
 
 
 # (cli, argv with {cfg} {data} {tmp} placeholders, exit code, substrings of stderr)

@@ -25,10 +25,8 @@ import io
 import os
 import random
 import tarfile
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +41,7 @@ from data_tools.loaders import MAX_CAPTION_BYTES, MEAN, STD, is_heldout, make_tr
 from data_tools.manifest import load_manifest, save_manifest, sha256_file
 from data_tools.synthetic import make_table_input, random_image
 from data_tools.tokenizer import train_tokenizer
+from tests.helpers import bounded
 
 SIZE = 32
 SHARDS = ("fuzz", "truncated", "flipped", "clean")
@@ -193,25 +192,6 @@ def build_shards(root: Path, seed: int) -> dict[str, dict[str, Any]]:
     manifest["stages"][0]["shards"] = entries
     save_manifest(root, manifest)
     return info
-
-
-def bounded(fn: Callable[[], Any], seconds: float = 120.0) -> Any:
-    """Run ``fn`` in a thread; fail instead of hanging the suite."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["value"] = fn()
-        except BaseException as exc:  # handed to the test
-            out["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(seconds)
-    assert not t.is_alive(), f"did not finish within {seconds}s"
-    if "error" in out:
-        raise out["error"]
-    return out.get("value")
 
 
 def read_one_pass(root: Path, rank: int) -> tuple[list[int], Counter[str]]:

@@ -12,7 +12,6 @@ writing it) is stale once it is a few seconds old. Every process is bounded by a
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import socket
@@ -30,15 +29,7 @@ from jobs.runlock import LockError, run_lock
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GROWCLIP_LOG_LEVEL": "WARNING"}
 
-
-@pytest.fixture(autouse=True)
-def _restore_logging():  # type: ignore[no-untyped-def]
-    """The in-process CLI installs a stderr handler on the root logger (pytest's capture): undo it after."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_root_logging")
 
 
 def _wait(what: str, cond, timeout: float = 120.0):  # type: ignore[no-untyped-def]

@@ -26,23 +26,9 @@ from jobs.engine.metrics import read_events
 from jobs.engine.trainer import run_training
 from jobs.stage_jobs import SearchJob
 from jobs.submit import _executor
+from tests.helpers import squeue, wait_for
 
 pytestmark = pytest.mark.slurm
-
-
-def wait_for(what: str, cond, timeout: float, poll: float = 0.5):  # type: ignore[no-untyped-def]
-    end = time.time() + timeout
-    while time.time() < end:
-        value = cond()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def squeue(job_id: str) -> str:
-    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True, timeout=30)
-    return out.stdout.strip()
 
 
 def test_usr2_requeues_a_search_array_task(slurm_cluster, tiny_pipeline_config: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -17,26 +17,12 @@ from jobs.config import load_cfg
 from jobs.engine.checkpoint import load_checkpoint
 from jobs.engine.metrics import read_events
 from jobs.submit_train import TrainJob, make_executor
+from tests.helpers import squeue, wait_for
 
 pytestmark = pytest.mark.slurm
 
 STEPS = 400
 OVERRIDES = ("train.steps=400", "train.checkpoint_every=100", "train.log_every=10", "train.warmup_steps=20")
-
-
-def wait_for(what: str, cond, timeout: float, poll: float = 0.5):  # type: ignore[no-untyped-def]
-    end = time.time() + timeout
-    while time.time() < end:
-        value = cond()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def squeue(job_id: str) -> str:
-    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True, timeout=30)
-    return out.stdout.strip()
 
 
 def test_usr2_requeues_and_finishes(slurm_cluster, tiny_config: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

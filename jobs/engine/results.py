@@ -184,9 +184,8 @@ def write_results(runs: Sequence[Any], root: Path, out: Path, plots: Path, note:
         if fixed:
             best = max(fixed, key=lambda n: agg[n]["stat"]["mean_acc1"][0] or -1.0)
             for metric, what in (("mean_acc1", "zero-shot"), ("i2t_R@1", "i2t R@1")):
-                lines.append(
-                    _verdict("growclip", g, agg[best], metric, f"GrowCLIP > best fixed ({best}), {what}", floor)
-                )
+                label = f"GrowCLIP > best fixed ({best}), {what}"
+                lines.append(_verdict("growclip", g, agg[best], metric, label, floor[metric]))
         for other, label in (
             ("pim_m0.5", "PIM momentum 1 > 0.5 (zero-shot)"),
             ("pim_m0", "PIM momentum 1 > 0 (inheritance helps, zero-shot)"),

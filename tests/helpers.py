@@ -1,0 +1,47 @@
+"""Small helpers shared by several test modules (bounded waits, SLURM queue queries)."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["bounded", "squeue", "wait_for"]
+
+
+def bounded(fn: Callable[[], Any], seconds: float = 60.0) -> Any:
+    """Run ``fn`` in a thread; fail (instead of hanging the suite) if it does not finish in time."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # handed to the test
+            out["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"did not finish within {seconds}s (spinning?)"
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+def wait_for(what: str, cond: Callable[[], Any], timeout: float, poll: float = 0.5) -> Any:
+    """Poll ``cond`` until it returns something truthy (returned); fail naming ``what`` after ``timeout`` s."""
+    end = time.time() + timeout
+    while time.time() < end:
+        value = cond()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def squeue(job_id: str) -> str:
+    """``STATE REASON`` of a SLURM job ("" once it has left the queue)."""
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True, timeout=30)
+    return out.stdout.strip()
