@@ -428,6 +428,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _same_config(path: Path, cfg: RunCfg) -> bool:
+    """The run's stored config resolves to ``cfg`` (its text may differ: a key added since, with its default)."""
+    try:
+        return load_cfg(path) == cfg
+    except ConfigError:  # e.g. a key this version no longer knows
+        return False
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     """Submit (slurm) or run (local/debug) the plan's missing steps under RUN_DIR/lock."""
     from jobs.logs import setup_logging
@@ -436,7 +444,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     try:
         cfg, run_dir, cfg_path, stages, kind = _prepare(args)
         text = dump_cfg(cfg)
-        if cfg_path.exists() and cfg_path.read_text() != text:
+        if cfg_path.exists() and cfg_path.read_text() != text and not _same_config(cfg_path, cfg):
             import difflib
 
             diff = "".join(

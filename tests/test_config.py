@@ -202,3 +202,16 @@ def test_check_config_subprocess_exit_codes(tmp_path: Path) -> None:
     bad = subprocess.run([*run, str(write(tmp_path, "train: {stepz: 1}\n"))], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2
     assert "train.stepz" in bad.stderr and "Did you mean 'steps'" in bad.stderr
+
+
+def test_stored_run_config_missing_a_new_default_key_is_the_same_config(tmp_path: Path) -> None:
+    from jobs.submit import _same_config
+
+    cfg = load_cfg(REPO / "configs" / "demo.yaml")
+    stored = tmp_path / "config.yaml"
+    stored.write_text(dump_cfg(cfg).replace("  grad_clip: 1.0\n", ""))  # written before grad_clip existed
+    assert stored.read_text() != dump_cfg(cfg) and _same_config(stored, cfg)
+    stored.write_text(dump_cfg(cfg).replace("  grad_clip: 1.0\n", "  grad_clip: 2.0\n"))
+    assert not _same_config(stored, cfg)
+    stored.write_text(dump_cfg(cfg) + "retired_section: {}\n")
+    assert not _same_config(stored, cfg)
