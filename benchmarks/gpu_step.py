@@ -17,9 +17,23 @@ Timing: ``--warmup`` untimed steps (compilation included), then ``--steps`` step
 synchronisations; samples/s = batch × steps / seconds. Memory: ``torch.cuda.max_memory_allocated``
 over the timed steps.
 
+Variants (``--variants``, replaces the ``--compile`` plan): names joined by ``+``:
+
+- ``eager`` / ``compile`` (``torch.compile``, default mode, as ``train.compile``) / ``maxat``
+  (``torch.compile(mode="max-autotune-no-cudagraphs")``: Triton GEMM templates with fused epilogues;
+  long compile);
+- ``bf16res``: ``GrowCLIP.low_precision_residual = True`` (the residual stream between blocks in the
+  autocast dtype instead of float32; what ``train.bf16_residual``, default true, sets in training);
+- ``cudnnbench``: ``torch.backends.cudnn.benchmark = True`` (patch-embedding convolution).
+
+``--jsonl`` appends every row as one JSON line as soon as it is measured (a run cut off by a time limit
+keeps what it measured); ``--profile N`` profiles N steps of the first variant of the first batch with
+``torch.profiler`` and prints the CUDA time by kernel class (GEMM, attention, Triton/elementwise, other).
+
 Usage::
 
     python benchmarks/gpu_step.py [--device cuda] [--spec vitb16] [--batch 256] [--compile off|on|both]
+    python benchmarks/gpu_step.py --batch 512 --variants compile+bf16res compile --jsonl out.jsonl
     python benchmarks/gpu_step.py --device cpu --spec tiny --batch 8 --steps 2 --warmup 1   # smoke test
 """
 
@@ -36,9 +50,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from train_step import BENCH, Runner, make_open_clip, make_ours, peak_mib, random_batch, reset_peak
+from train_step import (
+    BENCH,
+    OPTIM,
+    Runner,
+    _make_step,
+    make_open_clip,
+    make_ours,
+    peak_mib,
+    random_batch,
+    reset_peak,
+)
 
-from model import kernel_report
+from model import ClipLoss, build_model, kernel_report, make_optimizer, param_groups
 from model.spec import TINY, VIT_B16, ArchSpec, block_macs
 
 SPECS = {"vitb16": VIT_B16, "bench": BENCH, "tiny": TINY}
@@ -76,6 +100,88 @@ def measured_matmul_tflops(device: torch.device, n: int = 8192, reps: int = 10) 
         a @ b
     torch.cuda.synchronize(device)
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+VARIANT_PARTS = ("eager", "compile", "maxat", "bf16res", "cudnnbench")
+
+
+def parse_variant(name: str) -> set[str]:
+    """``"compile+bf16res"`` -> {"compile", "bf16res"}; unknown parts raise."""
+    parts = set(name.split("+"))
+    unknown = parts - set(VARIANT_PARTS)
+    if unknown:
+        raise SystemExit(f"--variants {name}: unknown part(s) {sorted(unknown)}; known: {', '.join(VARIANT_PARTS)}")
+    return parts
+
+
+def make_variant(spec: ArchSpec, device: torch.device, name: str, amp: torch.dtype | None) -> Runner:
+    """GrowCLIP as the training job builds it (build_model, param_groups, make_optimizer, ClipLoss), per variant."""
+    parts = parse_variant(name)
+    if "cudnnbench" in parts:
+        torch.backends.cudnn.benchmark = True
+    model = build_model(spec, seed=0).to(device).train()
+    model.low_precision_residual = "bf16res" in parts
+    opt = make_optimizer(param_groups(model, OPTIM["weight_decay"]), "adamw", device=device, **OPTIM)
+    if "maxat" in parts:
+        forward = torch.compile(model, dynamic=False, mode="max-autotune-no-cudagraphs")
+    elif "compile" in parts:
+        forward = torch.compile(model, dynamic=False)
+    else:
+        forward = model
+    n = sum(p.numel() for p in model.parameters())
+    return Runner(name, model, _make_step(forward, ClipLoss(), opt, amp, device), n, kernel_report(device)["adamw"])
+
+
+def variant_factory(
+    spec: ArchSpec, device: torch.device, compile_model: bool, amp: torch.dtype | None = None, name: str = "compile"
+) -> Runner:
+    """:func:`make_variant` with ``make_ours``'s signature (the variant is the runner's name)."""
+    return make_variant(spec, device, name, amp)
+
+
+def kernel_class(name: str) -> str:
+    """Coarse class of a CUDA kernel name for the profile summary."""
+    low = name.lower()
+    if any(k in low for k in ("gemm", "cutlass", "sm90_xmma", "cublas", "nvjet", "matmul", "mm_")):
+        return "gemm"
+    if any(k in low for k in ("flash", "fmha", "attention", "sdpa")):
+        return "attention"
+    if low.startswith("triton"):
+        return "triton (fused elementwise/reductions)"
+    if "adam" in low or "multi_tensor" in low:
+        return "optimizer"
+    if "conv" in low or "cudnn" in low or "implicit" in low:
+        return "conv"
+    return "other (eager elementwise, copies, ...)"
+
+
+def profile_runner(runner: Runner, batches: list[tuple[torch.Tensor, torch.Tensor]], steps: int, path: Path | None):
+    """Profile ``steps`` warm steps; print CUDA ms per step by kernel class and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            runner.step(*batches[i % len(batches)])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    kernels = []
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0.0)
+        if us <= 0:
+            continue
+        kernels.append((us, evt.count, evt.key))
+        totals[kernel_class(evt.key)] = totals.get(kernel_class(evt.key), 0.0) + us
+    kernels.sort(reverse=True)
+    lines = [f"profile of {runner.name}, {steps} steps: CUDA ms per step by class"]
+    lines += [f"  {k}: {v / 1e3 / steps:.1f}" for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
+    lines.append(f"  total: {sum(totals.values()) / 1e3 / steps:.1f}")
+    lines.append("top kernels (ms per step, calls per step, name):")
+    lines += [f"  {us / 1e3 / steps:7.2f} {n / steps:5.0f}  {key[:140]}" for us, n, key in kernels[:40]]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if path is not None:
+        path.write_text(text + "\n")
 
 
 def time_runner(
@@ -119,6 +225,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--amp", choices=["bf16", "off"], default="bf16")
     ap.add_argument("--compile", choices=["off", "on", "both"], default="both")
     ap.add_argument("--open-clip", action="store_true", help="also time open_clip's CLIP (eager), if importable")
+    ap.add_argument("--variants", nargs="+", help="variant names (module docstring); replaces --compile's plan")
+    ap.add_argument("--jsonl", type=Path, help="append each measured row to this file as a JSON line")
+    ap.add_argument("--profile", type=int, default=0, help="profile N steps of the first variant (CUDA only)")
+    ap.add_argument("--profile-out", type=Path, help="write the profile summary here too")
     ap.add_argument("--json", type=Path, help="write the figures to this JSON file")
     args = ap.parse_args(argv)
 
@@ -144,9 +254,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"peak bf16: datasheet {peak} TFLOP/s; measured 8192^3 bf16 matmul {measured:.0f} TFLOP/s")
 
     plan: list[tuple[str, bool, Any]] = []
-    if args.compile in ("off", "both"):
+    for variant in args.variants or []:
+        parse_variant(variant)
+        plan.append((variant, False, variant_factory))
+    if not args.variants and args.compile in ("off", "both"):
         plan.append(("ours", False, make_ours))
-    if args.compile in ("on", "both"):
+    if not args.variants and args.compile in ("on", "both"):
         plan.append(("ours+compile", True, make_ours))
     if args.open_clip:
         try:
@@ -178,10 +291,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 del runner
                 torch.cuda.empty_cache()
                 continue
+            except Exception as exc:  # a variant that fails to compile/run must not stop the others
+                print(f"{label} batch {batch}: failed, skipped: {type(exc).__name__}: {str(exc)[:400]}", flush=True)
+                del runner
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             sps = batch / r["step_s"]
             mfu = flops * sps / (peak * 1e12) if peak else None
             hfu = executed * sps / (peak * 1e12) if peak else None
             row = {"model": label, "batch": batch, "samples_per_s": sps, "mfu": mfu, "executed_fu": hfu, **r}
+            if args.jsonl:
+                with args.jsonl.open("a") as fh:
+                    fh.write(json.dumps({"device": name, "torch": torch.__version__, "spec": args.spec, **row}) + "\n")
             results["runs"].append(row)
             rows.append(row)
             print(
@@ -192,6 +314,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             if args.json:
                 args.json.write_text(json.dumps(results, indent=2))
+            if args.profile and device.type == "cuda" and len(rows) == 1:
+                profile_runner(runner, batches, args.profile, args.profile_out)
             del runner
             if device.type == "cuda":
                 torch.cuda.empty_cache()

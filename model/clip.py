@@ -168,6 +168,17 @@ class GrowCLIP(nn.Module):
             SharedEncoder(spec.shared, spec.image.width, spec.text.width, norm_layer) if spec.shared.depth > 0 else None
         )
         self.logit_scale = nn.Parameter(torch.empty(()))
+        # True: under autocast the residual stream between blocks is kept in the autocast dtype (bf16)
+        # instead of float32 (half the activation bytes; LayerNorm statistics are still computed in
+        # float32). No effect without autocast. Not a parameter: not in the state dict.
+        self.low_precision_residual = False
+
+    def _residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedded tokens as the residual stream: cast to the autocast dtype if so configured."""
+        device = x.device.type
+        if self.low_precision_residual and torch.is_autocast_enabled(device):
+            return x.to(torch.get_autocast_dtype(device))
+        return x
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Gradient checkpointing of every transformer block (image, text and shared towers)."""
@@ -177,7 +188,7 @@ class GrowCLIP(nn.Module):
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(B,3,H,W) float -> (B, embed_dim), L2-normalised unless ``normalize=False``."""
-        x = self.visual.embed(images)  # (B, 1+N, D)
+        x = self._residual(self.visual.embed(images))  # (B, 1+N, D)
         index = self.visual.pool_index(x)  # (B,) class token
         if self.shared is None:
             x = self.visual.forward_pooled(x, index)  # (B, D)
@@ -188,7 +199,7 @@ class GrowCLIP(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(B, L) long -> (B, embed_dim), L2-normalised; EOT = highest token id (module docstring)."""
-        x = self.text.embed(tokens)  # (B, L, D)
+        x = self._residual(self.text.embed(tokens))  # (B, L, D)
         index = self.text.pool_index(tokens)  # (B,) end-of-text
         if self.shared is None:
             x = self.text.forward_pooled(x, index, is_causal=True)  # (B, D)

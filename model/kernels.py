@@ -27,7 +27,15 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["apex_available", "layer_norm_class", "kernel_report", "make_optimizer", "maybe_compile", "param_groups"]
+__all__ = [
+    "apex_available",
+    "compile_enabled",
+    "layer_norm_class",
+    "kernel_report",
+    "make_optimizer",
+    "maybe_compile",
+    "param_groups",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -145,16 +153,36 @@ def make_optimizer(
     return cls(params_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **extra)
 
 
-def maybe_compile(model: nn.Module, device: torch.device | str, enable: bool | None = None) -> nn.Module:
-    """``torch.compile(model)`` where it pays; ``enable=None`` decides by device (measured, issue #9).
+CompileMode = Literal["auto", "on", "off"]
+
+
+def compile_enabled(device: torch.device | str, enable: bool | CompileMode | None = None) -> bool:
+    """Whether :func:`maybe_compile` compiles: ``"on"``/True, ``"off"``/False, ``"auto"``/None = CUDA only."""
+    if enable is None or enable == "auto":
+        return _is_cuda(device)
+    if enable in (True, "on"):
+        return True
+    if enable in (False, "off"):
+        return False
+    raise ValueError(f"compile={enable!r}: expected 'auto', 'on' or 'off'")
+
+
+def maybe_compile(
+    model: nn.Module,
+    device: torch.device | str,
+    enable: bool | CompileMode | None = None,
+    mode: str | None = None,
+) -> nn.Module:
+    """``torch.compile(model)`` where it pays; ``enable=None``/``"auto"`` decides by device (measured, issue #9).
 
     On the issue-#9 benchmarks (benchmarks/README.md) compilation made the ViT-B/16 bf16 step on an
     H100 1.3x faster, and the float32 CPU step no faster (0.97x) after ~40 s of compiling; so by
-    default CUDA compiles and every other device gets ``model`` back unchanged. The compiled module
-    shares its parameters with ``model``: take state dicts from ``model`` (the compiled wrapper
-    prefixes keys with ``_orig_mod.``).
+    default CUDA compiles and every other device gets ``model`` back unchanged. ``enable`` also takes
+    ``"on"``/``"off"`` (``train.compile``); ``mode`` is passed to ``torch.compile``. Compilation is
+    lazy (at the first call) and static-shaped (``dynamic=False``: a training step's shapes are fixed,
+    a different batch shape recompiles once). The compiled module shares its parameters with
+    ``model``: take state dicts from ``model`` (the compiled wrapper prefixes keys with ``_orig_mod.``).
     """
-    if enable is None:
-        enable = _is_cuda(device)
-    logger.info("torch.compile=%s on %s", enable, torch.device(device))
-    return torch.compile(model) if enable else model
+    enabled = compile_enabled(device, enable)
+    logger.info("torch.compile=%s (requested %s) on %s", enabled, enable, torch.device(device))
+    return torch.compile(model, dynamic=False, mode=mode) if enabled else model

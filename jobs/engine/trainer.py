@@ -145,9 +145,13 @@ def _memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _uses_bf16(precision: str, device: torch.device) -> bool:
+    """train.precision: bf16, or auto on CUDA, means bf16 autocast."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if bf16:
+    if _uses_bf16(precision, device):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -214,9 +218,20 @@ class _Ema:
 
 
 def _forward_backward(
-    ddp: nn.Module, stream: BatchStream, loss_fn: nn.Module, precision: str, env: DistEnv, accum: int
+    ddp: nn.Module,
+    stream: BatchStream,
+    loss_fn: nn.Module,
+    precision: str,
+    env: DistEnv,
+    accum: int,
+    forward: Callable[..., Any] | None = None,
 ) -> float:
-    """Forward + backward of ``accum`` micro-batches (DDP syncs on the last); returns the mean loss."""
+    """Forward + backward of ``accum`` micro-batches (DDP syncs on the last); returns the mean loss.
+
+    ``forward`` is what is called (the compiled ``ddp`` when compiling; default ``ddp``);
+    ``ddp`` itself provides ``no_sync``.
+    """
+    forward = ddp if forward is None else forward
     loss_sum = torch.zeros((), device=env.device)
     for micro in range(accum):
         images, tokens = stream.next()
@@ -224,7 +239,7 @@ def _forward_backward(
         sync = micro == accum - 1 or not env.distributed
         with contextlib.nullcontext() if sync else ddp.no_sync():
             with _autocast(precision, env.device):
-                img, txt, scale = ddp(images, tokens)
+                img, txt, scale = forward(images, tokens)
                 loss = loss_fn(img.float(), txt.float(), scale.float())
             # x world_size: DDP averages gradients, but with gathered features each rank's backward
             # yields only its share of the global loss's gradient (jobs/README.md)
@@ -327,7 +342,7 @@ def run_training(
         CheckpointError: an explicitly named checkpoint (resume path, init) is unusable.
     """
     from model.clip import build_model
-    from model.kernels import kernel_report, make_optimizer, param_groups
+    from model.kernels import compile_enabled, kernel_report, make_optimizer, maybe_compile, param_groups
     from model.loss import ClipLoss
 
     tc = cfg.train
@@ -355,7 +370,15 @@ def run_training(
         train_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(train_dir / "config.yaml", dump_cfg(cfg))
         atomic_write_json(train_dir / "spec.json", spec.to_dict())
-    logger.info("kernels: %s", kernel_report(env.device))
+    # train.compile: auto = torch.compile on CUDA only (1.3x on the H100 ViT-B/16 step, 0.97x on CPU)
+    compiled = compile_enabled(env.device, tc.compile)
+    bf16 = _uses_bf16(tc.precision, env.device)
+    kernels = {
+        **kernel_report(env.device),
+        "compile": f"{'torch.compile' if compiled else 'off'} ({tc.compile})",
+        "residual": "bfloat16" if bf16 and tc.bf16_residual else "float32",
+    }
+    logger.info("kernels: %s", kernels)
     logger.info(
         "stage %d: params %.2fM, %.3f GFLOPs/sample, global batch %d = %d ranks x %d x accum %d, %d data streams",
         stage,
@@ -376,6 +399,7 @@ def run_training(
             "initialised from %s (step %s, stage %s)", init, init_payload.get("step"), init_payload.get("stage")
         )
     model.set_grad_checkpointing(tc.grad_checkpointing)
+    model.low_precision_residual = tc.bf16_residual  # only acts under autocast
     model.to(env.device)
     optimizer = make_optimizer(
         param_groups(model, tc.weight_decay), tc.optimizer, tc.lr, tuple(tc.betas), tc.eps, tc.weight_decay, env.device
@@ -420,12 +444,16 @@ def run_training(
             spec=spec.to_dict(),
             init=str(init) if init else None,
             params=spec.params(),
-            kernels=kernel_report(env.device),
+            kernels=kernels,
         )
 
     ddp: nn.Module = model
     if env.distributed:
         ddp = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    # Only the forward goes through the compiled wrapper (DDP first, then compile: DDPOptimizer splits the
+    # graph at the gradient buckets). Everything else (checkpoints, EMA, clipping, logging, growth) keeps
+    # using ``model``, whose state-dict keys the compiled wrapper would prefix with ``_orig_mod.``.
+    forward = maybe_compile(ddp, env.device, tc.compile)
     loss_fn = ClipLoss(rank=env.rank, world_size=env.world_size)
     stream = BatchStream(
         cfg.data,
@@ -497,7 +525,7 @@ def run_training(
                 logger.warning("stop requested: checkpointed step %d to %s", step, last_ckpt)
                 return TrainResult("preempted", step, train_dir, None, last_ckpt)
             try:
-                loss_val = _forward_backward(ddp, stream, loss_fn, tc.precision, env, batching.grad_accum)
+                loss_val = _forward_backward(ddp, stream, loss_fn, tc.precision, env, batching.grad_accum, forward)
                 if not math.isfinite(loss_val):
                     raise NonFiniteLossError(
                         f"non-finite loss ({loss_val}) at step {step + 1} of stage {stage}; last good checkpoint: "
