@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import yaml
 
-from model.search_space import GrowthSpace
+from model.search_space import GrowthSpace, axis_growth
 from model.spec import ArchSpec
 from model.structs import ConfigError, apply_override, from_dict, to_dict
 
@@ -264,6 +264,13 @@ class RunCfg:
             f"growth.schedule has {n} entries but data.stages={self.data.stages} needs {self.data.stages - 1} "
             f"(one per stage after the first)",
         )
+        spec = self.model
+        for i, entry in enumerate(self.growth.schedule):  # every scheduled growth must give a valid spec
+            for axis in [] if entry == "none" else entry.split("+"):
+                try:
+                    spec = axis_growth(spec, axis, self.growth)
+                except ValueError as exc:
+                    raise ValueError(f"growth.schedule[{i}]={entry!r} (stage {i + 2}): {exc}") from exc
 
     @property
     def run_dir(self) -> Path:

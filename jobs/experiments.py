@@ -144,6 +144,9 @@ def resolve_run(run: RunSpec, root: Path, extra: tuple[str, ...] = ()) -> RunCfg
     """The run's config: base + experiment overrides + seed (+ derived model / steps from its references)."""
     cfg = load_cfg(run.base, [*run.exp.overrides, f"train.seed={run.seed}", *extra])
     cfg = replace(cfg, name=run.name, run_root=root)
+    for ref in (f"{d}_s{run.seed}" for d in run.exp.needs):  # derived from a run's outcome: it must be finished
+        if not _finished(cfg, root / ref):
+            raise RuntimeError(f"{root / ref} has not finished (no stage {cfg.data.stages} evaluation): run it first")
     if run.exp.model_from:
         cfg = replace(cfg, model=final_spec(root / f"{run.exp.model_from}_s{run.seed}", cfg.data.stages))
     if run.exp.match_compute:
@@ -257,6 +260,8 @@ def _runs_from_args(args: argparse.Namespace) -> tuple[list[RunSpec], Path]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.jobs < 1 or args.threads < 0:
+        raise ConfigError(f"--jobs={args.jobs} must be >= 1 and --threads={args.threads} >= 0")
     runs, root = _runs_from_args(args)
     logger.info("%d runs under %s, %d at a time: %s", len(runs), root, args.jobs, ", ".join(r.name for r in runs))
     return run_suite(runs, root, args.jobs, args.threads, tuple(args.set or ()))

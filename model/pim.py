@@ -177,6 +177,11 @@ def grow(
     new_model = fresh_model.train(model.training)
     # the grown model keeps the old one's run-time settings (not part of the spec)
     new_model.set_grad_checkpointing(any(getattr(m, "grad_checkpointing", False) for m in model.modules()))
+    new_model.low_precision_residual = getattr(model, "low_precision_residual", False)
+    pooled = any(getattr(m, "pooled_last_block", True) is False for m in model.modules())
+    for m in new_model.modules():
+        if hasattr(m, "pooled_last_block"):
+            m.pooled_last_block = not pooled
 
     ops = growth_ops(old_spec, new_spec)
     before, after = old_spec.params(), new_spec.params()

@@ -257,3 +257,237 @@ def test_normalize_batch_matches_reference() -> None:
     assert torch.allclose(image_to_tensor(img), ref, atol=1e-5)
     u8 = torch.full((2, 3, 4, 5), 77, dtype=torch.uint8)
     assert normalize_batch(u8).dtype == torch.float32 and normalize_batch(u8).shape == (2, 3, 4, 5)
+
+
+# --- the fast reader, decoder and tokenizer path (issue #9 item 4) gives what the tarfile/PIL path gives ---
+
+
+def _reference_shard(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """The previous reader: ``tarfile`` stream mode with ``ignore_zeros`` + webdataset's ``group_by_keys``.
+
+    Returns the samples and, for each counted read error, how many samples had been delivered before it.
+    """
+    import tarfile
+
+    import webdataset as wds
+
+    out: list[dict[str, Any]] = []
+    errors: list[int] = []
+
+    def handler(exc: Exception) -> bool:
+        errors.append(len(out))
+        return True
+
+    def members() -> Any:
+        n = 0
+        try:
+            with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*", ignore_zeros=True) as tf:
+                for info in tf:
+                    n += 1
+                    if not info.isreg() or info.name.startswith("__"):
+                        continue
+                    fh = tf.extractfile(info)
+                    yield {"fname": info.name, "data": fh.read() if fh else b"", "__url__": str(path)}
+            if n == 0:
+                raise tarfile.ReadError("no tar member")
+        except Exception as exc:
+            handler(exc)
+        yield {}
+
+    for sample in wds.tariterators.group_by_keys(members(), handler=handler):
+        out.append(sample)
+    return out, errors
+
+
+def _fast_shard(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    from data_tools.loaders import _shard_samples
+
+    out: list[dict[str, Any]] = []
+    errors: list[int] = []
+    for sample in _shard_samples(str(path), lambda exc: errors.append(len(out))):
+        out.append(sample)
+    return out, errors
+
+
+def _base_tar(fmt: int, seed: int) -> bytes:
+    """A shard-like tar with the odd members real tars have: directories, links, long and prefixed names,
+    upper-case and dotted extensions, meta files, empty and block-sized files, a repeated extension, huge uid."""
+    import random
+    import tarfile
+
+    rng = random.Random(seed)
+    buf = io.BytesIO()
+
+    def add(name: str, data: bytes = b"", **kw: Any) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime = len(data), 946684800
+        for k, v in kw.items():
+            setattr(info, k, v)
+        tf.addfile(info, io.BytesIO(data) if info.isreg() else None)
+
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        add("dir", type=tarfile.DIRTYPE)
+        for i in range(12):
+            key = f"s01_{i:08d}"
+            size = rng.choice([0, 1, 511, 512, 513, 1024, rng.randrange(2000)])
+            add(f"{key}.jpg", bytes(rng.randrange(256) for _ in range(size)))
+            add(f"{key}.txt", f"caption {i}".encode())
+            if i % 3 == 0:
+                add(f"{key}.json", b"{}")
+        add("__meta__.json", b"{}")
+        add("noext", b"x")
+        add("s01_up.JPG", b"upper")
+        add("s01_up.seg.txt", b"dotted")
+        add("link.txt", type=tarfile.SYMTYPE, linkname="s01_up.JPG")
+        add("s01_dup.txt", b"a")
+        add("s01_dup.txt", b"b")
+        add("sub/dir/s01_nested.txt", b"nested")
+        add("p" * 90 + "/" + "q" * 60 + ".txt", b"prefixed or long")
+        if fmt != tarfile.USTAR_FORMAT:
+            add("l" * 120 + ".txt", b"long name")
+            add("s01_bigid.txt", b"uid", uid=8**9)
+            add("s01_ünï.txt", "ünïcode".encode())
+    return buf.getvalue()
+
+
+def _damage(data: bytes, rng: Any) -> bytes:
+    """One random kind of damage: a cut, header bytes changed (checksum fixed up or not), zero or junk blocks."""
+    blocks = len(data) // 512
+    kind = rng.randrange(5)
+    if kind == 0:
+        return data[: rng.randrange(len(data))]
+    b = bytearray(data)
+    if kind in (1, 2):
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(blocks) * 512
+            b[at + rng.randrange(512)] = rng.choice([0, 32, 48, 55, 56, 120, 0x80, 0xFF, rng.randrange(256)])
+            if kind == 2:  # a valid checksum over the changed header: the reader must follow whatever it says
+                b[at + 148 : at + 156] = b" " * 8
+                b[at + 148 : at + 156] = f"{sum(b[at : at + 512]):06o}\0 ".encode()
+        return bytes(b)
+    at = rng.randrange(blocks + 1) * 512
+    fill = bytes(512) if kind == 3 else bytes(rng.randrange(256) for _ in range(512))
+    return bytes(b[:at]) + fill * rng.randint(1, 2) + bytes(b[at:])
+
+
+@pytest.mark.parametrize("fmt", ["ustar", "gnu", "pax"])
+def test_fast_tar_reader_matches_tarfile(tmp_path: Path, fmt: str) -> None:
+    """Same samples, same bytes, same read errors at the same points as tarfile + group_by_keys, on clean
+    and on hundreds of randomly damaged shards (cuts, bad and 'valid' headers, zero and junk blocks)."""
+    import gzip
+    import random
+    import tarfile
+
+    formats = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}
+    rng = random.Random(fmt)
+    base = _base_tar(formats[fmt], seed=len(fmt))
+    cases = [base, b"", b"\x01" * 100, b"\x01" * 2048, bytes(4096), base[:512], gzip.compress(base, mtime=0)]
+    cases += [_damage(base, rng) for _ in range(300)]
+    path = tmp_path / "shard.tar"
+    for i, data in enumerate(cases):
+        path.write_bytes(data)
+        expected = _reference_shard(path)
+        assert _fast_shard(path) == expected, f"{fmt} case {i}"
+    assert len(_reference_shard(tmp_path / "missing.tar")[1]) == 1 == len(_fast_shard(tmp_path / "missing.tar")[1])
+
+
+def test_fast_jpeg_decode_matches_pil() -> None:
+    """A JPEG with a header already seen is decoded without PIL's parser: same pixels, same failures."""
+    import random
+
+    import numpy as np
+
+    from data_tools.loaders import _JPEG_HEADERS, _open_image
+    from data_tools.synthetic import random_image
+
+    def reference(data: bytes) -> Any:
+        try:
+            img = Image.open(io.BytesIO(data))
+            img.load()
+            return np.asarray(img.convert("RGB"))
+        except Exception as exc:
+            return type(exc)
+
+    def fast(data: bytes) -> Any:
+        try:
+            return np.asarray(_open_image(data))
+        except Exception as exc:
+            return type(exc)
+
+    rng, nprng = random.Random(0), np.random.default_rng(0)
+    jpegs = []
+    for size, quality in [((32, 32), 90), ((32, 32), 95), ((40, 24), 90)]:
+        for _ in range(4):
+            buf = io.BytesIO()
+            random_image(nprng, *size).save(buf, format="JPEG", quality=quality)
+            jpegs.append(buf.getvalue())
+    for data in jpegs:  # the first of each header goes the normal way and is remembered
+        assert np.array_equal(fast(data), reference(data))
+    assert len(_JPEG_HEADERS.known) >= 3
+    assert _JPEG_HEADERS.decode(jpegs[-1]) is not None, "a remembered header takes the fast path"
+    for i in range(400):
+        b = bytearray(rng.choice(jpegs))
+        if i % 3 == 0:
+            b = b[: rng.randrange(len(b))]
+        else:
+            for _ in range(rng.randint(1, 8)):
+                b[rng.randrange(len(b))] = rng.randrange(256)
+        got, want = fast(bytes(b)), reference(bytes(b))
+        if isinstance(want, type):
+            assert got is want, f"case {i}: {got} vs {want}"
+        else:
+            assert np.array_equal(got, want), f"case {i}"
+    png = io.BytesIO()
+    Image.new("L", (8, 8), 7).save(png, format="PNG")
+    assert np.array_equal(fast(png.getvalue()), reference(png.getvalue()))
+
+
+def test_normalize_is_bit_identical_to_torch() -> None:
+    from data_tools.loaders import _SCALE, _SHIFT
+
+    u8 = torch.arange(256, dtype=torch.uint8).repeat(3, 1).view(1, 3, 16, 16).expand(2, 3, 16, 16).contiguous()
+    reference = u8.to(torch.float32).mul_(_SCALE).add_(_SHIFT)
+    assert torch.equal(normalize_batch(u8), reference)
+    assert torch.equal(normalize_batch(u8[0]), reference[0])
+
+
+def test_caption_token_cache_matches_tokenize(corpus: Path) -> None:
+    from data_tools.loaders import _CaptionTokens
+
+    tok = load_tokenizer(corpus)
+    cache = _CaptionTokens(tok, 8, max_bytes=0)  # the smallest table: 1024 rows, overflows below
+    for start in range(0, 2600, 300):
+        texts = [f"caption {i % 1500} <pad> of {i % 7}" for i in range(start, start + 300)]
+        assert torch.equal(cache(texts), tokenize(texts, 8, tok))
+    many = [f"unique {i}" for i in range(1500)]  # more new captions than the table holds
+    assert torch.equal(cache(many), tokenize(many, 8, tok))
+    out = cache(["x", "y", "x"])
+    out[:] = 0  # a batch never aliases the table
+    assert torch.equal(cache(["x", "y", "x"]), tokenize(["x", "y", "x"], 8, tok))
+
+
+def test_fast_jpeg_path_falls_back_when_pillow_internals_differ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another Pillow whose private decoder API moved: decoding goes on through the public path."""
+    import numpy as np
+
+    from data_tools import loaders
+    from data_tools.synthetic import random_image
+
+    headers = loaders._JpegHeaders()
+    monkeypatch.setattr(loaders, "_JPEG_HEADERS", headers)
+    buf = io.BytesIO()
+    random_image(np.random.default_rng(1), 32, 32).save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert np.array_equal(np.asarray(loaders._open_image(data)), expected) and headers.known
+
+    class Moved:  # PIL.Image as another Pillow might have it: no private _getdecoder
+        def __getattr__(self, name: str) -> Any:
+            if name == "_getdecoder":
+                raise AttributeError(name)
+            return getattr(Image, name)
+
+    monkeypatch.setattr(loaders, "Image", Moved())
+    for _ in range(2):
+        assert np.array_equal(np.asarray(loaders._open_image(data)), expected)
+    assert headers.known == [] and headers.MAX == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,8 @@ def _fake_reference(run_dir: Path, specs: list[dict], samples: list[int], search
         train.mkdir(parents=True)
         (train / "spec.json").write_text(json.dumps(spec))
         (train / "events.jsonl").write_text(json.dumps({"event": "end", "samples": n, "step": n // 64}) + "\n")
+    (stage_path(run_dir, len(specs)) / "eval").mkdir()
+    (stage_path(run_dir, len(specs)) / "eval" / "metrics.json").write_text("{}")
     cand = stage_path(run_dir, 2) / "search" / "cand_00"
     cand.mkdir(parents=True)
     (cand / "result.json").write_text(json.dumps({"train_flops": search_flops}))
@@ -73,13 +76,19 @@ def _fake_reference(run_dir: Path, specs: list[dict], samples: list[int], search
 def test_derived_runs_take_the_final_architecture_and_the_same_compute(tmp_path: Path) -> None:
     base, exps = load_suite(REPO / SUITE)
     base_cfg = load_cfg(base)
+    by_name = {e.name: e for e in exps}
+    partial = tmp_path / "growclip_s1" / "stage_01" / "train"
+    partial.mkdir(parents=True)
+    (partial / "spec.json").write_text(json.dumps(base_cfg.model.to_dict()))
+    with pytest.raises(RuntimeError, match="has not finished"):  # a reference still running is not used
+        resolve_run(RunSpec(by_name["fixed_small"], 1, base), tmp_path)
+    shutil.rmtree(tmp_path / "growclip_s1")
     grown = base_cfg.model.with_changes(image={"depth": base_cfg.model.image.depth + 1})
     specs = [base_cfg.model.to_dict(), grown.to_dict(), grown.to_dict()]
     _fake_reference(tmp_path / "growclip_s1", specs, [51200, 51200, 51200], search_flops=10**12)
     total = total_compute(tmp_path / "growclip_s1")
     expected = base_cfg.model.flops_per_sample() * 51200 + 2 * grown.flops_per_sample() * 51200 + 10**12
     assert total == {"search_flops": 10**12, "train_flops": expected - 10**12, "total_flops": expected}
-    by_name = {e.name: e for e in exps}
     final = resolve_run(RunSpec(by_name["fixed_final"], 1, base), tmp_path)
     assert final.model == grown and final.growth.axes == ()
     assert final.train.steps == round(expected / (grown.flops_per_sample() * 64 * 3))
@@ -144,3 +153,26 @@ def test_mini_suite_end_to_end(tiny_pipeline_config: Path, tmp_path: Path) -> No
         timeout=300,
     )
     assert again.returncode == 0 and again.stderr.count("already finished: skipped") == 2, again.stderr[-2000:]
+
+
+def test_verdicts_need_a_measured_spread() -> None:
+    from jobs.engine.results import _verdict
+
+    def exp(values: list[float]) -> dict:
+        mean = sum(values) / len(values)
+        sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+        return {"runs": values, "stat": {"mean_acc1": (mean, sd)}}
+
+    two_a, two_b, one = exp([0.30, 0.32]), exp([0.20, 0.21]), exp([0.305])
+    assert "**held**" in _verdict("a", two_a, two_b, "mean_acc1", "x", floor=0.0)
+    assert "**did not hold**" in _verdict("b", two_b, two_a, "mean_acc1", "x", floor=0.0)
+    assert "**within noise**" in _verdict("a", two_a, one, "mean_acc1", "x", floor=0.05)
+    assert "not resolved (no seed spread measured)" in _verdict("a", exp([0.3]), one, "mean_acc1", "x", floor=0.0)
+
+
+def test_report_labels_are_distinct_even_for_same_named_run_dirs() -> None:
+    from jobs.engine.report import _labels
+
+    runs = [{"name": "g", "run_dir": "/a/g_s0"}, {"name": "g", "run_dir": "/b/g_s0"}, {"name": "h", "run_dir": "/c"}]
+    labels = _labels(runs)
+    assert len(set(labels)) == 3 and labels[2] == "h"

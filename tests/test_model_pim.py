@@ -99,6 +99,16 @@ def test_grow_keeps_gradient_checkpointing() -> None:
     assert all(t.grad_checkpointing for t in (new.visual, new.text))
     plain, _ = grow(build_model(TINY), TINY.with_changes(image={"depth": 3}), measure=False)
     assert not plain.visual.grad_checkpointing
+    assert not plain.low_precision_residual
+    # the other run-time settings travel too: bf16 residual under autocast, full (unpooled) last block
+    old = build_model(TINY)
+    old.low_precision_residual = True
+    for m in old.modules():
+        if hasattr(m, "pooled_last_block"):
+            m.pooled_last_block = False
+    new, _ = grow(old, TINY.with_changes(text={"depth": 3}), measure=False)
+    assert new.low_precision_residual
+    assert all(m.pooled_last_block is False for m in new.modules() if hasattr(m, "pooled_last_block"))
 
 
 def test_shared_encoder_rejects_unknown_modality() -> None:

@@ -112,3 +112,9 @@ def test_fixed_schedule_gives_one_candidate_per_stage(caplog: pytest.LogCaptureF
     assert cfg.growth.schedule == ("none", "shared_depth") and cfg.growth.axes == ()
     kept, _ = enumerate_candidates(TINY, 4.0, cfg.growth)  # no axes: the space is "none" alone
     assert [c.name for c in kept] == ["none"]
+
+
+def test_schedule_that_makes_an_invalid_spec_is_refused_at_config_load() -> None:
+    # an MLP ratio whose hidden width is not whole is refused at load, naming the entry and its stage
+    with pytest.raises(ConfigError, match=r"growth\.schedule\[1\]='mlp' \(stage 3\)"):
+        load_cfg(None, ["growth.schedule=[none, mlp]", "growth.mlp_factor=1.01"])

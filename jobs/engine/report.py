@@ -727,8 +727,12 @@ def _slug(text: str) -> str:
 
 
 def _labels(runs: list[dict[str, Any]]) -> list[str]:
+    """One distinct label per run (plot files are named after them): the config name, then the run dir's
+    name where names repeat, then an index where even that repeats."""
     names = [r["name"] for r in runs]
-    return [r["name"] if names.count(r["name"]) == 1 else f"{r['name']} ({Path(r['run_dir']).name})" for r in runs]
+    labels = [r["name"] if names.count(r["name"]) == 1 else f"{r['name']} ({Path(r['run_dir']).name})" for r in runs]
+    slugs = [_slug(x) for x in labels]
+    return [f"{x} #{i + 1}" if slugs.count(_slug(x)) > 1 else x for i, x in enumerate(labels)]
 
 
 def plot_files(runs: list[dict[str, Any]]) -> dict[str, str]:

@@ -9,6 +9,8 @@ than the seed spread is called "within noise"), never written by hand.
 
 from __future__ import annotations
 
+import logging
+import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +20,8 @@ from data_tools.atomic import atomic_write_text
 from jobs.engine.report import compare_runs, load_run, markdown_table, write_report
 
 __all__ = ["aggregate", "write_results"]
+
+logger = logging.getLogger(__name__)
 
 METRICS = ("mean_acc1", "i2t_R@1", "t2i_R@1")
 
@@ -67,7 +71,10 @@ def _pm(mean: float | None, sd: float | None, scale: float = 100.0) -> str:
 
 
 def aggregate(runs: Sequence[Any], root: Path) -> dict[str, dict[str, Any]]:
-    """Per experiment: its runs' final rows and the mean / sample sd over seeds of every metric."""
+    """Per experiment: its finished runs' last-stage rows and the mean / sample sd over seeds of every metric.
+
+    A run that has not evaluated its last planned stage is left out (logged), so stages never mix.
+    """
     out: dict[str, dict[str, Any]] = {}
     for run in runs:
         run_dir = root / run.name
@@ -75,7 +82,9 @@ def aggregate(runs: Sequence[Any], root: Path) -> dict[str, dict[str, Any]]:
             continue
         loaded = load_run(run_dir)
         done = [s for s in loaded["stages"] if s["status"] == "evaluated"]
-        if not done:
+        planned = loaded["stages_planned"]
+        if not done or len(done) < planned or done[-1]["stage"] != planned:
+            logger.warning("%s: not finished (%d/%d stages evaluated): left out", run.name, len(done), planned)
             continue
         e = out.setdefault(run.exp.name, {"about": run.exp.about, "runs": []})
         e["runs"].append({"seed": run.seed, "loaded": loaded, "final": done[-1], "stages_done": len(done)})
@@ -84,7 +93,7 @@ def aggregate(runs: Sequence[Any], root: Path) -> dict[str, dict[str, Any]]:
         tasks = sorted({t for f in finals for t in f["acc1"]})
         e["stat"] = {m: _stat([f.get(m) for f in finals]) for m in METRICS}
         e["task_stat"] = {t: _stat([f["acc1"].get(t) for f in finals]) for t in tasks}
-        e["flops"] = _stat([max(s.get("cum_flops") or 0 for s in r["loaded"]["stages"]) for r in e["runs"]])
+        e["flops"] = _stat([f.get("cum_flops") or 0 for f in finals])
         e["params"] = sorted({f["params"] for f in finals})
         e["chosen"] = ["→".join(str(s["chosen"]) for s in r["loaded"]["stages"] if s["stage"] > 1) for r in e["runs"]]
     return out
@@ -102,7 +111,10 @@ def _verdict(name: str, a: dict[str, Any], b: dict[str, Any], metric: str, label
     diff = (ma - mb) * 100
     single = len(a["runs"]) < 2 or len(b["runs"]) < 2
     noise = max([(s or 0.0) for s in (sa, sb)] + ([floor] if single else [])) * 100
-    word = "within noise" if abs(diff) <= noise else ("held" if diff > 0 else "did not hold")
+    if noise == 0 or math.isnan(diff):
+        word = "not resolved (no seed spread measured)" if noise == 0 else "not measured (NaN)"
+    else:
+        word = "within noise" if abs(diff) <= noise else ("held" if diff > 0 else "did not hold")
     how = "largest seed sd of any experiment (one seed here)" if single else "larger seed sd of the two"
     spread = f"; noise = {how}, {noise:.1f}" if noise else "; no spread measured"
     return f"- {label}: {name} {ma * 100:.1f} vs {mb * 100:.1f} → {diff:+.1f} points{spread} — **{word}**."
