@@ -6,7 +6,7 @@
 #   make slurm-up     start a real single-node SLURM on this machine (root; see slurm/local/README.md)
 #   make slurm-down   stop exactly the daemons slurm-up started
 #   make slurm-status show the local cluster's daemons, nodes and queue
-#   make experiments  the issue-#8 experiment suite (~2 h on 2 CPU cores), then docs/results.md
+#   make experiments  the issue-#8 experiment suite (~1.6 h on 2 CPU cores), then docs/results.md
 #   make check-configs validate every config under configs/
 #   make data-sources install the Debian packages of the offline corpus (root; else say which)
 SHELL := /bin/bash
