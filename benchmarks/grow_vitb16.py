@@ -17,8 +17,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import platform
 import sys
 import time
@@ -29,6 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from train_step import peak_mib, reset_peak  # benchmarks/ is sys.path[0] when run as a script
 
 from model import (
     build_model,
@@ -45,47 +44,14 @@ OLD = VIT_B16.with_changes(shared={"width": 768, "heads": 12})
 NEW = OLD.with_changes(image={"depth": 14}, text={"depth": 14}, shared={"depth": 2})
 
 
-def _status_mib(field: str) -> float:
-    """VmRSS / VmHWM of this process in MiB, from /proc/self/status (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
-def _reset_peak(device: torch.device) -> float:
-    """Reset the peak counter; return memory in use now (MiB)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device) / 2**20
-    try:  # hand freed heap pages back to the OS, so "start" counts live data only (glibc)
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:  # writing 5 to clear_refs resets VmHWM (Linux >= 4.0)
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    return _status_mib("VmRSS")
-
-
-def _peak_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return _status_mib("VmHWM")
-
-
 def _phase(name: str, fn: Callable[[], Any], device: torch.device, rows: list[tuple[str, float, float, float]]) -> Any:
-    start = _reset_peak(device)
+    start = reset_peak(device)
     t0 = time.perf_counter()
     out = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     secs = time.perf_counter() - t0
-    peak = _peak_mib(device)
+    peak = peak_mib(device)
     rows.append((name, secs, peak, peak - start))
     return out
 

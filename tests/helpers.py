@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["bounded", "squeue", "wait_for"]
+__all__ = ["bounded", "squeue", "stop_at", "wait_for"]
 
 
 def bounded(fn: Callable[[], Any], seconds: float = 60.0) -> Any:
@@ -45,3 +45,14 @@ def squeue(job_id: str) -> str:
     """``STATE REASON`` of a SLURM job ("" once it has left the queue)."""
     out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True, timeout=30)
     return out.stdout.strip()
+
+
+def stop_at(step: int) -> Callable[[], bool]:
+    """A trainer ``should_stop`` that turns True at the boundary before optimizer step ``step + 1``."""
+    calls = {"n": -1}
+
+    def should_stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] == step
+
+    return should_stop

@@ -27,6 +27,7 @@ from jobs.config import load_cfg
 from jobs.engine.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from jobs.engine.dist import DistEnv
 from jobs.engine.trainer import run_training
+from tests.helpers import stop_at
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--set", "train.steps=30", "--set", "train.checkpoint_every=5", "--set", "train.keep_checkpoints=3"]
@@ -53,16 +54,6 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
 
 
-def _stop_at(step: int):  # type: ignore[no-untyped-def]
-    calls = {"n": -1}
-
-    def should_stop() -> bool:
-        calls["n"] += 1
-        return calls["n"] == step
-
-    return should_stop
-
-
 def _train(config: Path, run_dir: Path) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "jobs", "train", "--config", str(config), "--stage", "1", "--run-dir", str(run_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -72,7 +63,7 @@ def _train(config: Path, run_dir: Path) -> subprocess.CompletedProcess[str]:
 def test_disk_full_during_checkpoint_write(small_tmpfs: Path, tiny_config: Path) -> None:
     run_dir = small_tmpfs.parents[2]
     cfg = load_cfg(tiny_config, [a for a in ARGS if a != "--set"])
-    first = run_training(cfg, 1, run_dir, DistEnv(), should_stop=_stop_at(5))  # step_00000005.pt on the tmpfs
+    first = run_training(cfg, 1, run_dir, DistEnv(), should_stop=stop_at(5))  # step_00000005.pt on the tmpfs
     assert first.status == "preempted" and first.step == 5
     size = (small_tmpfs / "step_00000005.pt").stat().st_size
     used = shutil.disk_usage(small_tmpfs).used

@@ -24,6 +24,7 @@ from jobs.engine.trainer import run_training
 from model.clip import build_model
 from model.kernels import compile_enabled, maybe_compile
 from model.spec import TINY, ArchSpec, SharedSpec
+from tests.helpers import stop_at
 
 STEPS = 6
 TOL = 1e-5  # compiled kernels on the same CPU and thread count: in practice bit-identical
@@ -54,16 +55,6 @@ def test_compile_modes() -> None:
 
 def losses(train_dir: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in read_events(train_dir / "events.jsonl") if e["event"] == "train"}
-
-
-def stop_at(step: int):  # type: ignore[no-untyped-def]
-    calls = {"n": -1}
-
-    def should_stop() -> bool:
-        calls["n"] += 1
-        return calls["n"] == step
-
-    return should_stop
 
 
 def test_compiled_training_checkpoints_and_resume(

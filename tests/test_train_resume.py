@@ -31,6 +31,7 @@ from jobs.engine.checkpoint import (
 from jobs.engine.dist import DistEnv
 from jobs.engine.metrics import read_events
 from jobs.engine.trainer import run_training
+from tests.helpers import stop_at
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-6
@@ -98,17 +99,6 @@ def test_sigkill_then_resume_matches_uninterrupted(reference, tiny_config: Path,
     assert [e["step"] for e in events if e["event"] == "resume"] == [20]
     assert_same_losses(step_losses(td), reference)  # steps 21..25 were dropped and redone
     assert load_checkpoint(td / "final.pt")["step"] == 40
-
-
-def stop_at(step: int):  # type: ignore[no-untyped-def]
-    """should_stop callable that turns True at the boundary before optimizer step ``step + 1``."""
-    calls = {"n": -1}
-
-    def should_stop() -> bool:
-        calls["n"] += 1
-        return calls["n"] == step
-
-    return should_stop
 
 
 def test_preemption_mid_segment_then_resume(reference, tiny_config: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
