@@ -54,7 +54,6 @@ __all__ = [
     "TrainLoader",
     "LoaderStats",
     "DataStreamError",
-    "collate_train",
     "normalize_batch",
     "make_train_loader",
     "make_val_loader",
@@ -239,22 +238,6 @@ class LoaderStats:
         }
 
 
-def collate_train(samples: Sequence[tuple[torch.Tensor, torch.Tensor, int, dict[str, int] | None]]) -> TrainBatch:
-    """Batch per-sample items ``(image uint8 (3,H,W), tokens (L,), stage, errors)``: stack, normalise, sum counts.
-
-    ``ReplayStream`` assembles its batches itself (see there); this is for callers that build such items.
-    """
-    stages: Counter[int] = Counter()
-    errors: Counter[str] = Counter()
-    for _, _, stage, errs in samples:
-        stages[stage] += 1
-        if errs:
-            errors.update(errs)
-    images = normalize_batch(torch.stack([x[0] for x in samples]))
-    tokens = torch.stack([x[1] for x in samples])
-    return TrainBatch(images, tokens, {"stages": dict(stages), "errors": dict(errors)})
-
-
 def _no_collate(batch: TrainBatch) -> TrainBatch:
     """``collate_fn`` of the training DataLoader: ``ReplayStream`` yields whole batches already."""
     return batch
@@ -271,7 +254,7 @@ class ReplayStream(IterableDataset):
     usable ``max_consecutive_failures`` times in a row (``DataStreamError``).
 
     The sample order, the random draws and hence every batch are the same as when this class
-    yielded single samples batched by the DataLoader (``collate_train``).
+    yielded single samples for the DataLoader to batch.
     """
 
     def __init__(

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import yaml
 
-from model.search_space import GrowthSpace, axis_growth
+from model.search_space import GrowthSpace, grow_named
 from model.spec import ArchSpec
 from model.structs import ConfigError, apply_override, from_dict, to_dict
 
@@ -266,11 +266,10 @@ class RunCfg:
         )
         spec = self.model
         for i, entry in enumerate(self.growth.schedule):  # every scheduled growth must give a valid spec
-            for axis in [] if entry == "none" else entry.split("+"):
-                try:
-                    spec = axis_growth(spec, axis, self.growth)
-                except ValueError as exc:
-                    raise ValueError(f"growth.schedule[{i}]={entry!r} (stage {i + 2}): {exc}") from exc
+            try:
+                spec = grow_named(spec, entry, self.growth)
+            except ValueError as exc:
+                raise ValueError(f"growth.schedule[{i}]={entry!r} (stage {i + 2}): {exc}") from exc
 
     @property
     def run_dir(self) -> Path:

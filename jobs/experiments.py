@@ -15,20 +15,18 @@ ROOT/logs/<experiment>_s<seed>.log (ROOT = --root, default runs/experiments).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
 
 from data_tools.atomic import atomic_write_text
 from jobs.config import ConfigError, RunCfg, dump_cfg, load_cfg
-from jobs.engine.metrics import read_events
 from jobs.engine.pipeline import read_json, stage_path
 from jobs.logs import setup_logging
 from model.spec import ArchSpec
@@ -63,11 +61,15 @@ class RunSpec:
     exp: Experiment
     seed: int
     base: Path
-    deps: tuple[str, ...] = field(default=())
 
     @property
     def name(self) -> str:
         return f"{self.exp.name}_s{self.seed}"
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        """The runs (same seed) this one derives from."""
+        return tuple(f"{d}_s{self.seed}" for d in self.exp.needs)
 
 
 def load_suite(path: Path) -> tuple[Path, list[Experiment]]:
@@ -113,18 +115,12 @@ def load_suite(path: Path) -> tuple[Path, list[Experiment]]:
 
 
 def total_compute(run_dir: Path) -> dict[str, int]:
-    """FLOPs a run spent: every search candidate's and every stage training's (fwd+bwd per sample x samples)."""
-    search = train = 0
-    for sd in sorted(Path(run_dir).glob("stage_*")):
-        for res in sorted(sd.glob("search/cand_*/result.json")):
-            search += int(json.loads(res.read_text())["train_flops"])
-        spec_json = read_json(sd / "train" / "spec.json")
-        events = sd / "train" / "events.jsonl"
-        if spec_json is None or not events.exists():
-            continue
-        ends = [e for e in read_events(events) if e.get("event") == "end"]
-        if ends:
-            train += ArchSpec.from_dict(spec_json).flops_per_sample() * int(ends[-1]["samples"])
+    """FLOPs a run spent: its search candidates' and its stage trainings' (the report tool's accounting)."""
+    from jobs.engine.report import load_run
+
+    stages = load_run(Path(run_dir))["stages"]
+    search = sum(int(s.get("search_flops") or 0) for s in stages)
+    train = sum(int(s.get("train_flops") or 0) for s in stages)
     return {"search_flops": search, "train_flops": train, "total_flops": search + train}
 
 
@@ -144,7 +140,7 @@ def resolve_run(run: RunSpec, root: Path, extra: tuple[str, ...] = ()) -> RunCfg
     """The run's config: base + experiment overrides + seed (+ derived model / steps from its references)."""
     cfg = load_cfg(run.base, [*run.exp.overrides, f"train.seed={run.seed}", *extra])
     cfg = replace(cfg, name=run.name, run_root=root)
-    for ref in (f"{d}_s{run.seed}" for d in run.exp.needs):  # derived from a run's outcome: it must be finished
+    for ref in run.deps:  # derived from a run's outcome: it must be finished
         if not _finished(cfg, root / ref):
             raise RuntimeError(f"{root / ref} has not finished (no stage {cfg.data.stages} evaluation): run it first")
     if run.exp.model_from:
@@ -177,7 +173,7 @@ def _plan(base: Path, exps: list[Experiment], only: set[str], seeds: set[int] | 
         for s in e.seeds:
             if seeds is not None and s not in seeds:
                 continue
-            runs.append(RunSpec(e, s, base, tuple(f"{d}_s{s}" for d in e.needs)))
+            runs.append(RunSpec(e, s, base))
     return runs
 
 

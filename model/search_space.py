@@ -38,6 +38,7 @@ __all__ = [
     "Pruned",
     "axis_growth",
     "enumerate_candidates",
+    "grow_named",
     "scheduled_candidate",
 ]
 
@@ -96,6 +97,17 @@ class GrowthSpace:
 
 def _schedule_axes(entry: str) -> list[str]:
     return [] if entry == NO_GROWTH else entry.split("+")
+
+
+def grow_named(spec: ArchSpec, name: str, space: GrowthSpace) -> ArchSpec:
+    """``spec`` grown by the candidate ``name`` ("none" or axes joined by "+", e.g. "image_depth+mlp").
+
+    Raises:
+        ValueError: an unknown axis, or a grown spec that is invalid (the message names the field).
+    """
+    for axis in _schedule_axes(name):
+        spec = axis_growth(spec, axis, space)
+    return spec
 
 
 @dataclass(frozen=True)
@@ -182,9 +194,7 @@ def scheduled_candidate(current: ArchSpec, stage: int, data_ratio: float, space:
             f"stage {stage} has none: add one per stage after the first"
         )
     name = space.schedule[stage - 2]
-    spec = current
-    for axis in _schedule_axes(name):
-        spec = axis_growth(spec, axis, space)
+    spec = grow_named(current, name, space)
     base, cost = _cost(current, space.budget), _cost(spec, space.budget)
     limit = base * data_ratio**space.alpha
     if cost > limit:
@@ -228,10 +238,8 @@ def enumerate_candidates(
     combos = [c for n in range(1, space.max_ops + 1) for c in itertools.combinations(space.axes, n)]
     for combo in combos:
         name = "+".join(combo)
-        spec = current
         try:
-            for axis in combo:
-                spec = axis_growth(spec, axis, space)
+            spec = grow_named(current, name, space)
         except ValueError as exc:
             pruned.append(Pruned(name, f"invalid: {exc}"))
             continue

@@ -73,11 +73,12 @@ def run_select(cfg: RunCfg, stage: int, run_dir: Path) -> dict[str, Any]:
             {"index": k, "name": cand.name, "status": "done", "params": res["params"], **{x: res[x] for x in keys}}
         )
     ok = sorted((r for r in rows if r["status"] == "done"), key=lambda r: (r["score"], r["params"], r["index"]))
-    if len(ok) < min(cfg.search.min_successful, len(rows)):  # a single-candidate stage needs only it
+    needed = min(cfg.search.min_successful, len(rows))  # a single-candidate stage needs only it
+    if len(ok) < needed:
         failed = ", ".join(f"{r['index']}:{r['name']} ({r['error']})" for r in rows if r["status"] != "done")
         raise SelectionError(
             f"stage {stage}: only {len(ok)} of {len(rows)} candidates finished, search.min_successful="
-            f"{min(cfg.search.min_successful, len(rows))}; missing: {failed}. Resubmit the run to rerun only those"
+            f"{needed}; missing: {failed}. Resubmit the run to rerun only those"
         )
     for rank, r in enumerate(ok, 1):
         r["rank"] = rank
