@@ -6,6 +6,7 @@
 #   make slurm-up     start a real single-node SLURM on this machine (root; see slurm/local/README.md)
 #   make slurm-down   stop exactly the daemons slurm-up started
 #   make slurm-status show the local cluster's daemons, nodes and queue
+#   make fuzz         the randomised reliability tests with fresh random seeds (FUZZ_ROUNDS, default 20)
 #   make experiments  the issue-#8 experiment suite (~1.6 h on 2 CPU cores), then docs/results.md
 #   make check-configs validate every config under configs/
 #   make data-sources install the Debian packages of the offline corpus (root; else say which)
@@ -23,7 +24,7 @@ PYTEST_ARGS ?=
 DATA_SOURCES := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz:dataset-fashion-mnist \
                 /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf:fonts-noto-color-emoji
 
-.PHONY: venv test demo experiments lint format slurm-up slurm-down slurm-status check-configs data-sources clean
+.PHONY: venv test fuzz demo experiments lint format slurm-up slurm-down slurm-status check-configs data-sources clean
 
 venv: $(STAMP)
 
@@ -36,6 +37,17 @@ $(STAMP): requirements.txt constraints.txt
 
 test: $(STAMP) data-sources
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# make test runs the fuzz and SIGKILL tests on fixed seeds (deterministic CI); this explores new ones.
+# A failure prints its seed; replay it with GROWCLIP_FUZZ_SEED=N / GROWCLIP_KILL_SEED=N.
+FUZZ_ROUNDS ?= 20
+fuzz: $(STAMP)
+	@for i in $$(seq $(FUZZ_ROUNDS)); do \
+	  GROWCLIP_FUZZ_SEED=random $(PY) -m pytest -q -p no:cacheprovider tests/test_reliability_data.py -rA \
+	    | grep -E "fuzz seed|passed|failed" || exit 1; \
+	  test "$${PIPESTATUS[0]}" = 0 || exit 1; \
+	done; GROWCLIP_KILL_SEED=random $(PY) -m pytest -q -p no:cacheprovider tests/test_reliability_kill.py -rA \
+	  | grep -E "kill seed|passed|failed"; exit "$${PIPESTATUS[0]}"
 
 data-sources:
 	@missing=""; for pair in $(DATA_SOURCES); do \

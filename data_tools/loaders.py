@@ -870,33 +870,18 @@ def _check_val_fraction(val_fraction: float) -> None:
 
 
 def _iter_tar(path: Path, errors: Counter[str] | None = None) -> Iterator[dict[str, Any]]:
-    """Samples of one tar in order (``__key__`` + extension -> bytes).
-
-    Tolerant like the training reader: a damaged header costs one member (``ignore_zeros``
-    resynchronises), a truncated tar keeps the samples before the damage; read errors are counted
-    in ``errors["shard_read_error"]`` and logged instead of raised.
+    """Samples of one tar in order (``__key__`` + extension -> bytes), read by the training reader
+    (``_shard_samples``): a damaged header costs one member, a truncated tar keeps the samples before
+    the damage (the one complete when it came included); read errors are counted in
+    ``errors["shard_read_error"]`` and logged instead of raised.
     """
-    current: dict[str, Any] = {}
-    try:
-        with tarfile.open(path, ignore_zeros=True) as tf:
-            for member in tf:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.partition(".")
-                if current and current["__key__"] != key:
-                    yield current
-                    current = {}
-                fh = tf.extractfile(member)
-                data = fh.read() if fh else b""
-                current.setdefault("__key__", key)
-                current[ext] = data
-    except (tarfile.TarError, OSError, EOFError) as exc:
+
+    def on_error(exc: Exception) -> None:
         logger.warning("%s: read error, keeping the samples before it: %s", path, exc)
         if errors is not None:
             errors["shard_read_error"] += 1
-        current = {}  # the sample being read when the damage came is incomplete
-    if current:
-        yield current
+
+    yield from _shard_samples(str(path), on_error)
 
 
 def make_val_loader(

@@ -17,6 +17,7 @@ from pathlib import Path
 from jobs.config import ConfigError, load_cfg
 from jobs.engine.checkpoint import CheckpointError
 from jobs.engine.dist import cleanup_distributed, init_distributed, world_info_from_env
+from jobs.engine.metrics import MetricsWriteError
 from jobs.engine.trainer import NonFiniteLossError, TrainingOOMError, UsageError, train_stage
 from jobs.logs import setup_logging
 
@@ -69,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (UsageError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (NonFiniteLossError, TrainingOOMError, CheckpointError) as exc:
+    except (NonFiniteLossError, TrainingOOMError, CheckpointError, MetricsWriteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import random
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["bounded", "squeue", "stop_at", "wait_for"]
+__all__ = ["bounded", "seeds_from_env", "squeue", "stop_at", "wait_for"]
 
 
 def bounded(fn: Callable[[], Any], seconds: float = 60.0) -> Any:
@@ -56,3 +58,18 @@ def stop_at(step: int) -> Callable[[], bool]:
         return calls["n"] == step
 
     return should_stop
+
+
+def seeds_from_env(name: str, defaults: list[int]) -> list[int]:
+    """Seeds of a randomised test: ``defaults`` (fixed, so that CI is deterministic) unless the environment
+    variable ``name`` is set to a seed (a replay), a comma-separated list of them, or ``random`` (a fresh one,
+    for exploring: ``make fuzz``)."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return list(defaults)
+    if value == "random":
+        return [random.SystemRandom().randrange(10**6)]
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected a seed, a comma-separated list of seeds, or 'random'") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ import data_tools
 from data_tools.imaging import ImageOptions
 from data_tools.ingest import ingest, write_tar
 from data_tools.loaders import (
+    MEAN,
+    STD,
     DataStreamError,
     LoaderStats,
     TrainBatch,
@@ -229,6 +232,28 @@ def test_all_held_out_stage_stops(tmp_path: Path, corpus: Path) -> None:
     dl = make_train_loader(root, [1], batch_size=2, image_size=16, context_length=8, val_fraction=0.5)
     with pytest.raises(DataStreamError, match=r"held_out.*lower val_fraction"):
         bounded(lambda: next(iter(dl)))
+
+
+@pytest.mark.parametrize("cut", ["data_end", "in_padding", "header", "in_header"])
+def test_val_loader_keeps_the_sample_completed_before_a_truncation(tmp_path: Path, corpus: Path, cut: str) -> None:
+    """A tar cut after the last byte of a sample (in its padding, or in the next header): that sample is kept,
+    as by the training reader."""
+    root = tmp_path / "root"
+    shutil.copytree(corpus, root)
+    keys = [k for k in (f"s01_v{i}" for i in range(500)) if is_heldout(k, 0.5)][:4]
+    _one_shard_stage(
+        root, [{"__key__": k, "jpg": _jpeg((10 * i, 0, 0)), "txt": f"cap {i}"} for i, k in enumerate(keys)]
+    )
+    shard = root / "shards/stage_01/000000.tar"
+    with tarfile.open(shard) as tf:
+        last = max((tf.getmember(f"{keys[1]}.{e}") for e in ("jpg", "txt")), key=lambda m: m.offset)
+        data_end, header = last.offset_data + last.size, tf.getmember(f"{keys[2]}.jpg").offset
+    assert header - data_end > 2, "the test needs padding after sample 1's last member"
+    at = {"data_end": data_end, "in_padding": (data_end + header) // 2, "header": header, "in_header": header + 100}
+    shard.write_bytes(shard.read_bytes()[: at[cut]])
+    batches = make_val_loader(root, 1, batch_size=8, image_size=16, context_length=8, val_fraction=0.5)
+    reds = [round(float(img[0].mean() * STD[0] + MEAN[0]) * 255 / 10) for img in batches[0][0]]
+    assert reds == [0, 1], f"expected samples 0 and 1 (the cut is after sample 1), got {reds}"
 
 
 def test_special_token_strings_in_captions_are_not_special(corpus: Path) -> None:

@@ -22,7 +22,6 @@ the same damaged shards without raising and returns exactly the intact held-out 
 from __future__ import annotations
 
 import io
-import os
 import random
 import tarfile
 import time
@@ -41,7 +40,7 @@ from data_tools.loaders import MAX_CAPTION_BYTES, MEAN, STD, is_heldout, make_tr
 from data_tools.manifest import load_manifest, save_manifest, sha256_file
 from data_tools.synthetic import make_table_input, random_image
 from data_tools.tokenizer import train_tokenizer
-from tests.helpers import bounded
+from tests.helpers import bounded, seeds_from_env
 
 SIZE = 32
 SHARDS = ("fuzz", "truncated", "flipped", "clean")
@@ -214,9 +213,15 @@ def read_one_pass(root: Path, rank: int) -> tuple[list[int], Counter[str]]:
     raise AssertionError(f"shard {rank}: the first good sample never came round again")
 
 
-@pytest.fixture(scope="module")
-def damaged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict[str, Any]], int]:
-    seed = int(os.environ.get("GROWCLIP_FUZZ_SEED", random.SystemRandom().randrange(10**6)))
+# 535498: a truncation right after a complete sample, which the held-out reader used to drop.
+FUZZ_SEEDS = seeds_from_env("GROWCLIP_FUZZ_SEED", [20261123, 535498])
+
+
+@pytest.fixture(scope="module", params=FUZZ_SEEDS, ids=[f"seed{s}" for s in FUZZ_SEEDS])
+def damaged(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, dict[str, Any]], int]:
+    seed = request.param
     print(f"fuzz seed {seed} (replay with GROWCLIP_FUZZ_SEED={seed})")
     tmp = tmp_path_factory.mktemp("fuzz")
     root = tmp / "root"

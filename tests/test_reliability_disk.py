@@ -10,6 +10,7 @@ message and clean-up by faking ENOSPC in the payload write and in the sidecar wr
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -19,13 +20,16 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import h5py
 import pytest
 import torch
 
 import jobs.engine.checkpoint as ck
 from jobs.config import load_cfg
+from jobs.engine import metrics
 from jobs.engine.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from jobs.engine.dist import DistEnv
+from jobs.engine.metrics import MetricsLog, MetricsWriteError, read_events
 from jobs.engine.trainer import run_training
 from tests.helpers import stop_at
 
@@ -142,3 +146,78 @@ def test_torn_temp_files_are_removed_by_the_next_save_and_prune(tmp_path: Path) 
     ]
     save_checkpoint(PAYLOAD, tmp_path / "final.pt")
     assert not (tmp_path / ".final.pt.zz.tmp").exists()
+
+
+def _fill(directory: Path) -> Path:
+    """Write a filler file in ``directory`` until its filesystem is full; return the filler."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as fh:
+        with contextlib.suppress(OSError):
+            while True:
+                fh.write(b"\0" * 4096)
+        with contextlib.suppress(OSError):
+            while True:
+                fh.write(b"\0")
+    return filler
+
+
+def test_metrics_log_on_a_full_disk_is_clear_and_leaves_no_torn_line(small_tmpfs: Path) -> None:
+    log = MetricsLog(small_tmpfs)
+    log.event("start", stage=1)
+    log.step(step=1, samples=8, loss=2.0)
+    before = log.events_path.read_bytes()
+    filler = _fill(small_tmpfs)  # events.jsonl's page still has room for part of a record: a torn write
+    with pytest.raises(MetricsWriteError) as info:
+        log.event("checkpoint", step=2, path="x" * 20_000)
+    msg = str(info.value)
+    print(f"metrics on a full disk: {msg}")
+    assert str(log.events_path) in msg and "ENOSPC" in msg and "MiB free" in msg and "re-run the same command" in msg
+    assert log.events_path.read_bytes() == before, "the failed append must leave the log as it was"
+    filler.unlink()
+    log.event("end", step=2)
+    kinds = [e["event"] for e in read_events(log.events_path)]
+    assert kinds[:2] == ["start", "train"] and kinds[-1] == "end" and "checkpoint" not in kinds
+
+
+def test_metrics_append_failure_is_undone(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    log = MetricsLog(tmp_path)
+    log.event("start", stage=1)
+    before = log.events_path.read_bytes()
+    real_write = os.write
+
+    def half_then_full(fd: int, data) -> int:  # type: ignore[no-untyped-def]
+        real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+    monkeypatch.setattr(metrics.os, "write", half_then_full)
+    with pytest.raises(MetricsWriteError, match=r"EDQUOT.*left as it was.*re-run the same command"):
+        log.event("checkpoint", step=2)
+    monkeypatch.undo()
+    assert log.events_path.read_bytes() == before
+
+
+def test_a_line_torn_by_sigkill_costs_only_itself(tmp_path: Path) -> None:
+    log = MetricsLog(tmp_path)
+    log.event("start", stage=1)
+    with open(log.events_path, "a") as fh:
+        fh.write('{"event": "train", "step": 1, "lo')  # the process died mid-line
+    log.event("resume", step=0)
+    assert [e["event"] for e in read_events(log.events_path)] == ["start", "resume"]
+
+
+def test_hdf5_that_cannot_be_written_does_not_stop_training(tmp_path: Path, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    log = MetricsLog(tmp_path)
+    log.step(step=1, samples=8, loss=2.0)
+
+    def no_room(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(metrics.h5py, "File", no_room)
+    log.step(step=2, samples=16, loss=1.9)  # JSONL written; HDF5 append and rebuild fail: warned, not raised
+    monkeypatch.undo()
+    assert [e["step"] for e in read_events(log.events_path)] == [1, 2]
+    assert "metrics.h5 not rebuilt" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["events.jsonl", "metrics.h5"]
+    log.truncate_after(2)  # what resume does: the HDF5 has both rows again
+    with h5py.File(log.h5_path) as f:
+        assert list(f["step"][:]) == [1.0, 2.0]

@@ -32,6 +32,7 @@ import torch
 
 from jobs.engine.checkpoint import find_resume, load_checkpoint, verify_checkpoint
 from jobs.engine.metrics import read_events
+from tests.helpers import seeds_from_env
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, EVERY, KILLS = 150, 3, 12
@@ -158,8 +159,10 @@ def reference(tiny_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return run_dir / "stage_01" / "train"
 
 
-def test_random_sigkills_resume_to_identical_weights(reference: Path, tiny_config: Path, tmp_path: Path) -> None:
-    seed = int(os.environ.get("GROWCLIP_KILL_SEED", random.SystemRandom().randrange(10**6)))
+@pytest.mark.parametrize("seed", seeds_from_env("GROWCLIP_KILL_SEED", [20261123]))
+def test_random_sigkills_resume_to_identical_weights(
+    seed: int, reference: Path, tiny_config: Path, tmp_path: Path
+) -> None:
     print(f"kill seed {seed} (replay with GROWCLIP_KILL_SEED={seed})")
     rng = random.Random(seed)
     plan = plan_kills(rng)

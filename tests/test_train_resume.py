@@ -133,6 +133,32 @@ def test_corrupt_newest_falls_back_to_previous(reference, tiny_config: Path, tmp
     assert_same_losses(step_losses(second.train_dir), reference)
 
 
+def test_a_first_save_killed_before_its_checksum_starts_over(
+    reference, tiny_config: Path, tmp_path: Path, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    """The only checkpoint lacks its sidecar (SIGKILL between the rename and the checksum): start from scratch.
+    The only checkpoint fails its checksum (damage to finished work): refuse, naming the fix."""
+    cfg = load_cfg(tiny_config)
+    first = run_training(cfg, 2, tmp_path / "a", DistEnv(), should_stop=stop_at(10))
+    ckpt_dir = first.train_dir / "checkpoints"
+    assert [s for s, _ in list_checkpoints(ckpt_dir)] == [10]
+    damaged = tmp_path / "b" / "stage_02" / "train" / "checkpoints"
+    shutil.copytree(ckpt_dir, damaged)
+    (ckpt_dir / "step_00000010.pt.sha256").unlink()
+    with caplog.at_level(logging.WARNING):
+        second = run_training(cfg, 2, tmp_path / "a", DistEnv())
+    assert "no checksum file: the first save of this stage was interrupted" in caplog.text
+    assert second.status == "completed" and second.step == 40
+    assert not [e for e in read_events(second.train_dir / "events.jsonl") if e["event"] == "resume"]
+    assert_same_losses(step_losses(second.train_dir), reference)
+
+    data = bytearray((damaged / "step_00000010.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (damaged / "step_00000010.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"every checkpoint in .* is unusable.*move them away"):
+        run_training(cfg, 2, tmp_path / "b", DistEnv())
+
+
 def test_checkpoint_io_failures_and_pruning(tmp_path: Path) -> None:
     payload = {"format": "growclip-checkpoint", "version": 1, "step": 1, "w": torch.arange(4.0)}
     for step in (1, 2, 3, 4):

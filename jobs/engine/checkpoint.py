@@ -42,6 +42,7 @@ __all__ = [
     "verify_checkpoint",
     "list_checkpoints",
     "find_resume",
+    "interrupted_first_save",
     "prune_checkpoints",
     "checkpoint_name",
 ]
@@ -214,6 +215,21 @@ def find_resume(
             return path, loader(path)
         except CheckpointError as exc:
             logger.warning("checkpoint step %d is unusable, falling back to the previous one: %s", step, exc)
+    return None
+
+
+def interrupted_first_save(ckpt_dir: Path) -> Path | None:
+    """The checkpoint of ``ckpt_dir`` if it is the only one and lacks its sidecar, else None.
+
+    That is the state a process killed between the first save's ``.pt`` rename and its sidecar leaves:
+    nothing was ever verified in this directory, so the run starts from scratch (and overwrites that
+    file at the same step), exactly as if the kill had come a moment earlier. Any other set of
+    unusable checkpoints (a checksum that fails, several files) is damage to finished work and
+    stays an error for a person to look at.
+    """
+    found = list_checkpoints(ckpt_dir)
+    if len(found) == 1 and not _sidecar(found[0][1]).exists():
+        return found[0][1]
     return None
 
 

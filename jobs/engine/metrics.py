@@ -10,13 +10,21 @@ On resume both files are cut back to the resumed step: ``events.jsonl`` is rewri
 without step records beyond it (their steps are about to be redone), and ``metrics.h5`` is rebuilt
 from it. The HDF5 file is reopened and closed around every append, so a SIGKILL can at worst lose it,
 never the JSONL; a metrics.h5 that fails to open is rebuilt from the JSONL.
+
+Appends to ``events.jsonl`` never leave a torn line behind: a write that fails (disk full, quota) is cut
+back to the file's previous end and raises :class:`MetricsWriteError` naming the path, the free space and
+the fix; a line torn by a SIGKILL is closed with a newline before the next record, so that it costs only
+itself (``read_events`` skips it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +34,7 @@ import numpy as np
 
 from data_tools.atomic import atomic_write_text
 
-__all__ = ["SERIES", "MetricsLog", "read_events"]
+__all__ = ["SERIES", "MetricsLog", "MetricsWriteError", "read_events"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +49,43 @@ SERIES = (
     ("logit_scale", "exp(logit_scale), the inverse temperature"),
     ("memory_mb", "peak CUDA memory allocated (GPU) or peak RSS (CPU), MiB"),
 )
+
+
+class MetricsWriteError(RuntimeError):
+    """``events.jsonl`` could not be appended to (disk full, quota, I/O error); the file is left as it was."""
+
+
+def _append_line(path: Path, line: bytes) -> None:
+    """Append ``line`` (ending in a newline) to ``path`` and fsync; on failure cut the file back to its old end."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        start = os.fstat(fd).st_size
+        if start and os.pread(fd, 1, start - 1) != b"\n":  # torn by a SIGKILL: close it, keep ours whole
+            line = b"\n" + line
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            try:
+                free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there"
+            except OSError:
+                free = "free space unknown"
+            fix = (
+                "free space on that filesystem (or use a --run-dir with room), then re-run the same command to resume "
+                "from the last checkpoint"
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                else "check the filesystem, then re-run the same command to resume from the last checkpoint"
+            )
+            raise MetricsWriteError(
+                f"could not append to the metrics log {path} ({errno.errorcode.get(exc.errno or 0, exc.errno)}: "
+                f"{exc.strerror}; {free}); the log is left as it was before this record. Fix: {fix}"
+            ) from exc
+    finally:
+        os.close(fd)
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:
@@ -85,11 +130,14 @@ class MetricsLog:
 
     def _rebuild_h5(self, records: list[dict[str, Any]]) -> None:
         tmp = self.h5_path.with_name(f".{self.h5_path.name}.{os.getpid()}.tmp")
-        with h5py.File(tmp, "w") as f:
-            self._create(f)
-            for r in records:
-                self._append(f, r)
-        os.replace(tmp, self.h5_path)
+        try:
+            with h5py.File(tmp, "w") as f:
+                self._create(f)
+                for r in records:
+                    self._append(f, r)
+            os.replace(tmp, self.h5_path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @staticmethod
     def _create(f: h5py.File) -> None:
@@ -117,10 +165,7 @@ class MetricsLog:
             return
         record = {"event": kind, "time": round(time.time(), 3), **fields}
         self.events_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.events_path, "a") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        _append_line(self.events_path, (json.dumps(record, sort_keys=True) + "\n").encode())
 
     def step(self, **fields: Any) -> None:
         """A ``train`` record in events.jsonl plus one row in every metrics.h5 series."""
@@ -133,4 +178,7 @@ class MetricsLog:
                 self._append(f, fields)
         except OSError as exc:  # e.g. left damaged by a SIGKILL mid-write: rebuild from the JSONL
             logger.warning("metrics.h5 unusable (%s): rebuilding it from events.jsonl", exc)
-            self._rebuild_h5([e for e in read_events(self.events_path) if e.get("event") == "train"])
+            try:
+                self._rebuild_h5([e for e in read_events(self.events_path) if e.get("event") == "train"])
+            except OSError as again:  # e.g. the disk is full: the JSONL has the record, resume rebuilds the HDF5
+                logger.warning("metrics.h5 not rebuilt (%s): events.jsonl has every record; resume rebuilds it", again)

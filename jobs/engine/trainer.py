@@ -41,6 +41,7 @@ from jobs.engine.checkpoint import (
     CheckpointError,
     checkpoint_name,
     find_resume,
+    interrupted_first_save,
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
@@ -283,7 +284,14 @@ def _resolve_start(
     payload, path = None, None
     if resume == "latest":
         found = find_resume(ckpt_dir)
-        if found is None and list_checkpoints(ckpt_dir):
+        torn = interrupted_first_save(ckpt_dir) if found is None else None
+        if torn is not None:
+            logger.warning(
+                "%s has no checksum file: the first save of this stage was interrupted before it was verified; "
+                "starting from scratch (that file is overwritten at its step)",
+                torn,
+            )
+        elif found is None and list_checkpoints(ckpt_dir):
             raise CheckpointError(
                 f"every checkpoint in {ckpt_dir} is unusable (see the warnings above); move them away to start "
                 "over, or pass --resume PATH"
