@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,14 +19,16 @@ from jobs.config import ConfigError, load_cfg
 from jobs.engine.dist import init_distributed
 from jobs.engine.pipeline import stage_path
 from jobs.logs import setup_logging
+from jobs.train import EXIT_PREEMPTED, StopFlag
 
 __all__ = ["SearchJob", "SelectJob", "EvalJob", "cmd_search_candidate", "cmd_select"]
 
 
-def _search(config: str, stage: int, run_dir: str, index: int) -> dict[str, Any]:
+def _search(config: str, stage: int, run_dir: str, index: int, should_stop: Any = lambda: False) -> dict[str, Any]:
     from jobs.engine.search import run_search_candidate
 
-    return run_search_candidate(load_cfg(Path(config)), stage, index, Path(run_dir), init_distributed())
+    cfg = load_cfg(Path(config))
+    return run_search_candidate(cfg, stage, index, Path(run_dir), init_distributed(), should_stop=should_stop)
 
 
 def _select(config: str, stage: int, run_dir: str) -> dict[str, Any]:
@@ -50,7 +53,13 @@ class SearchJob(submitit.helpers.Checkpointable):
 
     def __call__(self, index: int) -> dict[str, Any]:
         setup_logging()
-        return _search(self.config, self.stage, self.run_dir, index)
+        stop = StopFlag()
+        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
+        signal.signal(signal.SIGUSR2, stop.set)  # first: a checkpoint at the next step boundary
+        out = _search(self.config, self.stage, self.run_dir, index, stop.is_set)
+        if out["status"] == "preempted" and callable(requeue):
+            requeue(stop.signum or signal.SIGUSR2, None)  # checkpoint() (this task again) + scontrol requeue + exit
+        return out
 
 
 class SelectJob(submitit.helpers.Checkpointable):
@@ -77,10 +86,12 @@ class EvalJob(submitit.helpers.Checkpointable):
 
 def _run(fn: Any, *args: Any) -> int:
     setup_logging()
-    keep = ("status", "index", "name", "score", "val_loss", "proxy_acc1", "winner", "reason")
+    keep = ("status", "index", "name", "step", "score", "val_loss", "proxy_acc1", "winner", "reason")
     try:
         out = fn(*args)  # one JSON line on stdout: the gist of result.json / selected.json
         print(json.dumps({k: (v["name"] if k == "winner" else v) for k, v in out.items() if k in keep}))
+        if out.get("status") == "preempted":
+            return EXIT_PREEMPTED  # the sbatch script requeues the task; it resumes from the checkpoint
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -92,7 +103,9 @@ def _run(fn: Any, *args: Any) -> int:
 
 def cmd_search_candidate(args: argparse.Namespace) -> int:
     """Grow, train and score one candidate (``--index``, e.g. $SLURM_ARRAY_TASK_ID)."""
-    return _run(_search, str(args.config), args.stage, str(args.run_dir), args.index)
+    stop = StopFlag()
+    signal.signal(signal.SIGUSR2, stop.set)  # SLURM's warning (sbatch --signal=B:USR2@90): checkpoint, exit 3
+    return _run(_search, str(args.config), args.stage, str(args.run_dir), args.index, stop.is_set)
 
 
 def cmd_select(args: argparse.Namespace) -> int:

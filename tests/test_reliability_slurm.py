@@ -3,9 +3,12 @@
 Stage 1 is trained in-process; stage 2's search is submitted as a 2-task array of ``SearchJob``
 (exactly what ``submit --executor slurm`` submits), with ``search.steps`` raised so that the
 candidate is still training when ``scancel --signal=USR2`` hits task 0. submitit's handler calls
-``SearchJob.checkpoint()`` (the same task again: config path, stage, run dir, index), runs
-``scontrol requeue`` on the array task and exits; the requeued task skips the growth already on disk
-(``grown.pt``) and trains the candidate again in ``cand_00/work``; both tasks finish with a score.
+``SearchJob``'s stop flag first: the candidate's training checkpoints at the next step boundary and
+returns "preempted"; then submitit's handler calls ``SearchJob.checkpoint()`` (the same task again:
+config path, stage, run dir, index), runs ``scontrol requeue`` on the array task and exits; the
+requeued task skips the growth already on disk (``grown.pt``) and resumes the candidate's training in
+``cand_00/work`` from the preemption checkpoint; both tasks finish with a score. The same through
+``slurm/search_array.sbatch`` (the script forwards USR2, the candidate exits 3, the script requeues).
 The training job's USR2 → checkpoint → requeue → resume path is ``tests/test_train_slurm.py``.
 Every wait is bounded; a requeued task held on ``Reason=BeginTime`` is released with
 ``scontrol update StartTime=now`` (slurmctld holds requeued jobs briefly).
@@ -13,7 +16,9 @@ Every wait is bounded; a requeued task held on ``Reason=BeginTime`` is released 
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +34,8 @@ from jobs.submit import _executor
 from tests.helpers import squeue, wait_for
 
 pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_usr2_requeues_a_search_array_task(slurm_cluster, tiny_pipeline_config: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -77,7 +84,70 @@ def test_usr2_requeues_a_search_array_task(slurm_cluster, tiny_pipeline_config: 
     assert results[0]["steps"] == 120
     events = read_events(cand / "events.jsonl")
     assert [e["event"] for e in events].count("start") == 2 and events[-1]["event"] == "scored"
+    preempted_at = assert_resumed_where_preempted(events, read_events(work_events), interrupted_at)
     print(
-        f"search requeue: USR2 at candidate step {interrupted_at}; restarted {t_restart - t_signal:.1f} s later; "
-        f"both tasks scored ({results[0]['score']:.4f}, {results[1]['score']:.4f})"
+        f"search requeue: USR2 at candidate step {interrupted_at}, checkpointed at {preempted_at}; restarted "
+        f"{t_restart - t_signal:.1f} s later and resumed there; both tasks scored "
+        f"({results[0]['score']:.4f}, {results[1]['score']:.4f})"
     )
+
+
+def assert_resumed_where_preempted(cand_events: list[dict], work_events: list[dict], interrupted_at: int) -> int:
+    """The candidate checkpointed at the signal and its requeued training resumed from that step."""
+    preempted = [e for e in cand_events if e["event"] == "preempted"]
+    assert len(preempted) == 1, cand_events
+    step = preempted[0]["step"]
+    assert interrupted_at <= step < 120
+    assert [e["step"] for e in work_events if e["event"] == "resume"] == [step]
+    trained = sorted(e["step"] for e in work_events if e["event"] == "train")
+    assert trained == list(range(3, 121, 3)), "every logged step once: none redone twice, none lost"
+    return step
+
+
+def test_usr2_requeues_a_search_array_task_through_the_sbatch_script(  # type: ignore[no-untyped-def]
+    slurm_cluster, tiny_pipeline_config: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    cfg = load_cfg(tiny_pipeline_config, ["search.steps=120", "train.log_every=3"])
+    cfg_path = run_dir / "config.yaml"
+    atomic_write_text(cfg_path, dump_cfg(cfg))
+    assert run_training(cfg, 1, run_dir, DistEnv()).status == "completed"
+    cand = run_dir / "stage_02" / "search" / "cand_00"
+    work_events = cand / "work" / "stage_02" / "train" / "events.jsonl"
+    out = tmp_path / "slurm-%A_%a.out"
+    env = {**os.environ, "GROWCLIP_REPO": str(REPO), "GROWCLIP_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    argv = ["sbatch", "--parsable", "--array=0", "--gres=none", "--mem=2G", "--cpus-per-task=1", f"--output={out}"]
+    proc = subprocess.run(
+        [*argv, str(REPO / "slurm/search_array.sbatch"), str(cfg_path), "2", str(run_dir)],
+        cwd=REPO, capture_output=True, text=True, timeout=30, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    job = f"{proc.stdout.strip().split(';')[0]}_0"
+
+    def steps_done() -> int:
+        events = read_events(work_events) if work_events.exists() else []
+        return max((e["step"] for e in events if e["event"] == "train"), default=0)
+
+    try:
+        wait_for("candidate 0 to train 15 steps", lambda: steps_done() >= 15 or not squeue(job), timeout=180)
+        assert squeue(job), "the task finished before it could be preempted"
+        t_signal = time.time()
+        subprocess.run(["scancel", "--batch", "--signal=USR2", job], check=True, timeout=30)  # what --signal=B: sends
+        interrupted_at = steps_done()
+
+        def finished() -> bool:
+            state = squeue(job)
+            if state.startswith("PENDING") and "BeginTime" in state and time.time() - t_signal > 5:
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], timeout=30)
+            return (cand / "result.json").exists() and not state
+
+        wait_for("the requeued task to finish", finished, timeout=300, poll=1.0)
+    finally:
+        if squeue(job):
+            subprocess.run(["scancel", job], timeout=30, check=False)
+    log = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert '"status": "preempted"' in log, log[-3000:]
+    events = read_events(cand / "events.jsonl")
+    assert [e["event"] for e in events].count("start") == 2 and events[-1]["event"] == "scored"
+    preempted_at = assert_resumed_where_preempted(events, read_events(work_events), interrupted_at)
+    print(f"sbatch search requeue: USR2 at step {interrupted_at}, checkpointed at {preempted_at}, resumed there")

@@ -10,7 +10,9 @@
 2. ``model.grow`` expands stage t-1's final weights (or their EMA, ``growth.inherit_from``) to the
    candidate with PIM momentum ``growth.momentum``; the grown checkpoint is ``cand_KK/grown.pt``;
 3. the trainer (``jobs.engine.trainer.run_training``) trains it ``search.steps`` steps on D_<=t with
-   replay (``search.batch_size/lr/warmup_steps``) in ``cand_KK/work/`` — resumable like any training
+   replay (``search.batch_size/lr/warmup_steps``) in ``cand_KK/work/`` — resumable like any training:
+   with ``should_stop`` (SIGUSR2 in the array task) it checkpoints at the next step boundary and the
+   call returns ``{"status": "preempted"}`` (no ``failed.json``); the requeued task resumes there
    (skipped when the stage has a single candidate — a fixed ``growth.schedule`` or ``axes: []`` —
    since there is nothing to choose: the grown weights are scored as they are);
 4. it is scored on the held-out split of stage t (``data.val_fraction``; first ``search.val_samples``
@@ -34,6 +36,7 @@ import logging
 import math
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -70,7 +73,7 @@ def search_cfg(cfg: RunCfg) -> RunCfg:
         lr=s.lr,
         min_lr=min(t.min_lr, s.lr),
         warmup_steps=s.warmup_steps,
-        checkpoint_every=s.steps,  # one final checkpoint; a requeued candidate restarts its few steps
+        checkpoint_every=s.steps,  # one final checkpoint (+ one on preemption, where a requeued task resumes)
         keep_checkpoints=1,
         log_every=max(1, min(t.log_every, s.steps)),
         ema_decay=0.0,
@@ -180,11 +183,23 @@ def _val_batches(
     return out
 
 
-def run_search_candidate(cfg: RunCfg, stage: int, index: int, run_dir: Path, env: DistEnv) -> dict[str, Any]:
+def run_search_candidate(
+    cfg: RunCfg,
+    stage: int,
+    index: int,
+    run_dir: Path,
+    env: DistEnv,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> dict[str, Any]:
     """Grow, train and score candidate ``index`` of stage ``stage``; write and return its result.
 
+    Args:
+        should_stop: polled at step boundaries of the candidate's training (preemption): when it turns
+            True the training checkpoints and the call returns ``{"status": "preempted", "step": N}``.
+
     Returns:
-        result.json's content; ``{"status": "absent"}`` when the stage has fewer candidates.
+        result.json's content; ``{"status": "absent"}`` when the stage has fewer candidates;
+        ``{"status": "preempted", ...}`` when ``should_stop`` stopped the training (call again to resume).
 
     Raises:
         RuntimeError: stage t-1 is not trained yet, or the candidate's training did not complete.
@@ -240,7 +255,14 @@ def run_search_candidate(cfg: RunCfg, stage: int, index: int, run_dir: Path, env
             logger.info("stage %d has a single candidate (%s): scored without search training", stage, cand.name)
             payload, steps = load_checkpoint(grown), 0
         else:
-            result = run_training(search_cfg(cfg), stage, out / "work", env, init=grown)
+            result = run_training(search_cfg(cfg), stage, out / "work", env, init=grown, should_stop=should_stop)
+            if result.status == "preempted":
+                events.event("preempted", step=result.step, checkpoint=str(result.last_checkpoint))
+                logger.info(
+                    "stage=%d candidate %d %s: preempted at step %d (checkpoint %s); the requeued task resumes there",
+                    stage, index, cand.name, result.step, result.last_checkpoint,
+                )  # fmt: skip
+                return {"status": "preempted", "stage": stage, "index": index, "name": cand.name, "step": result.step}
             if result.final is None:
                 raise RuntimeError(f"candidate training stopped at step {result.step} ({result.status})")
             payload, steps = load_checkpoint(result.final), result.step
