@@ -41,13 +41,14 @@ test: $(STAMP) data-sources
 # make test runs the fuzz and SIGKILL tests on fixed seeds (deterministic CI); this explores new ones.
 # A failure prints its seed; replay it with GROWCLIP_FUZZ_SEED=N / GROWCLIP_KILL_SEED=N.
 FUZZ_ROUNDS ?= 20
-fuzz: $(STAMP)
-	@for i in $$(seq $(FUZZ_ROUNDS)); do \
-	  GROWCLIP_FUZZ_SEED=random $(PY) -m pytest -q -p no:cacheprovider tests/test_reliability_data.py -rA \
-	    | grep -E "fuzz seed|passed|failed" || exit 1; \
-	  test "$${PIPESTATUS[0]}" = 0 || exit 1; \
-	done; GROWCLIP_KILL_SEED=random $(PY) -m pytest -q -p no:cacheprovider tests/test_reliability_kill.py -rA \
-	  | grep -E "kill seed|passed|failed"; exit "$${PIPESTATUS[0]}"
+fuzz: $(STAMP) data-sources
+	@log=$$(mktemp); trap 'rm -f "$$log"' EXIT; \
+	run() { "$$@" >"$$log" 2>&1; rc=$$?; grep -E "(fuzz|kill) seed|passed|failed|skipped|error" "$$log"; \
+	  if [ $$rc != 0 ]; then tail -60 "$$log"; exit $$rc; fi; }; \
+	for i in $$(seq $(FUZZ_ROUNDS)); do \
+	  GROWCLIP_FUZZ_SEED=random run $(PY) -m pytest -q -rA -p no:cacheprovider tests/test_reliability_data.py; \
+	done; \
+	GROWCLIP_KILL_SEED=random run $(PY) -m pytest -q -rA -p no:cacheprovider tests/test_reliability_kill.py
 
 data-sources:
 	@missing=""; for pair in $(DATA_SOURCES); do \

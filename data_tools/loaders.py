@@ -972,19 +972,30 @@ def load_eval_task(data_root: str | Path, task: str, *, image_size: int = 64) ->
     """Load one eval task (CLIP_benchmark wds layout) fully into memory."""
     tdir = Path(data_root) / "eval" / task
     nshards = int((tdir / "test" / "nshards.txt").read_text())
+    retrieval = not (tdir / "classnames.txt").exists()
     images, labels, captions = [], [], []
+    incomplete = 0
     for i in range(nshards):
         for sample in _iter_tar(tdir / "test" / f"{i}.tar"):
+            if "jpg" not in sample or ("txt" if retrieval else "cls") not in sample:
+                incomplete += 1  # the sample a truncation cut through: its parts are not all there
+                continue
             img = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
             if img.size != (image_size, image_size):
                 img = resize_image(img, image_size, "center_crop")
             images.append(image_to_uint8(img))
-            if "cls" in sample:
-                labels.append(int(sample["cls"]))
-            else:
+            if retrieval:
                 captions.append(sample["txt"].decode("utf-8").splitlines())
+            else:
+                labels.append(int(sample["cls"]))
+    if incomplete:
+        logger.warning("eval task %s: skipped %d incomplete samples (damaged shard?)", task, incomplete)
+    if not images:
+        raise ValueError(
+            f"eval task {task}: no readable sample in {tdir / 'test'}: rebuild it (data_tools build-offline)"
+        )
     stacked = normalize_batch(torch.stack(images))
-    if (tdir / "classnames.txt").exists():
+    if not retrieval:
         classnames = (tdir / "classnames.txt").read_text().splitlines()
         templates = (tdir / "zeroshot_classification_templates.txt").read_text().splitlines()
         return ClassificationSet(task, stacked, torch.tensor(labels, dtype=torch.long), classnames, templates)

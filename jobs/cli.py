@@ -5,8 +5,8 @@ offline analysis (``report``, ``runs``), the per-job entry points the sbatch scr
 (``search-candidate``, ``select``, ``train``, ``evaluate``), ``submit-train`` and the checks
 (``check-config``, ``doctor``).
 Exit codes: 0 success, 1 the job ran and failed, 2 bad input (config, arguments) — the
-message on stderr names the problem and the fix; ``train`` also returns 3 when preempted
-(checkpointed, re-run to resume). Verbs that need torch import it lazily, so ``--help`` stays fast.
+message on stderr names the problem and the fix; ``train`` and ``search-candidate`` also return 3
+when preempted (checkpointed, re-run to resume). Verbs that need torch import it lazily, so ``--help`` stays fast.
 """
 
 from __future__ import annotations

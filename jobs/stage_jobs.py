@@ -56,8 +56,17 @@ class SearchJob(submitit.helpers.Checkpointable):
         stop = StopFlag()
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
         signal.signal(signal.SIGUSR2, stop.set)  # first: a checkpoint at the next step boundary
-        out = _search(self.config, self.stage, self.run_dir, index, stop.is_set)
-        if out["status"] == "preempted" and callable(requeue):
+        try:
+            out = _search(self.config, self.stage, self.run_dir, index, stop.is_set)
+        finally:
+            if requeue is not None:  # None: installed outside Python, cannot be put back
+                signal.signal(signal.SIGUSR2, requeue)
+        if out["status"] == "preempted":
+            if not callable(requeue):  # not under submitit's SLURM executor: nobody would requeue it
+                raise RuntimeError(
+                    f"stage {self.stage} candidate {index} was preempted (SIGUSR2) at step {out['step']} outside "
+                    "a SLURM job; its checkpoint is kept: resubmit the run to resume it"
+                )
             requeue(stop.signum or signal.SIGUSR2, None)  # checkpoint() (this task again) + scontrol requeue + exit
         return out
 

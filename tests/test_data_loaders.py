@@ -23,6 +23,7 @@ from data_tools.loaders import (
     TrainBatch,
     image_to_tensor,
     is_heldout,
+    load_eval_task,
     make_train_loader,
     make_val_loader,
     normalize_batch,
@@ -254,6 +255,32 @@ def test_val_loader_keeps_the_sample_completed_before_a_truncation(tmp_path: Pat
     batches = make_val_loader(root, 1, batch_size=8, image_size=16, context_length=8, val_fraction=0.5)
     reds = [round(float(img[0].mean() * STD[0] + MEAN[0]) * 255 / 10) for img in batches[0][0]]
     assert reds == [0, 1], f"expected samples 0 and 1 (the cut is after sample 1), got {reds}"
+
+
+@pytest.mark.parametrize("kind", ["classification", "retrieval"])
+def test_eval_task_skips_the_sample_a_truncation_cut_through(tmp_path: Path, kind: str, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A cut inside a sample's second member leaves that sample with one part: skipped, counted, no KeyError."""
+    tdir = tmp_path / "eval" / "toy"
+    (tdir / "test").mkdir(parents=True)
+    part = {"classification": "cls", "retrieval": "txt"}[kind]
+    value = {"classification": "{}", "retrieval": "a caption of sample {}"}[kind]
+    samples = [{"__key__": f"{i:06d}", "jpg": _jpeg((40 * i, 0, 0)), part: value.format(i % 2)} for i in range(5)]
+    write_tar(tdir / "test" / "0.tar", samples)
+    (tdir / "test" / "nshards.txt").write_text("1\n")
+    if kind == "classification":
+        (tdir / "classnames.txt").write_text("a\nb\n")
+        (tdir / "zeroshot_classification_templates.txt").write_text("a photo of {c}\n")
+    with tarfile.open(tdir / "test" / "0.tar") as tf:
+        second = max((tf.getmember(f"000003.{e}") for e in ("jpg", part)), key=lambda m: m.offset)
+    data = (tdir / "test" / "0.tar").read_bytes()
+    (tdir / "test" / "0.tar").write_bytes(data[: second.offset_data + max(second.size // 2, 1)])
+    task = load_eval_task(tmp_path, "toy", image_size=16)
+    assert task.images.shape[0] == 3, "samples 0-2 are whole; 3 was cut, 4 is gone"
+    assert "skipped 1 incomplete samples" in caplog.text
+    if kind == "classification":
+        assert task.labels.tolist() == [0, 1, 0]
+    else:
+        assert task.captions == [[value.format(i % 2)] for i in range(3)]
 
 
 def test_special_token_strings_in_captions_are_not_special(corpus: Path) -> None:

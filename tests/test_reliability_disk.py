@@ -214,10 +214,14 @@ def test_hdf5_that_cannot_be_written_does_not_stop_training(tmp_path: Path, monk
 
     monkeypatch.setattr(metrics.h5py, "File", no_room)
     log.step(step=2, samples=16, loss=1.9)  # JSONL written; HDF5 append and rebuild fail: warned, not raised
+    log.truncate_after(2)  # a resume while the disk is still full: the same
     monkeypatch.undo()
     assert [e["step"] for e in read_events(log.events_path)] == [1, 2]
-    assert "metrics.h5 not rebuilt" in caplog.text
+    assert caplog.text.count("metrics.h5 not rebuilt") == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["events.jsonl", "metrics.h5"]
-    log.truncate_after(2)  # what resume does: the HDF5 has both rows again
+    log.step(step=3, samples=24, loss=1.8)  # not appended to the stale HDF5 (its rows would be misaligned)
     with h5py.File(log.h5_path) as f:
-        assert list(f["step"][:]) == [1.0, 2.0]
+        assert list(f["step"][:]) == [1.0]
+    log.truncate_after(3)  # what resume does once there is room: the HDF5 has every row again
+    with h5py.File(log.h5_path) as f:
+        assert list(f["step"][:]) == [1.0, 2.0, 3.0]

@@ -4,6 +4,7 @@ without failing, and the next call resumes it to the same score as an uninterrup
 from __future__ import annotations
 
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -44,5 +45,30 @@ def test_preempted_candidate_resumes_to_the_uninterrupted_score(
     assert resumed["status"] == "done" and resumed["steps"] == 12
     work = read_events(cand / "work" / "stage_02" / "train" / "events.jsonl")
     assert [e["step"] for e in work if e["event"] == "resume"] == [5]
+    assert not list((cand / "work" / "stage_02" / "train" / "checkpoints").glob("step_*"))  # final.pt is enough
     for key in ("val_loss", "proxy_acc1", "score", "samples"):
         assert resumed[key] == pytest.approx(whole[key], abs=1e-6), key
+
+
+def test_a_signal_after_the_last_step_defers_scoring_to_the_requeued_task(
+    stage1: Path, tiny_pipeline_config: Path, tmp_path: Path
+) -> None:
+    cfg = load_cfg(tiny_pipeline_config, OVERRIDES)
+    shutil.copytree(stage1, tmp_path / "b")
+    # 12 boundary checks inside the 12-step training are False; the 13th, after it, is True
+    late = run_search_candidate(cfg, 2, 1, tmp_path / "b", DistEnv(), should_stop=stop_at(12))
+    assert late["status"] == "preempted" and late["step"] == 12
+    cand = tmp_path / "b" / "stage_02" / "search" / "cand_01"
+    assert (cand / "work" / "stage_02" / "train" / "final.pt").exists() and not (cand / "result.json").exists()
+    done = run_search_candidate(cfg, 2, 1, tmp_path / "b", DistEnv())
+    assert done["status"] == "done" and done["steps"] == 12
+
+
+def test_search_job_outside_slurm_refuses_to_swallow_a_preemption(monkeypatch: pytest.MonkeyPatch) -> None:
+    import jobs.stage_jobs as sj
+
+    monkeypatch.setattr(sj, "_search", lambda *a: {"status": "preempted", "step": 3})
+    before = signal.getsignal(signal.SIGUSR2)
+    with pytest.raises(RuntimeError, match=r"candidate 0 was preempted \(SIGUSR2\) at step 3 outside a SLURM job"):
+        sj.SearchJob("cfg.yaml", 2, "run")(0)
+    assert signal.getsignal(signal.SIGUSR2) == before, "the job's USR2 handler must be put back"

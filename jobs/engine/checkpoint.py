@@ -234,11 +234,12 @@ def interrupted_first_save(ckpt_dir: Path) -> Path | None:
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` step checkpoints (and their sidecars); return what went."""
+    """Delete all but the newest ``keep`` step checkpoints (and their sidecars; ``keep=0``: all); return what went."""
     if Path(ckpt_dir).is_dir():
         _remove_stale_temps(Path(ckpt_dir), ".step_*.pt.*.tmp")  # the .pt's and the sidecars' temps
+    found = list_checkpoints(ckpt_dir)
     gone = []
-    for _, path in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+    for _, path in found[: max(len(found) - keep, 0)]:
         for p in (path, _sidecar(path)):
             p.unlink(missing_ok=True)
         gone.append(path)

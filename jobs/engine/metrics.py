@@ -55,37 +55,45 @@ class MetricsWriteError(RuntimeError):
     """``events.jsonl`` could not be appended to (disk full, quota, I/O error); the file is left as it was."""
 
 
+def _write_error(path: Path, exc: OSError, what: str) -> MetricsWriteError:
+    """The error for a failed write of the metrics log ``path``: condition, free space, fix."""
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    fix = (
+        "free space on that filesystem (or use a --run-dir with room), then re-run the same command to resume "
+        "from the last checkpoint"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        else "check the filesystem, then re-run the same command to resume from the last checkpoint"
+    )
+    return MetricsWriteError(
+        f"could not {what} the metrics log {path} ({errno.errorcode.get(exc.errno or 0, exc.errno)}: "
+        f"{exc.strerror}; {free}); the log is left as it was before. Fix: {fix}"
+    )
+
+
 def _append_line(path: Path, line: bytes) -> None:
     """Append ``line`` (ending in a newline) to ``path`` and fsync; on failure cut the file back to its old end."""
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    fd, start = -1, 0
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
         start = os.fstat(fd).st_size
         if start and os.pread(fd, 1, start - 1) != b"\n":  # torn by a SIGKILL: close it, keep ours whole
             line = b"\n" + line
-        try:
-            view = memoryview(line)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        except OSError as exc:
+        view = memoryview(line)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except OSError as exc:
+        if fd >= 0:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, start)
-            try:
-                free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there"
-            except OSError:
-                free = "free space unknown"
-            fix = (
-                "free space on that filesystem (or use a --run-dir with room), then re-run the same command to resume "
-                "from the last checkpoint"
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT)
-                else "check the filesystem, then re-run the same command to resume from the last checkpoint"
-            )
-            raise MetricsWriteError(
-                f"could not append to the metrics log {path} ({errno.errorcode.get(exc.errno or 0, exc.errno)}: "
-                f"{exc.strerror}; {free}); the log is left as it was before this record. Fix: {fix}"
-            ) from exc
+        raise _write_error(path, exc, "append to") from exc
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:
@@ -113,6 +121,7 @@ class MetricsLog:
         self.events_path = train_dir / "events.jsonl"
         self.h5_path = train_dir / "metrics.h5"
         self.enabled = enabled
+        self._h5_broken = False
 
     def truncate_after(self, step: int) -> None:
         """Drop step records with ``step > step`` and rebuild metrics.h5 from the JSONL (resume)."""
@@ -121,12 +130,24 @@ class MetricsLog:
         events = read_events(self.events_path)
         kept = [e for e in events if not (e.get("event") == "train" and e.get("step", 0) > step)]
         text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in kept)
-        atomic_write_text(self.events_path, text)
-        self._rebuild_h5([e for e in kept if e.get("event") == "train"])
+        try:
+            atomic_write_text(self.events_path, text)
+        except OSError as exc:  # the temp file is gone; events.jsonl is untouched
+            raise _write_error(self.events_path, exc, "rewrite") from exc
+        self._try_rebuild_h5([e for e in kept if e.get("event") == "train"])
         if len(kept) != len(events):
             logger.info(
                 "metrics: dropped %d step records after step %d (redone on resume)", len(events) - len(kept), step
             )
+
+    def _try_rebuild_h5(self, records: list[dict[str, Any]]) -> None:
+        """Rebuild metrics.h5 from ``records``; on failure warn and stop appending to it until a rebuild works."""
+        try:
+            self._rebuild_h5(records)
+            self._h5_broken = False
+        except OSError as exc:  # e.g. the disk is full: events.jsonl has every record, resume rebuilds the HDF5
+            self._h5_broken = True
+            logger.warning("metrics.h5 not rebuilt (%s): events.jsonl has every record; resume rebuilds it", exc)
 
     def _rebuild_h5(self, records: list[dict[str, Any]]) -> None:
         tmp = self.h5_path.with_name(f".{self.h5_path.name}.{os.getpid()}.tmp")
@@ -164,7 +185,6 @@ class MetricsLog:
         if not self.enabled:
             return
         record = {"event": kind, "time": round(time.time(), 3), **fields}
-        self.events_path.parent.mkdir(parents=True, exist_ok=True)
         _append_line(self.events_path, (json.dumps(record, sort_keys=True) + "\n").encode())
 
     def step(self, **fields: Any) -> None:
@@ -172,13 +192,12 @@ class MetricsLog:
         if not self.enabled:
             return
         self.event("train", **fields)
+        if self._h5_broken:  # a rebuild failed: appending to a partial file would misalign the series
+            return
         try:
             with h5py.File(self.h5_path, "a") as f:
                 self._create(f)
                 self._append(f, fields)
         except OSError as exc:  # e.g. left damaged by a SIGKILL mid-write: rebuild from the JSONL
             logger.warning("metrics.h5 unusable (%s): rebuilding it from events.jsonl", exc)
-            try:
-                self._rebuild_h5([e for e in read_events(self.events_path) if e.get("event") == "train"])
-            except OSError as again:  # e.g. the disk is full: the JSONL has the record, resume rebuilds the HDF5
-                logger.warning("metrics.h5 not rebuilt (%s): events.jsonl has every record; resume rebuilds it", again)
+            self._try_rebuild_h5([e for e in read_events(self.events_path) if e.get("event") == "train"])

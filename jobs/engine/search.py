@@ -46,9 +46,9 @@ import torch
 from data_tools.atomic import atomic_write_json
 from data_tools.loaders import make_val_loader
 from jobs.config import RunCfg
-from jobs.engine.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
+from jobs.engine.checkpoint import FORMAT, VERSION, load_checkpoint, prune_checkpoints, save_checkpoint
 from jobs.engine.dist import DistEnv
-from jobs.engine.metrics import MetricsLog
+from jobs.engine.metrics import MetricsLog, MetricsWriteError
 from jobs.engine.pipeline import cand_dir, data_ratio, previous_spec, read_json, stage_candidates, stage_path
 from jobs.engine.trainer import run_training
 from model.search_space import Candidate
@@ -249,20 +249,31 @@ def run_search_candidate(
         events.event(
             "grown", params_before=record["params_before"], params_after=record["params_after"], error=record["error"]
         )
+
+        def preempted(step: int, saved: Path | None) -> dict[str, Any]:
+            events.event("preempted", step=step, checkpoint=str(saved))
+            logger.info(
+                "stage=%d candidate %d %s: preempted at step %d (%s on disk); the requeued task resumes there",
+                stage, index, cand.name, step, saved,
+            )  # fmt: skip
+            return {"status": "preempted", "stage": stage, "index": index, "name": cand.name, "step": step}
+
         if len(kept) == 1:
             # nothing to choose (a fixed schedule, or a space holding only "none"): no search training;
             # the grown weights are scored as they are, which records the loss just after growth
+            if should_stop():  # scoring reads the held-out split: too long for the warning's grace time
+                return preempted(0, grown)
             logger.info("stage %d has a single candidate (%s): scored without search training", stage, cand.name)
             payload, steps = load_checkpoint(grown), 0
         else:
             result = run_training(search_cfg(cfg), stage, out / "work", env, init=grown, should_stop=should_stop)
             if result.status == "preempted":
-                events.event("preempted", step=result.step, checkpoint=str(result.last_checkpoint))
-                logger.info(
-                    "stage=%d candidate %d %s: preempted at step %d (checkpoint %s); the requeued task resumes there",
-                    stage, index, cand.name, result.step, result.last_checkpoint,
-                )  # fmt: skip
-                return {"status": "preempted", "stage": stage, "index": index, "name": cand.name, "step": result.step}
+                return preempted(result.step, result.last_checkpoint)
+            if should_stop():  # the signal came after the last step: the requeued task finds final.pt and scores
+                return preempted(result.step, result.final)
+            if result.final is not None:  # a preemption's step checkpoint is redundant next to final.pt
+                for gone in prune_checkpoints(result.train_dir / "checkpoints", 0):
+                    logger.info("removed %s (the candidate's final.pt is written)", gone)
             if result.final is None:
                 raise RuntimeError(f"candidate training stopped at step {result.step} ({result.status})")
             payload, steps = load_checkpoint(result.final), result.step
@@ -295,18 +306,21 @@ def run_search_candidate(
         }
     except Exception as exc:
         if env.is_main:
-            atomic_write_json(
-                out / "failed.json",
-                {
-                    "stage": stage,
-                    "index": index,
-                    "name": cand.name,
-                    "error": f"{type(exc).__name__}: {exc}",
-                    "traceback": traceback.format_exc(),
-                    "time": time.time(),
-                },
-            )
-            events.event("failed", error=f"{type(exc).__name__}: {exc}")
+            try:  # best effort: on a full disk these fail too, and the original error is the one to report
+                atomic_write_json(
+                    out / "failed.json",
+                    {
+                        "stage": stage,
+                        "index": index,
+                        "name": cand.name,
+                        "error": f"{type(exc).__name__}: {exc}",
+                        "traceback": traceback.format_exc(),
+                        "time": time.time(),
+                    },
+                )
+                events.event("failed", error=f"{type(exc).__name__}: {exc}")
+            except (OSError, MetricsWriteError) as again:
+                logger.warning("stage %d candidate %d: failure not recorded on disk (%s)", stage, index, again)
         raise
     if env.is_main:
         atomic_write_json(out / "result.json", res)
