@@ -68,7 +68,10 @@ def test_search_job_outside_slurm_refuses_to_swallow_a_preemption(monkeypatch: p
     import jobs.stage_jobs as sj
 
     monkeypatch.setattr(sj, "_search", lambda *a: {"status": "preempted", "step": 3})
-    before = signal.getsignal(signal.SIGUSR2)
-    with pytest.raises(RuntimeError, match=r"candidate 0 was preempted \(SIGUSR2\) at step 3 outside a SLURM job"):
-        sj.SearchJob("cfg.yaml", 2, "run")(0)
-    assert signal.getsignal(signal.SIGUSR2) == before, "the job's USR2 handler must be put back"
+    earlier = signal.signal(signal.SIGUSR2, signal.SIG_DFL)  # no submitit handler (earlier tests may leave one)
+    try:
+        with pytest.raises(RuntimeError, match=r"candidate 0 was preempted \(SIGUSR2\) at step 3 outside a SLURM"):
+            sj.SearchJob("cfg.yaml", 2, "run")(0)
+        assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL, "the job's USR2 handler must be put back"
+    finally:
+        signal.signal(signal.SIGUSR2, earlier if earlier is not None else signal.SIG_DFL)
