@@ -502,6 +502,24 @@ def _job_state(rec: dict[str, Any], queued: dict[str, tuple[str, str]], final: d
     return final.get(rec["job_id"], "GONE")  # cancelled before it started: not in accounting
 
 
+def _candidate_state(run_dir: Path, stage: int, index: int, result: dict[str, Any] | None) -> str:
+    """One candidate in ``status``: its score, its failure, or how far it got (from cand_KK/events.jsonl)."""
+    from jobs.engine.metrics import read_events  # h5py: only when there is a candidate to show
+
+    if result:
+        return f"score {result['score']:.4f}"
+    cdir = run_dir / f"stage_{stage:02d}" / "search" / f"cand_{index:02d}"
+    failed = read_json(cdir / "failed.json")
+    if failed:
+        return f"failed: {failed['error']}"
+    last = next(iter(read_events(cdir / "events.jsonl")[-1:]), None)
+    if last is None:
+        return "no result"
+    if last["event"] == "preempted":
+        return f"preempted at step {last['step']} (checkpointed; resumes when requeued or resubmitted)"
+    return f"no result yet (last event: {last['event']})"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Each stage's steps (run dir + squeue/sacct), candidates and winner."""
     run_dir = Path(args.run_dir).resolve()
@@ -531,10 +549,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if t > 1 and st.candidates:
             cands = read_json(run_dir / f"stage_{t:02d}" / "search" / "candidates.json") or {"candidates": []}
             for k, c in enumerate(cands["candidates"]):
-                r = st.results.get(k)
-                failed = read_json(run_dir / f"stage_{t:02d}" / "search" / f"cand_{k:02d}" / "failed.json")
-                how = f"score {r['score']:.4f}" if r else (f"failed: {failed['error']}" if failed else "no result")
-                print(f"    cand {k:02d} {c['name']:<24} {how}")
+                print(f"    cand {k:02d} {c['name']:<24} {_candidate_state(run_dir, t, k, st.results.get(k))}")
         if st.selected:
             print(f"    winner {st.selected['winner']['name']}: {st.selected['reason']}")
     return 0

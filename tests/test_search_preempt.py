@@ -14,6 +14,7 @@ from jobs.engine.dist import DistEnv
 from jobs.engine.metrics import read_events
 from jobs.engine.search import run_search_candidate
 from jobs.engine.trainer import run_training
+from jobs.submit import _candidate_state
 from tests.helpers import stop_at
 
 OVERRIDES = ["search.steps=12", "train.log_every=2"]
@@ -40,6 +41,7 @@ def test_preempted_candidate_resumes_to_the_uninterrupted_score(
     cand = tmp_path / "b" / "stage_02" / "search" / "cand_01"
     assert not (cand / "failed.json").exists() and not (cand / "result.json").exists()
     assert [e["event"] for e in read_events(cand / "events.jsonl")][-1] == "preempted"
+    assert _candidate_state(tmp_path / "b", 2, 1, None).startswith("preempted at step 5 (checkpointed")
 
     resumed = run_search_candidate(cfg, 2, 1, tmp_path / "b", DistEnv())
     assert resumed["status"] == "done" and resumed["steps"] == 12
