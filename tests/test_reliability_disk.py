@@ -195,6 +195,15 @@ def test_metrics_append_failure_is_undone(tmp_path: Path, monkeypatch) -> None: 
     monkeypatch.undo()
     assert log.events_path.read_bytes() == before
 
+    def fstat_fails(fd: int):  # type: ignore[no-untyped-def]
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(metrics.os, "fstat", fstat_fails)  # before the old end is known: nothing may be cut
+    with pytest.raises(MetricsWriteError, match=r"EIO.*check the filesystem"):
+        log.event("checkpoint", step=2)
+    monkeypatch.undo()
+    assert log.events_path.read_bytes() == before
+
 
 def test_a_line_torn_by_sigkill_costs_only_itself(tmp_path: Path) -> None:
     log = MetricsLog(tmp_path)
@@ -219,9 +228,14 @@ def test_hdf5_that_cannot_be_written_does_not_stop_training(tmp_path: Path, monk
     assert [e["step"] for e in read_events(log.events_path)] == [1, 2]
     assert caplog.text.count("metrics.h5 not rebuilt") == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["events.jsonl", "metrics.h5"]
-    log.step(step=3, samples=24, loss=1.8)  # not appended to the stale HDF5 (its rows would be misaligned)
+    monkeypatch.setattr(metrics, "H5_RETRY_EVERY", 3)
+    for step in (3, 4):  # not appended to the stale HDF5 (its rows would be misaligned)
+        log.step(step=step, samples=8 * step, loss=1.8)
     with h5py.File(log.h5_path) as f:
         assert list(f["step"][:]) == [1.0]
-    log.truncate_after(3)  # what resume does once there is room: the HDF5 has every row again
+    log.step(step=5, samples=40, loss=1.7)  # the 3rd record since: a rebuild is tried, and there is room now
     with h5py.File(log.h5_path) as f:
-        assert list(f["step"][:]) == [1.0, 2.0, 3.0]
+        assert list(f["step"][:]) == [1.0, 2.0, 3.0, 4.0, 5.0]
+    log.truncate_after(4)  # what resume does: cut back and rebuilt
+    with h5py.File(log.h5_path) as f:
+        assert list(f["step"][:]) == [1.0, 2.0, 3.0, 4.0]

@@ -51,6 +51,9 @@ SERIES = (
 )
 
 
+H5_RETRY_EVERY = 20  # step records between two rebuild attempts of a metrics.h5 that could not be written
+
+
 class MetricsWriteError(RuntimeError):
     """``events.jsonl`` could not be appended to (disk full, quota, I/O error); the file is left as it was."""
 
@@ -75,7 +78,7 @@ def _write_error(path: Path, exc: OSError, what: str) -> MetricsWriteError:
 
 def _append_line(path: Path, line: bytes) -> None:
     """Append ``line`` (ending in a newline) to ``path`` and fsync; on failure cut the file back to its old end."""
-    fd, start = -1, 0
+    fd, start = -1, -1
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
@@ -87,7 +90,7 @@ def _append_line(path: Path, line: bytes) -> None:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
     except OSError as exc:
-        if fd >= 0:
+        if start >= 0:  # only once the old end is known: never cut what was there before
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, start)
         raise _write_error(path, exc, "append to") from exc
@@ -121,7 +124,7 @@ class MetricsLog:
         self.events_path = train_dir / "events.jsonl"
         self.h5_path = train_dir / "metrics.h5"
         self.enabled = enabled
-        self._h5_broken = False
+        self._h5_broken, self._records_since_broken = False, 0
 
     def truncate_after(self, step: int) -> None:
         """Drop step records with ``step > step`` and rebuild metrics.h5 from the JSONL (resume)."""
@@ -145,8 +148,8 @@ class MetricsLog:
         try:
             self._rebuild_h5(records)
             self._h5_broken = False
-        except OSError as exc:  # e.g. the disk is full: events.jsonl has every record, resume rebuilds the HDF5
-            self._h5_broken = True
+        except OSError as exc:  # e.g. the disk is full: events.jsonl has every record, a later rebuild catches up
+            self._h5_broken, self._records_since_broken = True, 0
             logger.warning("metrics.h5 not rebuilt (%s): events.jsonl has every record; resume rebuilds it", exc)
 
     def _rebuild_h5(self, records: list[dict[str, Any]]) -> None:
@@ -193,6 +196,9 @@ class MetricsLog:
             return
         self.event("train", **fields)
         if self._h5_broken:  # a rebuild failed: appending to a partial file would misalign the series
+            self._records_since_broken += 1
+            if self._records_since_broken % H5_RETRY_EVERY == 0:  # the disk may have room again
+                self._try_rebuild_h5([e for e in read_events(self.events_path) if e.get("event") == "train"])
             return
         try:
             with h5py.File(self.h5_path, "a") as f:

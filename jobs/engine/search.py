@@ -271,12 +271,11 @@ def run_search_candidate(
                 return preempted(result.step, result.last_checkpoint)
             if should_stop():  # the signal came after the last step: the requeued task finds final.pt and scores
                 return preempted(result.step, result.final)
-            if result.final is not None:  # a preemption's step checkpoint is redundant next to final.pt
-                for gone in prune_checkpoints(result.train_dir / "checkpoints", 0):
-                    logger.info("removed %s (the candidate's final.pt is written)", gone)
             if result.final is None:
                 raise RuntimeError(f"candidate training stopped at step {result.step} ({result.status})")
             payload, steps = load_checkpoint(result.final), result.step
+            for gone in prune_checkpoints(result.train_dir / "checkpoints", 0):  # redundant next to final.pt
+                logger.info("removed %s (the candidate's final.pt is written and verifies)", gone)
         model = build_model(cand.spec, seed=cfg.train.seed)
         model.load_state_dict(payload["model"], strict=True)
         model.to(env.device)
