@@ -3,6 +3,7 @@ without failing, and the next call resumes it to the same score as an uninterrup
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from jobs.config import load_cfg
 from jobs.engine.dist import DistEnv
 from jobs.engine.metrics import read_events
+from jobs.engine.report import load_run
 from jobs.engine.search import run_search_candidate
 from jobs.engine.trainer import run_training
 from jobs.submit import _candidate_state
@@ -42,6 +44,8 @@ def test_preempted_candidate_resumes_to_the_uninterrupted_score(
     assert not (cand / "failed.json").exists() and not (cand / "result.json").exists()
     assert [e["event"] for e in read_events(cand / "events.jsonl")][-1] == "preempted"
     assert _candidate_state(tmp_path / "b", 2, 1, None).startswith("preempted at step 5 (checkpointed")
+    row = next(r for r in load_run(tmp_path / "b")["search"] if r["stage"] == 2 and r["index"] == 1)
+    assert row["status"] == "preempted at step 5" and row["preemptions"] == 1
 
     resumed = run_search_candidate(cfg, 2, 1, tmp_path / "b", DistEnv())
     assert resumed["status"] == "done" and resumed["steps"] == 12
@@ -50,6 +54,10 @@ def test_preempted_candidate_resumes_to_the_uninterrupted_score(
     assert not list((cand / "work" / "stage_02" / "train" / "checkpoints").glob("step_*"))  # final.pt is enough
     for key in ("val_loss", "proxy_acc1", "score", "samples"):
         assert resumed[key] == pytest.approx(whole[key], abs=1e-6), key
+    # the report counts the preemption and both attempts' time (result.json times the last one only)
+    row = next(r for r in load_run(tmp_path / "b")["search"] if r["stage"] == 2 and r["index"] == 1)
+    assert row["status"] == "done" and row["preemptions"] == 1
+    assert row["seconds"] > json.loads((cand / "result.json").read_text())["seconds"]
 
 
 def test_a_signal_after_the_last_step_defers_scoring_to_the_requeued_task(

@@ -265,11 +265,21 @@ def _search_part(sd: Path, t: int, run_dir: Path, warnings: list[str]) -> list[d
         name = (res or failed or spec_json or (listed[k] if k < len(listed) else {})).get("name", "?")
         cand_events = _events(cd / "events.jsonl", run_dir, warnings)
         first, last = _first_loss(cd / "work" / f"stage_{t:02d}" / "train" / "events.jsonl", run_dir, warnings)
+        preempted = [e for e in cand_events if e.get("event") == "preempted"]
+        if res:
+            status = "done"
+        elif failed:
+            status = "failed"
+        elif cand_events and cand_events[-1].get("event") == "preempted":
+            status = f"preempted at step {cand_events[-1].get('step')}"
+        else:
+            status = "running or killed" if cd.exists() else "not started"
         row: dict[str, Any] = {
             "stage": t,
             "index": k,
             "name": name,
-            "status": "done" if res else "failed" if failed else "running or killed" if cd.exists() else "not started",
+            "status": status,
+            "preemptions": len(preempted),
             "winner": k == winner,
             "rank": ranks.get(k),
             "params": None,
@@ -295,7 +305,8 @@ def _search_part(sd: Path, t: int, run_dir: Path, warnings: list[str]) -> list[d
             for key in ("params", "cost", "cost_ratio", "val_loss", "proxy_acc1", "score", "steps", "samples"):
                 row[key] = res.get(key, row[key])
             row["train_flops"] = res.get("train_flops")
-            row["seconds"] = res.get("seconds")
+            # result.json times the last attempt only; a preempted candidate's earlier attempts count too
+            row["seconds"] = _wall_seconds(cand_events) if preempted else res.get("seconds")
         elif failed and cand_events and isinstance(failed.get("time"), int | float):
             t0 = cand_events[0].get("time")
             row["seconds"] = max(0.0, failed["time"] - t0) if isinstance(t0, int | float) else None
@@ -660,7 +671,7 @@ def _stage_tables(run: dict[str, Any]) -> list[Block]:
 
 def _search_table(rows: list[dict[str, Any]]) -> Block:
     head = ["cand", "name", "status", "params", "cost", "cost ratio", "steps", "val_loss", "proxy_acc1", "score"]
-    head += ["rank", "winner", "first search loss", "search FLOPs", "seconds", "failure"]
+    head += ["rank", "winner", "first search loss", "search FLOPs", "seconds", "preempted", "failure"]
     out = [
         [
             f"{c['index']:02d}",
@@ -678,6 +689,7 @@ def _search_table(rows: list[dict[str, Any]]) -> Block:
             _num(c["first_search_loss"]),
             _num(c["train_flops"], "g3"),
             _num(c["seconds"], "s"),
+            _num(c["preemptions"], "int"),
             (c["error"] or "")[:160],
         ]
         for c in rows
