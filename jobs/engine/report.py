@@ -235,6 +235,7 @@ def _train_part(train_dir: Path, run_dir: Path, warnings: list[str]) -> dict[str
         "samples": samples,
         "curve": [(int(e.get("step", 0)), int(e.get("samples", 0)), float(e["loss"])) for e in steps],
         "wall_s": _wall_seconds(events) if events else None,
+        "preemptions": sum(e.get("event") == "preempted" for e in events),
         "eval_s": eval_s,
         "kernels": (start or {}).get("kernels"),
         "world_size": (start or {}).get("world_size"),
@@ -442,6 +443,8 @@ def load_run(run_dir: Path) -> dict[str, Any]:
             stage_flops=search_flops + train_flops,
             cum_flops=cum_flops,
             train_wall_s=tr["wall_s"],
+            train_preemptions=tr["preemptions"],
+            search_preemptions=sum(c["preemptions"] for c in cands),
             search_task_s=search_s if cands else None,
             eval_s=tr["eval_s"],
             compute_hours=hours,
@@ -632,7 +635,7 @@ def _stage_tables(run: dict[str, Any]) -> list[Block]:
     unit = run["compute"]["unit"]
     head = ["stage", "status", "chosen", "arch", "params", "FLOPs/sample", "train steps", "samples seen"]
     head += ["stage FLOPs (search+train)", "cum FLOPs", "train wall s", "search task s", f"est. {unit}"]
-    head += [f"cum {unit}"]
+    head += [f"cum {unit}", "preempted (train/search)"]
     rows = [
         [
             str(s["stage"]),
@@ -649,6 +652,7 @@ def _stage_tables(run: dict[str, Any]) -> list[Block]:
             _num(s.get("search_task_s"), "s"),
             _num(s.get("compute_hours"), "h"),
             _num(s.get("cum_compute_hours"), "h"),
+            f"{s.get('train_preemptions', 0)}/{s.get('search_preemptions', 0)}",
         ]
         for s in run["stages"]
     ]
