@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -24,11 +25,26 @@ from jobs.train import EXIT_PREEMPTED, StopFlag
 __all__ = ["SearchJob", "SelectJob", "EvalJob", "cmd_search_candidate", "cmd_select"]
 
 
-def _search(config: str, stage: int, run_dir: str, index: int, should_stop: Any = lambda: False) -> dict[str, Any]:
+def _search(
+    config: str, stage: int, run_dir: str, index: int, stop: StopFlag | None = None, on_usr2_scoring: Any = None
+) -> dict[str, Any]:
+    """One candidate; with ``stop`` (installed on SIGUSR2) its training checkpoints on the signal, and once the
+    training is over SIGUSR2 goes to ``on_usr2_scoring`` instead (requeue at once: nothing left to save)."""
     from jobs.engine.search import run_search_candidate
 
     cfg = load_cfg(Path(config))
-    return run_search_candidate(cfg, stage, index, Path(run_dir), init_distributed(), should_stop=should_stop)
+    kw: dict[str, Any] = {}
+    if stop is not None:
+        kw["should_stop"] = stop.is_set
+    if on_usr2_scoring is not None:
+        kw["before_scoring"] = lambda: signal.signal(signal.SIGUSR2, on_usr2_scoring)
+    return run_search_candidate(cfg, stage, index, Path(run_dir), init_distributed(), **kw)
+
+
+def _exit_preempted(signum: int, frame: Any) -> None:
+    """SIGUSR2 while a candidate is scored (its final.pt is written): exit 3 now, the requeued task scores."""
+    logging.getLogger(__name__).warning("SIGUSR2 while scoring: exiting %d; the requeued task scores", EXIT_PREEMPTED)
+    raise SystemExit(EXIT_PREEMPTED)
 
 
 def _select(config: str, stage: int, run_dir: str) -> dict[str, Any]:
@@ -57,7 +73,7 @@ class SearchJob(submitit.helpers.Checkpointable):
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
         signal.signal(signal.SIGUSR2, stop.set)  # first: a checkpoint at the next step boundary
         try:
-            out = _search(self.config, self.stage, self.run_dir, index, stop.is_set)
+            out = _search(self.config, self.stage, self.run_dir, index, stop, requeue if callable(requeue) else None)
         finally:
             if requeue is not None:  # None: installed outside Python, cannot be put back
                 signal.signal(signal.SIGUSR2, requeue)
@@ -114,7 +130,7 @@ def cmd_search_candidate(args: argparse.Namespace) -> int:
     """Grow, train and score one candidate (``--index``, e.g. $SLURM_ARRAY_TASK_ID)."""
     stop = StopFlag()
     signal.signal(signal.SIGUSR2, stop.set)  # SLURM's warning (sbatch --signal=B:USR2@90): checkpoint, exit 3
-    return _run(_search, str(args.config), args.stage, str(args.run_dir), args.index, stop.is_set)
+    return _run(_search, str(args.config), args.stage, str(args.run_dir), args.index, stop, _exit_preempted)
 
 
 def cmd_select(args: argparse.Namespace) -> int:

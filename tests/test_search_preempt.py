@@ -4,13 +4,15 @@ without failing, and the next call resumes it to the same score as an uninterrup
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 from pathlib import Path
 
 import pytest
 
-from jobs.config import load_cfg
+from data_tools.atomic import atomic_write_text
+from jobs.config import dump_cfg, load_cfg
 from jobs.engine.dist import DistEnv
 from jobs.engine.metrics import read_events
 from jobs.engine.report import load_run
@@ -85,3 +87,39 @@ def test_search_job_outside_slurm_refuses_to_swallow_a_preemption(monkeypatch: p
         assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL, "the job's USR2 handler must be put back"
     finally:
         signal.signal(signal.SIGUSR2, earlier if earlier is not None else signal.SIG_DFL)
+
+
+def test_usr2_while_scoring_exits_3_and_the_requeued_task_scores(
+    stage1: Path, tiny_pipeline_config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `search-candidate` does: after training, SIGUSR2 exits 3 at once (final.pt is on disk)."""
+    import jobs.engine.search as search
+    from jobs.stage_jobs import _exit_preempted, _search
+    from jobs.train import StopFlag
+
+    cfg = load_cfg(tiny_pipeline_config, OVERRIDES)
+    run_dir = tmp_path / "b"
+    shutil.copytree(stage1, run_dir)
+    cfg_path = run_dir / "config.yaml"
+    atomic_write_text(cfg_path, dump_cfg(cfg))
+    real_validate = search.validate_model
+
+    def signal_then_validate(*args, **kwargs):  # type: ignore[no-untyped-def]
+        os.kill(os.getpid(), signal.SIGUSR2)  # SLURM's warning arrives while the candidate is scored
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(search, "validate_model", signal_then_validate)
+    stop = StopFlag()
+    earlier = signal.signal(signal.SIGUSR2, stop.set)
+    try:
+        with pytest.raises(SystemExit) as info:
+            _search(str(cfg_path), 2, str(run_dir), 1, stop, _exit_preempted)
+    finally:
+        signal.signal(signal.SIGUSR2, earlier if earlier is not None else signal.SIG_DFL)
+    assert info.value.code == 3 and not stop.is_set(), "the signal after training goes to the exit handler"
+    cand = run_dir / "stage_02" / "search" / "cand_01"
+    assert (cand / "work" / "stage_02" / "train" / "final.pt").exists()
+    assert not (cand / "result.json").exists() and not (cand / "failed.json").exists()
+    monkeypatch.undo()
+    done = run_search_candidate(cfg, 2, 1, run_dir, DistEnv())  # the requeued task
+    assert done["status"] == "done" and done["steps"] == 12

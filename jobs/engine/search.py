@@ -190,6 +190,7 @@ def run_search_candidate(
     run_dir: Path,
     env: DistEnv,
     should_stop: Callable[[], bool] = lambda: False,
+    before_scoring: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
     """Grow, train and score candidate ``index`` of stage ``stage``; write and return its result.
 
@@ -200,6 +201,11 @@ def run_search_candidate(
     Returns:
         result.json's content; ``{"status": "absent"}`` when the stage has fewer candidates;
         ``{"status": "preempted", ...}`` when ``should_stop`` stopped the training (call again to resume).
+
+    ``before_scoring`` is called once the training is over (or skipped), before ``should_stop`` is polled a
+    last time and the scoring starts: the array task's entry points switch SIGUSR2 to "requeue at once"
+    there, since nothing is left to checkpoint (``final.pt`` is on disk) and scoring may outlast the
+    warning's grace time.
 
     Raises:
         RuntimeError: stage t-1 is not trained yet, or the candidate's training did not complete.
@@ -261,6 +267,7 @@ def run_search_candidate(
         if len(kept) == 1:
             # nothing to choose (a fixed schedule, or a space holding only "none"): no search training;
             # the grown weights are scored as they are, which records the loss just after growth
+            before_scoring()
             if should_stop():  # scoring reads the held-out split: too long for the warning's grace time
                 return preempted(0, grown)
             logger.info("stage %d has a single candidate (%s): scored without search training", stage, cand.name)
@@ -269,6 +276,7 @@ def run_search_candidate(
             result = run_training(search_cfg(cfg), stage, out / "work", env, init=grown, should_stop=should_stop)
             if result.status == "preempted":
                 return preempted(result.step, result.last_checkpoint)
+            before_scoring()
             if should_stop():  # the signal came after the last step: the requeued task finds final.pt and scores
                 return preempted(result.step, result.final)
             if result.final is None:
