@@ -81,3 +81,56 @@ def test_srun_two_tasks_read_rank_from_slurm(slurm_cluster, tiny_config: Path, t
     assert "backend=gloo rank=0/2" in proc.stderr
     final = load_checkpoint(run_dir / "stage_01" / "train" / "final.pt")
     assert final["world_size"] == 2 and final["step"] == 6
+
+
+def test_usr2_requeues_the_train_sbatch_script(slurm_cluster, tiny_config: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`sbatch slurm/train.sbatch`: the batch shell gets USR2 (what --signal=B:USR2 sends), forwards it to the
+    srun'd trainer, which checkpoints and exits 3; the script requeues the job; the restart resumes and finishes."""
+    import os
+    import sys
+
+    from data_tools.atomic import atomic_write_text
+    from jobs.config import dump_cfg
+
+    repo = Path(__file__).resolve().parents[1]
+    run_dir = tmp_path / "run"
+    cfg_path = tmp_path / "config.yaml"
+    atomic_write_text(cfg_path, dump_cfg(load_cfg(tiny_config, OVERRIDES)))
+    td = run_dir / "stage_01" / "train"
+    env = {**os.environ, "GROWCLIP_REPO": str(repo), "GROWCLIP_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    argv = ["sbatch", "--parsable", "--ntasks-per-node=1", "--gres=none", "--mem=2G", "--cpus-per-task=1"]
+    argv += [f"--output={tmp_path}/slurm-%j.out", str(repo / "slurm/train.sbatch"), str(cfg_path), "1", str(run_dir)]
+    proc = subprocess.run(
+        argv,
+        cwd=repo, capture_output=True, text=True, timeout=30, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    events = lambda: read_events(td / "events.jsonl")  # noqa: E731
+
+    def steps_done() -> int:
+        return max([e["step"] for e in events() if e["event"] == "train"], default=0)
+
+    try:
+        wait_for("the job to pass step 50", lambda: steps_done() >= 50 or not squeue(job), timeout=120)
+        assert squeue(job), "the job finished before it could be preempted"
+        t_signal = time.time()
+        subprocess.run(["scancel", "--batch", "--signal=USR2", job], check=True, timeout=30)
+        preempted = wait_for(
+            "the preemption checkpoint", lambda: [e for e in events() if e["event"] == "preempted"], timeout=60
+        )[0]
+
+        def finished() -> bool:
+            state = squeue(job)
+            if state.startswith("PENDING") and "BeginTime" in state and time.time() - t_signal > 5:
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], timeout=30)
+            return (td / "final.pt").exists() and not state
+
+        wait_for("the requeued job to finish", finished, timeout=240, poll=1.0)
+    finally:
+        if squeue(job):
+            subprocess.run(["scancel", job], timeout=30, check=False)
+    assert [e["step"] for e in events() if e["event"] == "resume"] == [preempted["step"]]
+    assert load_checkpoint(td / "final.pt")["step"] == STEPS
+    assert sorted(e["step"] for e in events() if e["event"] == "train") == list(range(10, STEPS + 1, 10))
+    print(f"train.sbatch requeue: USR2 -> checkpoint at step {preempted['step']} -> resumed there -> finished")
