@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "fsync_dir"]
+__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "free_space", "fsync_dir"]
 
 
 def _umask() -> int:
@@ -42,6 +43,14 @@ def _fsync_dir(directory: Path) -> None:
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
     """fsync a directory so that renames inside it are durable (best effort where not supported)."""
     _fsync_dir(Path(directory))
+
+
+def free_space(directory: str | os.PathLike[str]) -> str:
+    """``"12.3 MiB free"`` on the filesystem of ``directory`` (for disk-full messages), or ``"free space unknown"``."""
+    try:
+        return f"{shutil.disk_usage(directory).free / 2**20:.1f} MiB free"
+    except OSError:
+        return "free space unknown"
 
 
 @contextlib.contextmanager

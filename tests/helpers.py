@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-__all__ = ["bounded", "seeds_from_env", "squeue", "stop_at", "wait_for"]
+__all__ = ["bounded", "release_if_held", "sbatch_script", "seeds_from_env", "squeue", "stop_at", "wait_for"]
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def bounded(fn: Callable[[], Any], seconds: float = 60.0) -> Any:
@@ -47,6 +51,29 @@ def squeue(job_id: str) -> str:
     """``STATE REASON`` of a SLURM job ("" once it has left the queue)."""
     out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True, timeout=30)
     return out.stdout.strip()
+
+
+def release_if_held(job_id: str, since: float, after: float = 5.0) -> str:
+    """``squeue`` state of a job; one requeued and held on ``Reason=BeginTime`` for more than ``after`` s since
+    ``since`` is released (``scontrol update StartTime=now``: slurmctld holds requeued jobs a while)."""
+    state = squeue(job_id)
+    if state.startswith("PENDING") and "BeginTime" in state and time.time() - since > after:
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=30)
+    return state
+
+
+def sbatch_script(script: str, args: list[str], options: list[str]) -> str:
+    """``sbatch`` one of ``slurm/*.sbatch`` as a user would, sized for the local 2-CPU cluster; returns the job id.
+
+    ``GROWCLIP_REPO``/``GROWCLIP_PYTHON`` point the script at this checkout and interpreter; ``options`` go
+    before the script (they override its ``#SBATCH`` lines)."""
+    env = {**os.environ, "GROWCLIP_REPO": str(REPO), "GROWCLIP_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    argv = ["sbatch", "--parsable", "--gres=none", "--mem=2G", "--cpus-per-task=1", *options]
+    proc = subprocess.run(
+        [*argv, str(REPO / "slurm" / script), *args], cwd=REPO, capture_output=True, text=True, timeout=30, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
 
 
 def stop_at(step: int) -> Callable[[], bool]:

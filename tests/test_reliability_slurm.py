@@ -16,34 +16,36 @@ Every wait is bounded; a requeued task held on ``Reason=BeginTime`` is released 
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from data_tools.atomic import atomic_write_text
-from jobs.config import dump_cfg, load_cfg
+from jobs.config import RunCfg, dump_cfg, load_cfg
 from jobs.engine.dist import DistEnv
 from jobs.engine.metrics import read_events
 from jobs.engine.trainer import run_training
 from jobs.stage_jobs import SearchJob
 from jobs.submit import _executor
-from tests.helpers import squeue, wait_for
+from tests.helpers import release_if_held, sbatch_script, squeue, wait_for
 
 pytestmark = pytest.mark.slurm
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def test_usr2_requeues_a_search_array_task(slurm_cluster, tiny_pipeline_config: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def trained_stage1(tiny_pipeline_config: Path, tmp_path: Path) -> tuple[RunCfg, Path, Path]:
+    """(config, its path in the run dir, run dir) with stage 1 trained in-process: what stage 2's search grows."""
     run_dir = tmp_path / "run"
     cfg = load_cfg(tiny_pipeline_config, ["search.steps=120", "train.log_every=3"])
     cfg_path = run_dir / "config.yaml"
     atomic_write_text(cfg_path, dump_cfg(cfg))
-    assert run_training(cfg, 1, run_dir, DistEnv()).status == "completed"  # stage 1: what the search grows
+    assert run_training(cfg, 1, run_dir, DistEnv()).status == "completed"
+    return cfg, cfg_path, run_dir
+
+
+def test_usr2_requeues_a_search_array_task(slurm_cluster, tiny_pipeline_config: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg, cfg_path, run_dir = trained_stage1(tiny_pipeline_config, tmp_path)
     jobs = _executor(cfg, run_dir, "slurm", "search", []).map_array(SearchJob(str(cfg_path), 2, str(run_dir)), [0, 1])
     victim = jobs[0]
     cand = run_dir / "stage_02" / "search" / "cand_00"
@@ -62,9 +64,7 @@ def test_usr2_requeues_a_search_array_task(slurm_cluster, tiny_pipeline_config: 
         interrupted_at = steps_done()
 
         def restarted() -> bool:
-            state = squeue(victim.job_id)
-            if state.startswith("PENDING") and "BeginTime" in state and time.time() - t_signal > 5:
-                subprocess.run(["scontrol", "update", f"JobId={victim.job_id}", "StartTime=now"], timeout=30)
+            release_if_held(victim.job_id, t_signal)
             return sum(e["event"] == "start" for e in read_events(cand / "events.jsonl")) >= 2
 
         wait_for("the requeued task to start again", restarted, timeout=180, poll=1.0)
@@ -107,22 +107,11 @@ def assert_resumed_where_preempted(cand_events: list[dict], work_events: list[di
 def test_usr2_requeues_a_search_array_task_through_the_sbatch_script(  # type: ignore[no-untyped-def]
     slurm_cluster, tiny_pipeline_config: Path, tmp_path: Path
 ) -> None:
-    run_dir = tmp_path / "run"
-    cfg = load_cfg(tiny_pipeline_config, ["search.steps=120", "train.log_every=3"])
-    cfg_path = run_dir / "config.yaml"
-    atomic_write_text(cfg_path, dump_cfg(cfg))
-    assert run_training(cfg, 1, run_dir, DistEnv()).status == "completed"
+    _, cfg_path, run_dir = trained_stage1(tiny_pipeline_config, tmp_path)
     cand = run_dir / "stage_02" / "search" / "cand_00"
     work_events = cand / "work" / "stage_02" / "train" / "events.jsonl"
-    out = tmp_path / "slurm-%A_%a.out"
-    env = {**os.environ, "GROWCLIP_REPO": str(REPO), "GROWCLIP_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    argv = ["sbatch", "--parsable", "--array=0", "--gres=none", "--mem=2G", "--cpus-per-task=1", f"--output={out}"]
-    proc = subprocess.run(
-        [*argv, str(REPO / "slurm/search_array.sbatch"), str(cfg_path), "2", str(run_dir)],
-        cwd=REPO, capture_output=True, text=True, timeout=30, env=env,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    job = f"{proc.stdout.strip().split(';')[0]}_0"
+    options = ["--array=0", f"--output={tmp_path / 'slurm-%A_%a.out'}"]
+    job = sbatch_script("search_array.sbatch", [str(cfg_path), "2", str(run_dir)], options) + "_0"
 
     def steps_done() -> int:
         events = read_events(work_events) if work_events.exists() else []
@@ -136,10 +125,7 @@ def test_usr2_requeues_a_search_array_task_through_the_sbatch_script(  # type: i
         interrupted_at = steps_done()
 
         def finished() -> bool:
-            state = squeue(job)
-            if state.startswith("PENDING") and "BeginTime" in state and time.time() - t_signal > 5:
-                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], timeout=30)
-            return (cand / "result.json").exists() and not state
+            return not release_if_held(job, t_signal) and (cand / "result.json").exists()
 
         wait_for("the requeued task to finish", finished, timeout=300, poll=1.0)
     finally:

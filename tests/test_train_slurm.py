@@ -17,7 +17,7 @@ from jobs.config import load_cfg
 from jobs.engine.checkpoint import load_checkpoint
 from jobs.engine.metrics import read_events
 from jobs.submit_train import TrainJob, make_executor
-from tests.helpers import squeue, wait_for
+from tests.helpers import release_if_held, sbatch_script, squeue, wait_for
 
 pytestmark = pytest.mark.slurm
 
@@ -47,9 +47,7 @@ def test_usr2_requeues_and_finishes(slurm_cluster, tiny_config: Path, tmp_path: 
     assert 50 <= preempted["step"] < STEPS
 
     def restarted() -> bool:
-        state = squeue(job.job_id)
-        if state.startswith("PENDING") and "BeginTime" in state and time.time() - t_signal > 20:
-            subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], timeout=30)
+        release_if_held(job.job_id, t_signal, after=20)
         return any(e["event"] == "resume" for e in events())
 
     wait_for("the requeued job to resume", restarted, timeout=150, poll=1.0)
@@ -86,26 +84,15 @@ def test_srun_two_tasks_read_rank_from_slurm(slurm_cluster, tiny_config: Path, t
 def test_usr2_requeues_the_train_sbatch_script(slurm_cluster, tiny_config: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """`sbatch slurm/train.sbatch`: the batch shell gets USR2 (what --signal=B:USR2 sends), forwards it to the
     srun'd trainer, which checkpoints and exits 3; the script requeues the job; the restart resumes and finishes."""
-    import os
-    import sys
-
     from data_tools.atomic import atomic_write_text
     from jobs.config import dump_cfg
 
-    repo = Path(__file__).resolve().parents[1]
     run_dir = tmp_path / "run"
     cfg_path = tmp_path / "config.yaml"
     atomic_write_text(cfg_path, dump_cfg(load_cfg(tiny_config, OVERRIDES)))
     td = run_dir / "stage_01" / "train"
-    env = {**os.environ, "GROWCLIP_REPO": str(repo), "GROWCLIP_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    argv = ["sbatch", "--parsable", "--ntasks-per-node=1", "--gres=none", "--mem=2G", "--cpus-per-task=1"]
-    argv += [f"--output={tmp_path}/slurm-%j.out", str(repo / "slurm/train.sbatch"), str(cfg_path), "1", str(run_dir)]
-    proc = subprocess.run(
-        argv,
-        cwd=repo, capture_output=True, text=True, timeout=30, env=env,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    job = proc.stdout.strip().split(";")[0]
+    options = ["--ntasks-per-node=1", f"--output={tmp_path}/slurm-%j.out"]
+    job = sbatch_script("train.sbatch", [str(cfg_path), "1", str(run_dir)], options)
     events = lambda: read_events(td / "events.jsonl")  # noqa: E731
 
     def steps_done() -> int:
@@ -121,10 +108,7 @@ def test_usr2_requeues_the_train_sbatch_script(slurm_cluster, tiny_config: Path,
         )[0]
 
         def finished() -> bool:
-            state = squeue(job)
-            if state.startswith("PENDING") and "BeginTime" in state and time.time() - t_signal > 5:
-                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], timeout=30)
-            return (td / "final.pt").exists() and not state
+            return not release_if_held(job, t_signal) and (td / "final.pt").exists()
 
         wait_for("the requeued job to finish", finished, timeout=240, poll=1.0)
     finally:

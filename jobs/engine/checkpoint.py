@@ -25,14 +25,13 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
-from data_tools.atomic import atomic_open, atomic_write_text
+from data_tools.atomic import atomic_open, atomic_write_text, free_space
 
 __all__ = [
     "FORMAT",
@@ -95,10 +94,7 @@ def _remove_stale_temps(directory: Path, pattern: str) -> None:
 
 
 def _disk_full(path: Path, exc: OSError, written: int | None) -> CheckpointError:
-    try:
-        free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free"
-    except OSError:
-        free = "free space unknown"
+    free = free_space(path.parent)
     previous = [p for _, p in list_checkpoints(path.parent) if p != path]
     if previous:  # the last complete checkpoint says how much room one needs
         need = f"; a checkpoint needs about {previous[-1].stat().st_size / 2**20:.1f} MiB"

@@ -24,7 +24,6 @@ import errno
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from data_tools.atomic import atomic_write_text
+from data_tools.atomic import atomic_write_text, free_space
 
 __all__ = ["SERIES", "MetricsLog", "MetricsWriteError", "read_events"]
 
@@ -60,10 +59,7 @@ class MetricsWriteError(RuntimeError):
 
 def _write_error(path: Path, exc: OSError, what: str) -> MetricsWriteError:
     """The error for a failed write of the metrics log ``path``: condition, free space, fix."""
-    try:
-        free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there"
-    except OSError:
-        free = "free space unknown"
+    free = f"{free_space(path.parent)} there"
     fix = (
         "free space on that filesystem (or use a --run-dir with room), then re-run the same command to resume "
         "from the last checkpoint"
