@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from torch import nn
 
+from model import checks
 from model.kernels import layer_norm_class
 from model.spec import ArchSpec, ImageSpec, SharedSpec, TextSpec
 from model.transformer import Transformer, init_linear_
@@ -160,6 +161,8 @@ class GrowCLIP(nn.Module):
 
     def __init__(self, spec: ArchSpec, norm_layer: type[nn.Module] | None = None) -> None:
         super().__init__()
+        checks.check_spec(spec, "spec", "GrowCLIP")
+        _check_norm_layer(norm_layer, "GrowCLIP")
         norm_layer = norm_layer or layer_norm_class()
         self.spec = spec
         self.visual = VisualTower(spec.image, spec.embed_dim, norm_layer)
@@ -248,6 +251,15 @@ class GrowCLIP(nn.Module):
         self.logit_scale.fill_(LOGIT_SCALE_INIT)
 
 
+def _check_norm_layer(norm_layer: object, who: str) -> None:
+    """None or a norm class / factory (called once per norm with the width), not a module instance."""
+    if norm_layer is not None and (isinstance(norm_layer, nn.Module) or not callable(norm_layer)):
+        raise TypeError(
+            f"{who}: norm_layer: expected a class such as nn.LayerNorm (or None), got a {checks.type_name(norm_layer)} "
+            f"instance; pass the class, it is built once per norm"
+        )
+
+
 def build_model(spec: ArchSpec, seed: int = 0, norm_layer: type[nn.Module] | None = None) -> GrowCLIP:
     """Allocate a :class:`GrowCLIP` for ``spec`` and initialise it deterministically from ``seed``.
 
@@ -258,7 +270,14 @@ def build_model(spec: ArchSpec, seed: int = 0, norm_layer: type[nn.Module] | Non
 
     Returns:
         The model in float32 on CPU, in train mode.
+
+    Raises:
+        TypeError: ``spec`` is not an ArchSpec (e.g. a dict: use ``ArchSpec.from_dict``), ``seed`` not an
+            integer, or ``norm_layer`` not a class.
     """
+    checks.check_spec(spec, "spec", "build_model")
+    checks.check_seed(seed, "build_model")
+    _check_norm_layer(norm_layer, "build_model")
     with torch.device("meta"):  # skip torch's default per-layer init: init_weights sets every tensor
         model = GrowCLIP(spec, norm_layer)
     model.to_empty(device="cpu")

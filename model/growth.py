@@ -55,18 +55,16 @@ from typing import Literal
 
 import torch
 
+from model import checks
 from model.growth_space import (
-    SPEC_FIELD,
-    TOWERS,
     GrowthOp,
     OpName,
-    Tower,
     apply_op,
     check_growth,
     growth_ops,
     tower_spec,
 )
-from model.spec import ArchSpec
+from model.spec import SPEC_FIELD, TOWERS, ArchSpec, Tower
 
 __all__ = [
     "StateDict",
@@ -91,6 +89,7 @@ logger = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
 Mode = Literal["param", "exp_avg", "exp_avg_sq"]
+MODES: tuple[Mode, ...] = ("param", "exp_avg", "exp_avg_sq")
 
 
 # (tower, block index or None, parameter name within the block or tower)
@@ -234,7 +233,12 @@ def map_tensor_state(
 
     Returns:
         A new tensor (``t`` is never modified).
+
+    Raises:
+        ValueError: one rule per dim is not given, ``fill`` has the wrong shape, or an unknown ``mode``.
     """
+    if mode not in MODES:
+        checks.check_choice(mode, MODES, "mode", "map_tensor_state")
     if len(axes) != t.ndim:
         raise ValueError(f"{len(axes)} axis rules for a tensor of shape {tuple(t.shape)}")
     g, inh, zero = t, None, None
@@ -284,28 +288,52 @@ def _axes_for(tower: Tower | None, block: int | None, name: str) -> tuple[_Axis,
     return _TOWER_AXES[tower, name]
 
 
-def _depth_map(old_depth: int, new_depth: int, insert_at: Sequence[int] | None, tower: str) -> list[int]:
+def _depth_map(old_depth: int, new_depth: int, insert_at: Sequence[int] | None) -> list[int]:
     """New index of every old block; new blocks go to ``insert_at`` (default: appended at the end)."""
-    n_new = new_depth - old_depth
-    slots = list(range(old_depth, new_depth)) if insert_at is None else sorted(insert_at)
-    if len(slots) != n_new or len(set(slots)) != n_new or any(not 0 <= s < new_depth for s in slots):
-        raise ValueError(f"insert_at={insert_at} for {tower}: need {n_new} distinct indices in [0, {new_depth})")
+    slots = set(range(old_depth, new_depth) if insert_at is None else insert_at)
+    assert len(slots) == new_depth - old_depth, "insert_at is validated by checks.check_insert_at at entry"
     return [i for i in range(new_depth) if i not in slots]
 
 
+def _depth_maps(old: ArchSpec, new: ArchSpec, insert_at: Mapping[str, Sequence[int]] | None) -> dict[str, list[int]]:
+    """Per tower: the new index of every old block."""
+    return {t: _depth_map(tower_spec(old, t).depth, tower_spec(new, t).depth, (insert_at or {}).get(t)) for t in TOWERS}
+
+
 def key_map(
-    keys: Sequence[str], old: ArchSpec, new: ArchSpec, insert_at: Mapping[str, Sequence[int]] | None = None
+    keys: Sequence[str],
+    old: ArchSpec,
+    new: ArchSpec,
+    insert_at: Mapping[str, Sequence[int]] | None = None,
+    *,
+    who: str = "key_map",
 ) -> dict[str, str]:
-    """Old key -> new key (blocks renumbered when new blocks are inserted before old ones)."""
+    """Old key -> new key (blocks renumbered when new blocks are inserted before old ones).
+
+    Raises:
+        TypeError / ValueError: bad ``old`` / ``new`` / ``insert_at`` (see :mod:`model.checks`).
+        KeyError: a key without a growth rule, or a block beyond the old depth.
+    """
+    checks.check_spec(old, "old", who)
+    checks.check_spec(new, "new", who)
+    checks.check_insert_at(insert_at, old, new, who=who)
+    depth_maps = _depth_maps(old, new, insert_at)
     out = {}
     for key in keys:
-        tower, block, name = _parse(key, "key_map")
+        tower, block, name = _parse(key, who)
         if block is None:
             out[key] = key
             continue
-        dm = _depth_map(tower_spec(old, tower).depth, tower_spec(new, tower).depth, (insert_at or {}).get(tower), tower)
-        out[key] = f"{tower}.resblocks.{dm[block]}.{name}"
+        out[key] = f"{tower}.resblocks.{_renumber(depth_maps, old, tower, block, key, who)}.{name}"
     return out
+
+
+def _renumber(depth_maps: dict[str, list[int]], old: ArchSpec, tower: str, block: int, key: str, who: str) -> int:
+    """New index of old block ``block`` of ``tower``; KeyError naming ``key`` when beyond the old depth."""
+    dm = depth_maps[tower]
+    if block >= len(dm):
+        raise KeyError(f"{who}: {key!r} has block {block} but {tower} depth is {tower_spec(old, tower).depth}")
+    return dm[block]
 
 
 def transform_state(
@@ -316,30 +344,55 @@ def transform_state(
     fill: Mapping[str, torch.Tensor] | None,
     mode: Mode = "param",
     insert_at: Mapping[str, Sequence[int]] | None = None,
-    who: str = "grow_state_dict",
+    who: str = "transform_state",
 ) -> StateDict:
     """The engine behind every operator: map all existing keys (widths, heads, MLP, block renumbering).
 
     In ``"param"`` mode new blocks and new shared projections are added too (identity-initialised);
-    in moment modes only existing entries are mapped (new tensors get no optimizer state).
+    in moment modes only existing entries are mapped (new tensors get no optimizer state). ``sd``
+    may hold a subset of the old spec's keys (e.g. the parameters that have optimizer state); types,
+    specs, ``mode`` and ``insert_at`` are checked here, the full key set by :func:`grow_state_dict`.
+
+    Raises:
+        TypeError / ValueError: bad arguments (see :mod:`model.checks`), or depth growth without ``fill``.
+        KeyError: a key without a growth rule, a block beyond the old depth, or a key ``fill`` lacks.
     """
+    checks.check_state_dict_type(sd, "sd", who)
+    if fill is not None:
+        checks.check_state_dict_type(fill, "fill", who)
+    checks.check_spec(old, "old", who)
+    checks.check_spec(new, "new", who)
+    checks.check_choice(mode, MODES, "mode", who)
+    checks.check_insert_at(insert_at, old, new, who=who)
+    if mode == "param" and not sd:
+        raise ValueError(f"{who}: sd is empty; in mode='param' it must be the state dict of the old spec")
+    return _transform_state(sd, old, new, fill=fill, mode=mode, insert_at=insert_at, who=who)
+
+
+def _transform_state(
+    sd: Mapping[str, torch.Tensor],
+    old: ArchSpec,
+    new: ArchSpec,
+    *,
+    fill: Mapping[str, torch.Tensor] | None,
+    mode: Mode,
+    insert_at: Mapping[str, Sequence[int]] | None,
+    who: str,
+) -> StateDict:
+    """:func:`transform_state` on arguments already checked by the caller."""
     maps = _axis_maps(old, new)
-    depth_maps = {
-        t: _depth_map(tower_spec(old, t).depth, tower_spec(new, t).depth, (insert_at or {}).get(t), t) for t in TOWERS
-    }
+    depth_maps = _depth_maps(old, new, insert_at)
     out: StateDict = {}
     for key, t in sd.items():
         tower, block, name = _parse(key, who)
         new_key = key
         if block is not None:
-            if block >= len(depth_maps[tower]):
-                raise KeyError(f"{who}: {key!r} has block {block} but {tower} depth is {tower_spec(old, tower).depth}")
-            new_key = f"{tower}.resblocks.{depth_maps[tower][block]}.{name}"
+            new_key = f"{tower}.resblocks.{_renumber(depth_maps, old, tower, block, key, who)}.{name}"
         axes = [None if lab is None else maps.get(lab) for lab in _axes_for(tower, block, name)]
         if tower is None or not any(axes):
             out[new_key] = t.clone()
             continue
-        fresh = None if fill is None or mode != "param" else fill[new_key]
+        fresh = None if fill is None or mode != "param" else _fill(fill, new_key, who)
         out[new_key] = map_tensor_state(t, axes, fresh, mode)
     if mode == "param":
         ref = next(iter(sd.values()))
@@ -368,7 +421,7 @@ def _new_tensors(
                 continue
             for name in _BLOCK_AXES:
                 key = f"{tower}.resblocks.{j}.{name}"
-                t = fill[key].to(device=device, dtype=dtype)
+                t = _fill(fill, key, who).to(device=device, dtype=dtype)
                 out[key] = torch.zeros_like(t) if name in _ZEROED_IN_NEW_BLOCKS else t.clone()
     if old.shared.depth == 0 and new.shared.depth > 0:
         s = new.shared.width
@@ -380,27 +433,22 @@ def _new_tensors(
     return out
 
 
+def _fill(fill: Mapping[str, torch.Tensor], key: str, who: str) -> torch.Tensor:
+    """``fill[key]``, with a KeyError that says what ``fill`` must be."""
+    if key not in fill:
+        raise KeyError(f"{who}: fill lacks {key!r}; fill must be a state dict of the new spec (build_model(new))")
+    return fill[key]
+
+
 def check_state_dict(sd: Mapping[str, torch.Tensor], spec: ArchSpec, who: str = "grow_state_dict") -> None:
     """Fail loudly unless ``sd`` has exactly the keys and shapes of ``build_model(spec)``.
 
     Raises:
-        KeyError: a key without a growth rule, or a key of the spec missing from ``sd``.
+        TypeError: ``sd`` is not a mapping of str to Tensor.
+        KeyError: a key of the spec missing from ``sd``, or a key that is not the spec's.
         ValueError: a tensor whose shape does not match the spec (names key and both shapes).
     """
-    from model.clip import GrowCLIP  # local: clip imports nothing from here, keep it that way
-
-    for key in sd:
-        _parse(key, who)
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in GrowCLIP(spec).state_dict().items()}
-    missing = sorted(set(expected) - set(sd))
-    if missing:
-        raise KeyError(f"{who}: state dict lacks {missing[0]!r} (and {len(missing) - 1} more) of the old spec")
-    for key, t in sd.items():
-        if key not in expected:
-            raise KeyError(f"{who}: {key!r} is not a key of the old spec (block beyond its depth?)")
-        if t.shape != expected[key]:
-            raise ValueError(f"{who}: {key!r} has shape {tuple(t.shape)}, old spec expects {tuple(expected[key])}")
+    checks.check_state_dict(sd, spec, arg="sd", spec_desc="spec", who=who)
 
 
 def _fresh_fill(new: ArchSpec, seed: int) -> StateDict:
@@ -438,14 +486,23 @@ def grow_state_dict(
         A new state dict that loads strictly into ``build_model(new)``.
 
     Raises:
-        ValueError: ``new`` shrinks ``old`` or changes a fixed field (message names the field).
-        KeyError: a key of ``sd`` has no growth rule, or a key of ``old`` is missing.
+        TypeError: an argument of the wrong type (e.g. a dict for ``old``; the message says how to fix it).
+        ValueError: ``new`` shrinks ``old`` or changes a fixed field (message names the field), a bad
+            ``insert_at`` (unknown tower, wrong count, index out of range), or a tensor of the wrong shape.
+        KeyError: ``sd`` (or ``fill``) lacks a key of ``old`` (``new``) or has one that is not its spec's.
     """
-    check_growth(old, new)
-    check_state_dict(sd, old)
+    who = "grow_state_dict"
+    old = checks.check_spec(old, "old", who)
+    new = checks.check_spec(new, "new", who)
+    check_growth(old, new, who=who)
+    seed = checks.check_seed(seed, who)
+    checks.check_insert_at(insert_at, old, new, who=who)
+    checks.check_state_dict(sd, old, arg="sd", spec_desc="old spec", who=who)
     if fill is None:
         fill = _fresh_fill(new, seed)
-    return transform_state(sd, old, new, fill=fill, insert_at=insert_at)
+    else:
+        checks.check_state_dict(fill, new, arg="fill", spec_desc="new spec", who=who)
+    return _transform_state(sd, old, new, fill=fill, mode="param", insert_at=insert_at, who=who)
 
 
 def _single_op(
@@ -458,18 +515,29 @@ def _single_op(
     seed: int,
     insert_at: Sequence[int] | None = None,
 ) -> StateDict:
+    """The checks and the pass shared by the single-axis operators (only ``tower``'s ``op`` fields may change)."""
     fields = {
         "grow_depth": ["depth"],
         "grow_width": ["width", "heads"],
         "grow_heads": ["heads"],
         "grow_mlp": ["mlp_ratio"],
     }[op]
-    allowed = [f"{SPEC_FIELD[tower]}.{f}" for f in fields]
-    check_growth(old, new, allowed=allowed, who=op)
-    check_state_dict(sd, old, who=op)
+    tower = checks.check_tower(tower, "tower", op)
+    old = checks.check_spec(old, "old", op)
+    new = checks.check_spec(new, "new", op)
+    section = SPEC_FIELD[tower]
+    check_growth(old, new, allowed=[f"{section}.{f}" for f in fields], who=op)
+    seed = checks.check_seed(seed, op)
+    if insert_at is not None:
+        a, b = tower_spec(old, tower).depth, tower_spec(new, tower).depth
+        checks.check_block_slots(insert_at, a, b, arg="insert_at", field=f"{section}.depth", who=op)
+    checks.check_state_dict(sd, old, arg="sd", spec_desc="old spec", who=op)
     if fill is None:
         fill = _fresh_fill(new, seed)
-    out = transform_state(sd, old, new, fill=fill, insert_at=None if insert_at is None else {tower: insert_at}, who=op)
+    else:
+        checks.check_state_dict(fill, new, arg="fill", spec_desc="new spec", who=op)
+    where = None if insert_at is None else {tower: insert_at}
+    out = _transform_state(sd, old, new, fill=fill, mode="param", insert_at=where, who=op)
     logger.debug("%s %s: %d keys -> %d keys", op, tower, len(sd), len(out))
     return out
 

@@ -5,27 +5,27 @@ reachable from the current one by growth ops: deeper / wider towers, more heads,
 wider or deeper shared encoder, or nothing. This module works on specs only (no tensors):
 :func:`growth_ops` describes the difference of two specs, :func:`apply_op` applies one op (so a
 search can enumerate candidates by ops), and :func:`check_growth` validates a target, naming the
-offending field. ``model/growth.py`` implements the ops on state dicts.
+offending field (the rule itself lives in ``model/checks.py`` with the other argument checks).
+``model/growth.py`` implements the ops on state dicts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from model.spec import ArchSpec, ImageSpec, SharedSpec, TextSpec
+from model.checks import check_choice, check_growth, check_spec, check_tower, type_name
+from model.spec import SPEC_FIELD, TOWERS, ArchSpec, ImageSpec, SharedSpec, TextSpec, Tower
 
 __all__ = ["Tower", "OpName", "TOWERS", "GrowthOp", "growth_ops", "apply_op", "check_growth", "tower_spec"]
 
 logger = logging.getLogger(__name__)
 
-Tower = Literal["visual", "text", "shared"]
 OpName = Literal["grow_depth", "grow_width", "grow_heads", "grow_mlp"]
-TOWERS: tuple[Tower, ...] = ("visual", "text", "shared")
-SPEC_FIELD = {"visual": "image", "text": "text", "shared": "shared"}  # state-dict tower -> ArchSpec field
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,26 @@ class GrowthOp:
     from_: float
     to: float
 
+    def __post_init__(self) -> None:
+        check_choice(self.op, list(_OP_FIELD), "op", "GrowthOp")
+        check_tower(self.tower, "tower", "GrowthOp")
+        for name in ("from_", "to"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"GrowthOp: {name}={value!r} ({type_name(value)}): expected a number")
+
     def to_dict(self) -> dict[str, Any]:
         return {"op": self.op, "tower": self.tower, "from": self.from_, "to": self.to}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> GrowthOp:
+        """Read the JSON form ``{"op", "tower", "from", "to"}``; a missing or extra key is an error."""
+        keys = ("op", "tower", "from", "to")
+        if not isinstance(d, Mapping):
+            raise TypeError(f"GrowthOp.from_dict: d: expected a mapping with keys {keys}, got {type_name(d)}")
+        if set(d) != set(keys):
+            missing, extra = sorted(set(keys) - set(d)), sorted(set(d) - set(keys), key=str)
+            raise KeyError(f"GrowthOp.from_dict: keys must be {keys}; missing {missing}, unknown {extra}")
         return cls(d["op"], d["tower"], d["from"], d["to"])
 
 
@@ -62,16 +77,20 @@ _OP_FIELD: dict[str, str] = {
 
 def tower_spec(spec: ArchSpec, tower: Tower) -> ImageSpec | TextSpec | SharedSpec:
     """The ArchSpec section of a state-dict tower name (visual -> image)."""
-    return getattr(spec, SPEC_FIELD[tower])
+    section = SPEC_FIELD.get(tower)  # type: ignore[call-overload]
+    if section is None:
+        check_tower(tower, "tower", "tower_spec")  # raises, naming the allowed towers
+    return getattr(spec, section)
 
 
 def growth_ops(old: ArchSpec, new: ArchSpec) -> list[GrowthOp]:
     """The ops that turn ``old`` into ``new``, per tower in order width, heads, mlp, depth.
 
     Raises:
+        TypeError: ``old`` or ``new`` is not an ArchSpec.
         ValueError: ``new`` is not a growth of ``old`` (see :func:`check_growth`).
     """
-    check_growth(old, new)
+    check_growth(old, new, who="growth_ops")
     ops = []
     for tower in TOWERS:
         a, b = tower_spec(old, tower), tower_spec(new, tower)
@@ -85,62 +104,18 @@ def apply_op(spec: ArchSpec, op: GrowthOp) -> ArchSpec:
     """Return ``spec`` with ``op`` applied (for a search that enumerates candidates by ops).
 
     Raises:
+        TypeError: ``spec`` is not an ArchSpec or ``op`` not a GrowthOp.
         ValueError: ``op.from_`` does not match ``spec``, the op would shrink, or the result is invalid.
     """
+    check_spec(spec, "spec", "apply_op")
+    if not isinstance(op, GrowthOp):
+        fix = "; build one with GrowthOp.from_dict(d)" if isinstance(op, Mapping) else ""
+        raise TypeError(f"apply_op: op: expected model.GrowthOp, got {type_name(op)}{fix}")
     fld = _OP_FIELD[op.op]
     part = tower_spec(spec, op.tower)
     where = f"{SPEC_FIELD[op.tower]}.{fld}"
     if getattr(part, fld) != op.from_:
         raise ValueError(f"apply_op: {op.op} expects {where}={op.from_}, spec has {getattr(part, fld)}")
     new = dataclasses.replace(spec, **{SPEC_FIELD[op.tower]: dataclasses.replace(part, **{fld: type(op.from_)(op.to)})})
-    check_growth(spec, new)
+    check_growth(spec, new, who="apply_op")
     return new
-
-
-def check_growth(old: ArchSpec, new: ArchSpec, allowed: Sequence[str] | None = None, who: str = "grow") -> None:
-    """Validate that ``new`` only grows ``old``; errors name the field.
-
-    Fixed fields (image_size, patch_size, vocab_size, context_length, embed_dim) must not change;
-    width, heads, MLP hidden width and depth must not shrink. While ``shared.depth`` is 0 the shared
-    encoder has no tensors, so its width/heads/mlp_ratio may be set freely.
-
-    Args:
-        old: current architecture.
-        new: target architecture.
-        allowed: if given, dotted fields (e.g. ``"image.depth"``) that may differ; others must not.
-        who: operator name for the message.
-
-    Raises:
-        ValueError: e.g. ``grow: image.depth 4 -> 2 would shrink; growth only adds``.
-    """
-    fixed = ["image.image_size", "image.patch_size", "text.vocab_size", "text.context_length", "embed_dim"]
-    growable = [f"{t}.{f}" for t in ("image", "text", "shared") for f in ("width", "heads", "mlp_width", "depth")]
-    for path in fixed + growable:
-        a, b = _get(old, path), _get(new, path)
-        if a == b:
-            continue
-        if (
-            allowed is not None
-            and path not in allowed
-            and not (path.endswith("mlp_width") and _mlp_follows(path, allowed))
-        ):
-            raise ValueError(
-                f"{who}: {path} {a} -> {b} is not changed by this operator (it changes {', '.join(allowed)})"
-            )
-        if path in fixed:
-            raise ValueError(f"{who}: {path} {a} -> {b} is not a growth axis; keep it fixed")
-        if b < a and not (path.startswith("shared.") and old.shared.depth == 0):
-            raise ValueError(f"{who}: {path} {a} -> {b} would shrink; growth only adds")
-
-
-def _mlp_follows(path: str, allowed: Sequence[str]) -> bool:
-    """mlp_width changes with width or mlp_ratio, so either being allowed allows it."""
-    tower = path.split(".")[0]
-    return f"{tower}.width" in allowed or f"{tower}.mlp_ratio" in allowed
-
-
-def _get(spec: ArchSpec, path: str) -> Any:
-    obj: Any = spec
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from model import checks
 from model.growth import Mode, check_growth, key_map, transform_state
 from model.spec import ArchSpec
 
@@ -47,6 +48,12 @@ def _group_names(names: Names, who: str) -> list[list[str]]:
     """Parameter names per group from a model (one group), named param groups, or name lists."""
     if isinstance(names, nn.Module):
         return [[n for n, _ in names.named_parameters()]]
+    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+        raise TypeError(
+            f"{who}: expected a model, named param groups or lists of names per group, got {checks.type_name(names)}"
+        )
+    if names and all(isinstance(g, str) for g in names):
+        raise TypeError(f"{who}: got a flat list of names; pass one list per param group, e.g. [names]")
     out = []
     for g in names:
         if isinstance(g, Mapping):
@@ -54,13 +61,31 @@ def _group_names(names: Names, who: str) -> list[list[str]]:
             # names move to "param_names"; accept both forms.
             if "param_names" in g:
                 out.append(list(g["param_names"]))
-            else:
+            elif "params" in g:
                 out.append([p[0] if isinstance(p, tuple) else p for p in g["params"]])
+            else:
+                raise ValueError(f"{who}: a param group has neither 'param_names' nor 'params': keys {sorted(g)}")
         else:
             out.append(list(g))
     if any(not isinstance(n, str) for g in out for n in g):
         raise TypeError(f"{who}: parameter names must be strings (pass named params or name lists)")
     return out
+
+
+def _check_opt_state(opt_state: Any, who: str) -> None:
+    """An optimizer ``state_dict()``: a mapping with ``state`` and a list of ``param_groups``."""
+    if isinstance(opt_state, torch.optim.Optimizer):
+        raise TypeError(f"{who}: opt_state: expected optimizer.state_dict(), got the optimizer; pass opt.state_dict()")
+    if not isinstance(opt_state, Mapping) or not {"state", "param_groups"} <= set(opt_state):
+        keys = sorted(map(str, opt_state))[:5] if isinstance(opt_state, Mapping) else None
+        got = checks.type_name(opt_state) if keys is None else f"a mapping with keys {keys}"
+        raise TypeError(f"{who}: opt_state: expected optimizer.state_dict() ('state', 'param_groups'), got {got}")
+    groups = opt_state["param_groups"]
+    if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence):
+        raise TypeError(f"{who}: opt_state['param_groups']: expected a list of groups, got {checks.type_name(groups)}")
+    for i, g in enumerate(groups):
+        if not isinstance(g, Mapping) or "params" not in g:
+            raise TypeError(f"{who}: opt_state['param_groups'][{i}]: expected a mapping with 'params'")
 
 
 def grow_optimizer_state(
@@ -88,18 +113,26 @@ def grow_optimizer_state(
         A state dict that the new optimizer accepts with ``load_state_dict``.
 
     Raises:
-        ValueError: group counts differ, names are missing, or the growth is invalid.
+        TypeError: an argument of the wrong type (e.g. the optimizer instead of its ``state_dict()``,
+            a dict for a spec, a flat list of names).
+        ValueError: group counts differ, names are missing, the growth is invalid, or a bad ``insert_at``
+            (unknown tower, wrong count, index out of range).
         KeyError: an unknown per-parameter state entry, or a name without a growth rule.
     """
-    check_growth(old_spec, new_spec)
+    who = "grow_optimizer_state"
+    _check_opt_state(opt_state, who)
+    old_spec = checks.check_spec(old_spec, "old_spec", who)
+    new_spec = checks.check_spec(new_spec, "new_spec", who)
+    check_growth(old_spec, new_spec, who=who, new_arg="new_spec")
+    checks.check_insert_at(insert_at, old_spec, new_spec, who=who)
     groups = opt_state["param_groups"]
     if old_names is None:
         if not all("param_names" in g for g in groups):
             raise ValueError("grow_optimizer_state: opt_state has no param_names; pass old_names")
         old = [list(g["param_names"]) for g in groups]
     else:
-        old = _group_names(old_names, "grow_optimizer_state")
-    new = _group_names(new_names, "grow_optimizer_state")
+        old = _group_names(old_names, f"{who}: old_names")
+    new = _group_names(new_names, f"{who}: new_names")
     if len(old) != len(groups) or len(new) != len(groups):
         raise ValueError(
             f"grow_optimizer_state: {len(groups)} param groups in opt_state, "
@@ -114,7 +147,7 @@ def grow_optimizer_state(
         for idx, name in zip(g["params"], names, strict=True):
             if idx in opt_state["state"]:
                 by_name[name] = opt_state["state"][idx]
-    renamed = key_map(list(by_name), old_spec, new_spec, insert_at)
+    renamed = key_map(list(by_name), old_spec, new_spec, insert_at, who=who)
 
     mapped: dict[str, dict[str, Any]] = {renamed[n]: {} for n in by_name}
     kinds = {k for st in by_name.values() for k in st}

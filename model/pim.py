@@ -23,8 +23,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from model import checks
 from model.clip import GrowCLIP, build_model
-from model.growth import StateDict, check_growth, grow_state_dict, growth_ops
+from model.growth import StateDict, check_growth, growth_ops, transform_state
 from model.spec import ArchSpec
 
 __all__ = ["GrowthRecord", "grow", "pim_blend", "preservation_error", "random_inputs"]
@@ -71,13 +72,12 @@ def pim_blend(inherited: Mapping[str, torch.Tensor], fresh: Mapping[str, torch.T
     m = 1 returns copies of ``inherited`` and m = 0 copies of ``fresh`` bit for bit.
 
     Raises:
-        ValueError: momentum outside [0, 1].
-        KeyError: the two state dicts have different keys.
+        TypeError: a state dict that is not a mapping of str to Tensor, or a momentum that is not a number.
+        ValueError: momentum outside [0, 1], or a key whose shapes differ (names it).
+        KeyError: the two state dicts have different keys (names the first).
     """
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum={momentum} must be in [0, 1] (1 = inherit, 0 = fresh init)")
-    if set(inherited) != set(fresh):
-        raise KeyError(f"pim_blend: key mismatch: {sorted(set(inherited) ^ set(fresh))[:5]}")
+    momentum = checks.check_momentum(momentum, "pim_blend")
+    checks.check_same_layout(inherited, fresh, args=("inherited", "fresh"), who="pim_blend")
     out: StateDict = {}
     for key, a in inherited.items():
         b = fresh[key].to(a)
@@ -92,6 +92,9 @@ def pim_blend(inherited: Mapping[str, torch.Tensor], fresh: Mapping[str, torch.T
 
 def random_inputs(spec: ArchSpec, batch: int = 2, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed random (images, tokens) for preservation checks; tokens end in EOT = vocab_size - 1."""
+    checks.check_spec(spec, "spec", "random_inputs")
+    checks.check_int(batch, "batch", "random_inputs", minimum=1)
+    checks.check_seed(seed, "random_inputs")
     g = torch.Generator().manual_seed(seed)
     im, tx = spec.image, spec.text
     images = torch.randn(batch, 3, im.image_size, im.image_size, generator=g, dtype=torch.float64)
@@ -108,7 +111,13 @@ def random_inputs(spec: ArchSpec, batch: int = 2, seed: int = 1234) -> tuple[tor
 def preservation_error(
     old: nn.Module, new: nn.Module, spec: ArchSpec, batch: int = 2, seed: int = 1234
 ) -> dict[str, float]:
-    """Max |Δ| of image/text embeddings and logits between two models, in float64, eval mode."""
+    """Max |Δ| of image/text embeddings and logits between two models, in float64, eval mode.
+
+    Raises:
+        TypeError: ``old`` / ``new`` is not a GrowCLIP, or ``spec`` not an ArchSpec.
+    """
+    checks.check_model(old, "old", "preservation_error")
+    checks.check_model(new, "new", "preservation_error")
     images, tokens = random_inputs(spec, batch, seed)
     outs = []
     for m in (old, new):
@@ -152,24 +161,42 @@ def grow(
         ``(new_model, record)``; the new model has ``model``'s dtype, device and train/eval mode.
 
     Raises:
-        ValueError: shrinking or invalid target (names the field), or momentum outside [0, 1].
-        KeyError: a source state-dict key has no growth rule.
+        TypeError: an argument of the wrong type, e.g. a dict for ``new_spec`` or a wrapped model
+            (the message names the argument and the fix).
+        ValueError: shrinking or invalid target (names the field), momentum outside [0, 1], a bad
+            ``insert_at`` (unknown tower, wrong count, index out of range), or a ``source`` tensor of
+            the wrong shape.
+        KeyError: ``source`` lacks a key of ``model.spec`` or has one that is not its.
     """
+    who = "grow"
+    model = checks.check_model(model, "model", who)
+    new_spec = checks.check_spec(new_spec, "new_spec", who)
     old_spec: ArchSpec = model.spec
-    check_growth(old_spec, new_spec)
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum={momentum} must be in [0, 1] (1 = inherit, 0 = fresh init)")
-    ref = next(model.parameters())
-    src_sd = (
-        model.state_dict()
-        if source is None
-        else (source.state_dict() if isinstance(source, nn.Module) else dict(source))
-    )
+    check_growth(old_spec, new_spec, who=who, new_arg="new_spec")
+    momentum = checks.check_momentum(momentum, who)
+    seed = checks.check_seed(seed, who)
+    checks.check_insert_at(insert_at, old_spec, new_spec, who=who)
+    checks.check_bool(measure, "measure", who)
+    checks.check_int(measure_batch, "measure_batch", who, minimum=1)
+    if source is None:
+        src_sd = model.state_dict()  # matches model.spec by construction
+    elif isinstance(source, nn.Module):
+        src_sd = checks.check_model(source, "source", who).state_dict()
+        checks.check_state_dict(src_sd, old_spec, arg="source", spec_desc="model.spec", who=who)
+    elif isinstance(source, Mapping):
+        checks.check_state_dict(source, old_spec, arg="source", spec_desc="model.spec", who=who)
+        src_sd = dict(source)
+    else:
+        raise TypeError(
+            f"{who}: source: expected a GrowCLIP or a state dict of model.spec (e.g. EMA weights), "
+            f"got {checks.type_name(source)}"
+        )
     src_sd = {k: v.detach() for k, v in src_sd.items()}
+    ref = next(model.parameters())
 
     fresh_model = build_model(new_spec, seed).to(dtype=ref.dtype, device=ref.device)
     fresh = fresh_model.state_dict()
-    inherited = grow_state_dict(src_sd, old_spec, new_spec, fill=fresh, insert_at=insert_at)
+    inherited = transform_state(src_sd, old_spec, new_spec, fill=fresh, insert_at=insert_at, who=who)
     # m = 1: the expansion itself (no blended copy needed; load_state_dict copies into fresh_model)
     blended = inherited if momentum == 1.0 else pim_blend(inherited, fresh, momentum)
     fresh_model.load_state_dict(blended, strict=True)
@@ -211,7 +238,7 @@ def grow(
         params_before=before,
         params_after=after,
         error=error,
-        momentum=float(momentum),
+        momentum=momentum,
         source="model" if source is None else "ema",
         seed=seed,
     )

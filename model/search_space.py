@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from model import checks
 from model.spec import ArchSpec
 
 __all__ = [
@@ -103,8 +104,15 @@ def grow_named(spec: ArchSpec, name: str, space: GrowthSpace) -> ArchSpec:
     """``spec`` grown by the candidate ``name`` ("none" or axes joined by "+", e.g. "image_depth+mlp").
 
     Raises:
+        TypeError: ``spec`` is not an ArchSpec, ``name`` not a str or ``space`` not a GrowthSpace.
         ValueError: an unknown axis, or a grown spec that is invalid (the message names the field).
     """
+    _check_args("grow_named", spec, "spec", space)
+    if not isinstance(name, str):
+        raise TypeError(
+            f"grow_named: name={name!r} ({checks.type_name(name)}): expected a str such as "
+            f"'{NO_GROWTH}' or 'image_depth+mlp'"
+        )
     for axis in _schedule_axes(name):
         spec = axis_growth(spec, axis, space)
     return spec
@@ -138,9 +146,11 @@ def axis_growth(spec: ArchSpec, axis: str, space: GrowthSpace) -> ArchSpec:
     """Apply one growth operation of ``axis`` to ``spec`` (see the module docstring for the rules).
 
     Raises:
+        TypeError: ``spec`` is not an ArchSpec or ``space`` not a GrowthSpace.
         ValueError: unknown axis, or the grown spec is invalid (e.g. an MLP ratio that gives no
             whole hidden width); the message names the field.
     """
+    _check_args("axis_growth", spec, "spec", space)
     im, tx = spec.image, spec.text
     wf, hf = space.width_factor, space.heads_factor
     rules: dict[str, Callable[[], dict[str, Any]]] = {
@@ -160,7 +170,7 @@ def axis_growth(spec: ArchSpec, axis: str, space: GrowthSpace) -> ArchSpec:
         "shared_depth": lambda: {"shared": _shared_growth(spec, space)},
     }
     if axis not in rules:
-        raise ValueError(f"unknown growth axis {axis!r}; valid axes: {', '.join(AXES)}")
+        raise ValueError(f"axis_growth: unknown growth axis {axis!r}; valid axes: {', '.join(AXES)}")
     return spec.with_changes(**rules[axis]())
 
 
@@ -176,6 +186,14 @@ def _shared_growth(spec: ArchSpec, space: GrowthSpace) -> dict[str, Any]:
     return {"depth": space.depth_step, "width": width, "heads": heads}
 
 
+def _check_args(who: str, spec: Any, spec_arg: str, space: Any) -> None:
+    """The spec and growth-space arguments every public function here takes."""
+    checks.check_spec(spec, spec_arg, who)
+    if not isinstance(space, GrowthSpace):
+        fix = "; build one with model.structs.from_dict(GrowthSpace, d)" if isinstance(space, dict) else ""
+        raise TypeError(f"{who}: space: expected GrowthSpace, got {checks.type_name(space)}{fix}")
+
+
 def _cost(spec: ArchSpec, budget: str) -> int:
     return spec.params() if budget == "params" else spec.flops_per_sample()
 
@@ -186,8 +204,12 @@ def scheduled_candidate(current: ArchSpec, stage: int, data_ratio: float, space:
     The schedule is applied as written: the data-aware budget is not enforced, only logged when exceeded.
 
     Raises:
+        TypeError: an argument of the wrong type (``current`` must be an ArchSpec).
         ValueError: the schedule has no entry for the stage, or an entry makes an invalid spec.
     """
+    _check_args("scheduled_candidate", current, "current", space)
+    checks.check_int(stage, "stage", "scheduled_candidate")
+    checks.check_number(data_ratio, "data_ratio", "scheduled_candidate")
     if not 2 <= stage <= len(space.schedule) + 1:
         raise ValueError(
             f"growth.schedule has {len(space.schedule)} entries (stages 2..{len(space.schedule) + 1}); "
@@ -225,8 +247,11 @@ def enumerate_candidates(
         reason (over budget, invalid, duplicate of another candidate, over max_candidates).
 
     Raises:
+        TypeError: an argument of the wrong type (``current`` must be an ArchSpec).
         ValueError: ``data_ratio`` < 1 (data never shrinks between stages).
     """
+    _check_args("enumerate_candidates", current, "current", space)
+    checks.check_number(data_ratio, "data_ratio", "enumerate_candidates")
     if not data_ratio >= 1.0:
         raise ValueError(f"data_ratio={data_ratio}: |D_<=t| / |D_<=t-1| must be >= 1 (stages only add data)")
     base = _cost(current, space.budget)

@@ -14,12 +14,31 @@ A_0 -> A_1 -> ...; each A_t is one :class:`ArchSpec`. Growth produces a new spec
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from model.structs import from_dict, to_dict
+from model.structs import ConfigError, closest, from_dict, to_dict
 
-__all__ = ["TINY", "VIT_B16", "ImageSpec", "TextSpec", "SharedSpec", "ArchSpec", "block_params", "block_macs"]
+__all__ = [
+    "TINY",
+    "VIT_B16",
+    "ImageSpec",
+    "TextSpec",
+    "SharedSpec",
+    "ArchSpec",
+    "Tower",
+    "TOWERS",
+    "SPEC_FIELD",
+    "block_params",
+    "block_macs",
+]
+
+# The towers as named in state-dict keys and in growth arguments (``insert_at``, ``tower=``). The image
+# tower's section of an ArchSpec is ``image`` but its modules (and keys) are ``visual`` (R6).
+Tower = Literal["visual", "text", "shared"]
+TOWERS: tuple[Tower, ...] = ("visual", "text", "shared")
+SPEC_FIELD: dict[str, str] = {"visual": "image", "text": "text", "shared": "shared"}  # tower -> ArchSpec field
 
 
 def block_params(width: int, mlp_width: int) -> int:
@@ -41,6 +60,20 @@ def block_macs(width: int, mlp_width: int, tokens: int) -> int:
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _check_types(owner: str, obj: Any) -> None:
+    """Field types of a directly constructed spec (``from_dict`` converts before it gets here)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.type == "int":
+            ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif f.type == "float":
+            ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        else:
+            continue
+        if not ok:
+            raise TypeError(f"{owner}.{f.name}={value!r} ({type(value).__name__}): expected {expected}")
 
 
 def _check_positive(owner: str, **values: float) -> None:
@@ -77,6 +110,7 @@ class ImageSpec:
     mlp_ratio: float = 4.0  # MLP hidden width = width * mlp_ratio
 
     def __post_init__(self) -> None:
+        _check_types("image", self)
         _check_positive("image", image_size=self.image_size, patch_size=self.patch_size, depth=self.depth)
         _check_blocks("image", self.width, self.heads, self.mlp_ratio)
         if self.image_size % self.patch_size:
@@ -105,6 +139,7 @@ class TextSpec:
     mlp_ratio: float = 4.0  # MLP hidden width = width * mlp_ratio
 
     def __post_init__(self) -> None:
+        _check_types("text", self)
         _check_positive("text", vocab_size=self.vocab_size, context_length=self.context_length, depth=self.depth)
         _check_blocks("text", self.width, self.heads, self.mlp_ratio)
 
@@ -123,6 +158,7 @@ class SharedSpec:
     mlp_ratio: float = 4.0  # MLP hidden width = width * mlp_ratio
 
     def __post_init__(self) -> None:
+        _check_types("shared", self)
         if self.depth < 0:
             raise ValueError(f"shared.depth={self.depth} must be >= 0 (0 = no shared encoder)")
         _check_blocks("shared", self.width, self.heads, self.mlp_ratio)
@@ -142,6 +178,15 @@ class ArchSpec:
     embed_dim: int = 512  # width of the joint (contrastive) embedding space
 
     def __post_init__(self) -> None:
+        # ArchSpec(image={...}) would otherwise fail much later with a bare AttributeError
+        for name, cls in (("image", ImageSpec), ("text", TextSpec), ("shared", SharedSpec)):
+            value = getattr(self, name)
+            if not isinstance(value, cls):
+                raise TypeError(
+                    f"ArchSpec.{name}: expected {cls.__name__}, got {type(value).__name__}; build a spec from plain "
+                    f"dicts with ArchSpec.from_dict(d) or change one with spec.with_changes({name}={{...}})"
+                )
+        _check_types("arch", self)
         _check_positive("arch", embed_dim=self.embed_dim)
 
     @classmethod
@@ -156,13 +201,24 @@ class ArchSpec:
     def with_changes(self, **changes: Any) -> ArchSpec:
         """A validated copy with some fields changed, e.g. ``spec.with_changes(image={"depth": 4})``.
 
-        A mapping updates the fields of that section; anything else replaces the top-level field.
+        A mapping updates the fields of that section; a section value (e.g. an :class:`ImageSpec`)
+        replaces the whole section; anything else replaces the top-level field.
 
         Raises:
-            ConfigError: unknown field or an invalid result (same checks as :meth:`from_dict`).
+            ConfigError: unknown field (a state-dict tower name such as ``visual`` is pointed to its
+                section ``image``) or an invalid result (same checks as :meth:`from_dict`).
         """
         d = self.to_dict()
         for key, value in changes.items():
+            if key not in d:
+                if key in SPEC_FIELD:  # a tower name: "visual" is the section "image"
+                    did = f" Did you mean {SPEC_FIELD[key]!r} (the ArchSpec section of the {key!r} tower)?"
+                else:
+                    hint = closest(key, list(d))
+                    did = f" Did you mean {hint!r}?" if hint else ""
+                raise ConfigError(f"with_changes: unknown field {key!r}.{did} Valid fields: {', '.join(d)}")
+            if isinstance(value, (ImageSpec, TextSpec, SharedSpec)):
+                value = to_dict(value)
             if isinstance(value, dict) and isinstance(d.get(key), dict):
                 d[key] = {**d[key], **value}
             else:
