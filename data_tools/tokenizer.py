@@ -24,13 +24,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from data_tools.atomic import atomic_write_text
 from data_tools.manifest import load_manifest, stage_entry
 
-__all__ = ["PAD", "SOT", "EOT", "train_tokenizer", "load_tokenizer", "tokenize", "special_ids"]
+__all__ = ["PAD", "SOT", "EOT", "MIN_CONTEXT_LENGTH", "train_tokenizer", "load_tokenizer", "tokenize", "special_ids"]
 
 logger = logging.getLogger(__name__)
 
 PAD, SOT, EOT = "<pad>", "<start_of_text>", "<end_of_text>"
 SPECIALS = (PAD, SOT, EOT)
 TOKENIZER_NAME = "tokenizer.json"
+MIN_CONTEXT_LENGTH = 2  # every row holds sot and eot (run configs are checked against this at load)
 
 
 def _stage_captions(data_root: Path, stage: int | None) -> Iterator[str]:
@@ -137,8 +138,8 @@ def tokenize(texts: str | Sequence[str], context_length: int, tokenizer: Tokeniz
         context_length: L (>= 2).
         tokenizer: a loaded tokenizer, its file, or the DATA_ROOT holding ``tokenizer.json``.
     """
-    if context_length < 2:
-        raise ValueError(f"context_length={context_length} must be >= 2 (room for sot and eot)")
+    if context_length < MIN_CONTEXT_LENGTH:
+        raise ValueError(f"context_length={context_length} must be >= {MIN_CONTEXT_LENGTH} (room for sot and eot)")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     ids = special_ids(tok)
     pad, sot, eot = ids["pad"], ids["sot"], ids["eot"]

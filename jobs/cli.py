@@ -23,11 +23,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from data_tools.cli_errors import EXIT_FAILED, EXIT_USAGE, OneLineParser, fail, unexpected
 from jobs.config import ConfigError, dump_cfg, load_cfg
 
 __all__ = ["main", "build_parser"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK = 0
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -46,9 +47,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     """Load, validate and print the resolved config."""
     try:
         cfg = load_cfg(args.config, args.overrides)
+        if (cfg.data.root / "tokenizer.json").exists():  # the corpus is here: its vocabulary must fit the model
+            from jobs.engine.data import check_tokenizer
+
+            check_tokenizer(cfg.data.root, cfg.model.text.vocab_size)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail(exc, EXIT_USAGE)
     sys.stdout.write(dump_cfg(cfg))
     return EXIT_OK
 
@@ -89,7 +93,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m jobs",
         description="GrowCLIP job suite: CLIP that grows with its data, run as SLURM batch jobs.",
     )
@@ -295,4 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``) and run the verb; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ConfigError as exc:  # bad input a verb did not report itself
+        return fail(exc, EXIT_USAGE)
+    except Exception as exc:  # never a traceback: one line (the traceback with GROWCLIP_TRACEBACK=1)
+        return unexpected(exc, f"python -m jobs {args.verb}")

@@ -22,6 +22,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from typing import Any, Literal
 
 import yaml
 
+from data_tools.tokenizer import MIN_CONTEXT_LENGTH
 from model.search_space import GrowthSpace, grow_named
 from model.spec import ArchSpec
 from model.structs import ConfigError, apply_override, from_dict, to_dict
@@ -43,6 +45,9 @@ __all__ = [
     "RunCfg",
     "SearchCfg",
     "TrainCfg",
+    "LAUNCH_KEYS",
+    "check_stage",
+    "config_differences",
     "dump_cfg",
     "load_cfg",
 ]
@@ -264,6 +269,12 @@ class RunCfg:
             f"growth.schedule has {n} entries but data.stages={self.data.stages} needs {self.data.stages - 1} "
             f"(one per stage after the first)",
         )
+        ctx = self.model.text.context_length
+        _require(
+            ctx >= MIN_CONTEXT_LENGTH,
+            f"model.text.context_length={ctx} leaves no room for the tokenizer's start and end tokens; "
+            f"set it to at least {MIN_CONTEXT_LENGTH} (CLIP uses 77)",
+        )
         spec = self.model
         for i, entry in enumerate(self.growth.schedule):  # every scheduled growth must give a valid spec
             try:
@@ -277,11 +288,53 @@ class RunCfg:
         return self.run_root / self.name
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the
+    last value silently: a config with ``train:`` twice would lose the first section)."""
+
+
+def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise ConfigError(
+                f"key {key!r} appears twice (lines {seen[key]} and {line}); keep one: YAML would silently drop "
+                "the first"
+            )
+        with contextlib.suppress(TypeError):  # an unhashable key: construct_mapping reports it
+            seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; pass the path of a YAML file such as configs/demo.yaml")
     try:
-        raw = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror}); check its permissions") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line}, offset {exc.start}); "
+            "save the file as UTF-8"
+        ) from None
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow (NUL, most control characters)
+        line = text[: exc.position].count("\n") + 1
+        raise ConfigError(
+            f"{path}: not valid YAML: character {chr(exc.character)!r} at line {line} is not allowed; remove it"
+        ) from None
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
@@ -318,3 +371,44 @@ def load_cfg(path: Path | None, overrides: Sequence[str] = ()) -> RunCfg:
 def dump_cfg(cfg: RunCfg) -> str:
     """The resolved config as YAML; ``load_cfg`` of this text gives back an equal ``RunCfg``."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False, width=100)
+
+
+# Sections and keys that say how and where a run is launched, not what it computes: a run dir accepts a
+# resubmission that changes them (more time, another partition or executor, the run named differently).
+LAUNCH_KEYS = ("name", "run_root", "cluster")
+
+
+def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def config_differences(old: RunCfg, new: RunCfg, *, ignore: Sequence[str] = LAUNCH_KEYS) -> list[str]:
+    """What makes ``new`` another config than ``old``: ``["train.steps: 40 -> 80", ...]`` (empty: the same).
+
+    Launch settings (``ignore``) do not count, nor does the spelling of ``data.root`` (compared resolved), nor
+    a key added to the schema since ``old`` was written (it loads at its default, so it equals ``new``'s).
+    """
+
+    def flat(cfg: RunCfg) -> dict[str, Any]:
+        d = to_dict(cfg)
+        d["data"]["root"] = str(Path(d["data"]["root"]).resolve())
+        return {k: v for k, v in _flat(d).items() if k.split(".")[0] not in ignore}
+
+    a, b = flat(old), flat(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+def check_stage(cfg: RunCfg, stage: int, *, first: int = 1) -> None:
+    """``--stage`` names a stage of the plan (``first`` = 2 for the growth steps: stage 1 has no search).
+
+    Raises:
+        ConfigError: the stage is outside ``first..data.stages``.
+    """
+    if not first <= stage <= cfg.data.stages:
+        why = " (stage 1 has no search: it trains the config's model)" if first == 2 and stage == 1 else ""
+        raise ConfigError(f"--stage {stage} must be in {first}..data.stages={cfg.data.stages}{why}")

@@ -11,9 +11,11 @@ import json
 import sys
 
 from data_tools.atomic import atomic_write_json
+from data_tools.cli_errors import fail
 from jobs.config import ConfigError, EvalCfg
 from jobs.engine.checkpoint import CheckpointError
 from jobs.engine.evaluate import evaluate_checkpoint
+from jobs.engine.rundir import check_eval_output
 from jobs.logs import setup_logging
 from model.structs import apply_override, from_dict
 
@@ -38,16 +40,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 apply_override(raw, EvalCfg, text.removeprefix("eval."))
             cfg = from_dict(EvalCfg, raw)
         except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return fail(exc, 2)
+    try:
+        if args.out:
+            check_eval_output(args.out, cfg, args.data_root)
+    except ConfigError as exc:
+        return fail(exc, 2)
     try:
         result = evaluate_checkpoint(args.checkpoint, args.data_root, cfg, weights=args.weights)
     except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return fail(exc, 1)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc, 2)
     if args.out:
         atomic_write_json(args.out, result)
         print(args.out)

@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from data_tools.atomic import atomic_write_text
+from data_tools.cli_errors import fail
 from jobs.config import ConfigError, RunCfg, dump_cfg, load_cfg
 from jobs.engine.pipeline import read_json, stage_path
 from jobs.logs import setup_logging
@@ -318,8 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(args))
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc, 2)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import argparse
 import shutil
 import sys
 
+from data_tools.cli_errors import fail
+
 __all__ = ["cmd_report", "cmd_runs"]
 
 
@@ -33,8 +35,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             return 0
         written = write_report(args.run_dirs, args.out, args.format or "md")
     except ReportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc, 2)
     main = next((p for p in written if p.name.startswith("report.")), None)
     print(f"wrote {len(written)} files to {args.out}" + (f"; open {main}" if main else ""))
     return 0
@@ -47,8 +48,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     try:
         dirs = find_runs(args.run_root)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc, 2)
     if not dirs:
         print(f"no runs under {args.run_root} (a run dir has config.yaml, plan.json or stage_NN/)")
         return 0

@@ -10,13 +10,13 @@ import argparse
 import json
 import logging
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import submitit
 
-from jobs.config import ConfigError, load_cfg
+from data_tools.cli_errors import fail
+from jobs.config import ConfigError, check_stage, load_cfg
 from jobs.engine.dist import init_distributed
 from jobs.engine.pipeline import stage_path
 from jobs.logs import setup_logging
@@ -118,16 +118,27 @@ def _run(fn: Any, *args: Any) -> int:
         if out.get("status") == "preempted":
             return EXIT_PREEMPTED  # the sbatch script requeues the task; it resumes from the checkpoint
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc, 2)
     except Exception as exc:  # the message names the candidate/stage; the traceback is in failed.json
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        return fail(f"{type(exc).__name__}: {exc}", 1)
     return 0
+
+
+def _stage_args_error(args: argparse.Namespace) -> int | None:
+    """Exit code 2 (one error line printed) when --config, --stage or --index cannot name a growth step."""
+    try:
+        check_stage(load_cfg(Path(args.config)), args.stage, first=2)
+        if getattr(args, "index", 0) < 0:
+            raise ConfigError(f"--index {args.index} must be >= 0 (the candidate's array task id)")
+    except ConfigError as exc:
+        return fail(exc, 2)
+    return None
 
 
 def cmd_search_candidate(args: argparse.Namespace) -> int:
     """Grow, train and score one candidate (``--index``, e.g. $SLURM_ARRAY_TASK_ID)."""
+    if (rc := _stage_args_error(args)) is not None:
+        return rc
     stop = StopFlag()
     signal.signal(signal.SIGUSR2, stop.set)  # SLURM's warning (sbatch --signal=B:USR2@90): checkpoint, exit 3
     return _run(_search, str(args.config), args.stage, str(args.run_dir), args.index, stop, _exit_preempted)
@@ -135,4 +146,6 @@ def cmd_search_candidate(args: argparse.Namespace) -> int:
 
 def cmd_select(args: argparse.Namespace) -> int:
     """Rank a stage's candidates; write selected.json and selected.pt."""
+    if (rc := _stage_args_error(args)) is not None:
+        return rc
     return _run(_select, str(args.config), args.stage, str(args.run_dir))

@@ -31,8 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from data_tools.atomic import atomic_write_json, atomic_write_text
+from data_tools.cli_errors import fail
 from jobs.config import ClusterCfg, ConfigError, RunCfg, dump_cfg, load_cfg
+from jobs.engine.data import check_corpus
 from jobs.engine.pipeline import STEPS, max_candidates, read_json, stage_candidates, stage_state
+from jobs.engine.rundir import check_run_dir
 from jobs.runlock import LockError, lock_holder_alive, run_lock
 
 __all__ = ["cmd_plan", "cmd_submit", "cmd_status", "cmd_cancel", "parse_stages", "plan_actions"]
@@ -367,8 +370,12 @@ def run_local(cfg: RunCfg, cfg_path: Path, run_dir: Path, stages: list[int], kin
             try:
                 out = job.result()
             except Exception as exc:
-                print(f"error: stage {t} {a.step} failed: {exc}", file=sys.stderr)
-                return 1
+                last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+                return fail(
+                    f"stage {t} {a.step} failed: {last} (job {job.job_id}); its log and traceback are in "
+                    f"{run_dir / 'submitit' / str(job.job_id)}; fix the cause, then re-run the same submit",
+                    1,
+                )
             if a.step == "select":
                 print(f"stage {t} select: {out['winner']['name']} — {out['reason']}", flush=True)
                 from jobs.engine.select import growth_lines
@@ -388,32 +395,9 @@ def _prepare(args: argparse.Namespace) -> tuple[RunCfg, Path, Path, list[int], s
     kind = args.executor or cfg.cluster.executor
     cfg = replace(cfg, cluster=replace(cfg.cluster, executor=kind))
     stages = parse_stages(args.stages, cfg.data.stages)
-    _check_data(cfg)
+    check_corpus(cfg.data.root, cfg.data.stages, cfg.model.text.vocab_size)
+    check_run_dir(run_dir, cfg)  # the run dir's config is this one (launch settings may change)
     return cfg, run_dir, run_dir / "config.yaml", stages, kind
-
-
-def _check_data(cfg: RunCfg) -> None:
-    from data_tools.manifest import load_manifest, stage_entry
-    from data_tools.tokenizer import load_tokenizer
-
-    root = cfg.data.root
-    try:
-        manifest = load_manifest(root, missing_ok=False)
-    except (FileNotFoundError, ValueError) as exc:
-        raise ConfigError(str(exc)) from None
-    missing = [s for s in range(1, cfg.data.stages + 1) if stage_entry(manifest, s) is None]
-    if missing:
-        raise ConfigError(f"{root}/manifest.json lacks stages {missing}: ingest them or lower data.stages")
-    tok = root / "tokenizer.json"
-    if not tok.exists():
-        raise ConfigError(f"{tok} does not exist: build the corpus (python -m data_tools build-offline {root})")
-    vocab = load_tokenizer(tok).get_vocab_size()
-    if vocab > cfg.model.text.vocab_size:
-        raise ConfigError(
-            f"tokenizer {tok} has {vocab} tokens but model.text.vocab_size={cfg.model.text.vocab_size} (token ids "
-            f"must be < vocab_size, end-of-text is the highest id): set model.text.vocab_size: {vocab}, or rebuild "
-            f"the corpus with --vocab-size {cfg.model.text.vocab_size}"
-        )
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -422,18 +406,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         cfg, run_dir, _, stages, kind = _prepare(args)
         actions = plan_actions(cfg, run_dir, stages, active_jobs(run_dir) if kind == "slurm" else {})
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc, 2)
     print(format_plan(cfg, run_dir, actions, kind))
     return 0
-
-
-def _same_config(path: Path, cfg: RunCfg) -> bool:
-    """The run's stored config resolves to ``cfg`` (its text may differ: a key added since, with its default)."""
-    try:
-        return load_cfg(path) == cfg
-    except ConfigError:  # e.g. a key this version no longer knows
-        return False
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -444,19 +419,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
     try:
         cfg, run_dir, cfg_path, stages, kind = _prepare(args)
         text = dump_cfg(cfg)
-        if cfg_path.exists() and cfg_path.read_text() != text and not _same_config(cfg_path, cfg):
-            import difflib
-
-            diff = "".join(
-                list(
-                    difflib.unified_diff(
-                        cfg_path.read_text().splitlines(True), text.splitlines(True), str(cfg_path), "this submission"
-                    )
-                )[:40]
-            )
-            raise ConfigError(
-                f"{run_dir} was started with another config; use a new --run-dir or the same config:\n{diff}"
-            )
         with run_lock(run_dir, break_lock=args.break_lock):
             atomic_write_text(cfg_path, text)
             actions = plan_actions(cfg, run_dir, stages, active_jobs(run_dir) if kind == "slurm" else {})
@@ -476,10 +438,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 time.sleep(5)
             rc = 0 if all(stage_state(cfg, run_dir, t).evaluated for t in stages) else 1
             if rc:
-                print(f"error: the run stopped before finishing; see python -m jobs status {run_dir}", file=sys.stderr)
+                fail(f"the run stopped before finishing ({run_dir}); see python -m jobs status {run_dir}", 1)
     except (ConfigError, LockError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc, 2)
     if rc == 0:
         from jobs.engine.report import format_report
 
@@ -526,8 +487,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         cfg = _run_dir_cfg(run_dir)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc, 2)
     recs = load_jobs(run_dir)["jobs"]
     slurm_ids = [r["job_id"] for r in recs if r.get("executor") == "slurm"]
     queued = queue_states(slurm_ids)

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import submitit
 
-from jobs.config import ClusterCfg, ConfigError, load_cfg
+from data_tools.cli_errors import fail
+from jobs.config import ClusterCfg, ConfigError, check_stage, load_cfg
+from jobs.engine.data import check_corpus
 from jobs.engine.dist import cleanup_distributed, init_distributed
+from jobs.engine.rundir import check_run_dir
 from jobs.engine.trainer import train_stage
 from jobs.logs import setup_logging
 from jobs.train import StopFlag
@@ -84,12 +86,14 @@ def make_executor(cc: ClusterCfg, folder: Path, executor: str | None = None) -> 
 
 def cmd_submit_train(args: argparse.Namespace) -> int:
     """Submit the training; print the job id (and wait for the result with ``--wait``)."""
+    run_dir = Path(args.run_dir).resolve()
     try:
         cfg = load_cfg(args.config, args.overrides)
+        check_stage(cfg, args.stage)
+        check_corpus(cfg.data.root, args.stage, cfg.model.text.vocab_size)
+        check_run_dir(run_dir, cfg)  # refuse before anything is queued, not in the job
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    run_dir = Path(args.run_dir).resolve()
+        return fail(exc, 2)
     job_fn = TrainJob(
         str(Path(args.config).resolve()), tuple(args.overrides), args.stage, str(run_dir), args.init and str(args.init)
     )

@@ -14,7 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
-from jobs.config import ConfigError, load_cfg
+from data_tools.cli_errors import fail
+from jobs.config import ConfigError, check_stage, load_cfg
 from jobs.engine.checkpoint import CheckpointError
 from jobs.engine.dist import cleanup_distributed, init_distributed, world_info_from_env
 from jobs.engine.metrics import MetricsWriteError
@@ -47,12 +48,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     setup_logging(world_info_from_env()[0])
     try:
         cfg = load_cfg(args.config, args.overrides)
+        check_stage(cfg, args.stage)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.stage < 1 or args.stage > cfg.data.stages:
-        print(f"error: --stage {args.stage} must be in 1..data.stages={cfg.data.stages}", file=sys.stderr)
-        return 2
+        return fail(exc, 2)
     stop = StopFlag()
     signal.signal(signal.SIGUSR2, stop.set)
     env = init_distributed()
@@ -67,12 +65,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             should_stop=stop.is_set,
             evaluate=not args.no_eval,
         )
-    except (UsageError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (UsageError, ConfigError, FileNotFoundError) as exc:
+        return fail(exc, 2)
     except (NonFiniteLossError, TrainingOOMError, CheckpointError, MetricsWriteError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return fail(exc, 1)
     finally:
         cleanup_distributed()
     if result.status == "preempted":

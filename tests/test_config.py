@@ -205,13 +205,13 @@ def test_check_config_subprocess_exit_codes(tmp_path: Path) -> None:
 
 
 def test_stored_run_config_missing_a_new_default_key_is_the_same_config(tmp_path: Path) -> None:
-    from jobs.submit import _same_config
+    from jobs.config import config_differences
 
     cfg = load_cfg(REPO / "configs" / "demo.yaml")
     stored = tmp_path / "config.yaml"
     stored.write_text(dump_cfg(cfg).replace("  grad_clip: 1.0\n", ""))  # written before grad_clip existed
-    assert stored.read_text() != dump_cfg(cfg) and _same_config(stored, cfg)
+    assert stored.read_text() != dump_cfg(cfg) and config_differences(load_cfg(stored), cfg) == []
     stored.write_text(dump_cfg(cfg).replace("  grad_clip: 1.0\n", "  grad_clip: 2.0\n"))
-    assert not _same_config(stored, cfg)
-    stored.write_text(dump_cfg(cfg) + "retired_section: {}\n")
-    assert not _same_config(stored, cfg)
+    assert config_differences(load_cfg(stored), cfg) == ["train.grad_clip: 2.0 -> 1.0"]
+    launch = load_cfg(REPO / "configs" / "demo.yaml", ["cluster.mem_gb=99", "name=other"])
+    assert config_differences(launch, cfg) == []  # how and where it is launched is not another config

@@ -9,6 +9,8 @@ cases also run as real subprocesses. Nothing here trains a model or writes into 
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ import pytest
 
 from data_tools.cli import main as data_main
 from jobs.cli import main as jobs_main
+from jobs.config import dump_cfg, load_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +59,7 @@ CASES = [
         "jobs",
         "train --config {cfg} --stage 1 --run-dir {tmp}/r --set data.root={tmp}/nodata",
         2,
-        ["nodata/tokenizer.json does not exist", "build-offline"],
+        ["nodata/manifest.json does not exist", "build-offline"],
     ),
     # a checkpoint named on the command line is read by the job itself: exit 1 (the job failed)
     ("jobs", "train --config {cfg} --stage 1 --run-dir {tmp}/r --resume {tmp}/no.pt", 1, ["no.pt: no such checkpoint"]),
@@ -81,6 +84,53 @@ CASES = [
     ("jobs", "status {tmp}/norun", 2, ["norun/config.yaml does not exist", "not a submitted run"]),
     ("jobs", "submit-train --config {cfg} --stage 1 --run-dir {tmp}/r --executor pbs", 2, ["invalid choice: 'pbs'"]),
     ("jobs", "frobnicate", 2, ["invalid choice: 'frobnicate'", "check-config"]),
+    ("jobs", "train --config {cfg} --stage 1", 2, ["required: --run-dir", "python -m jobs train --help"]),
+    # --- issue #14: inputs found by a new user's tries
+    ("jobs", "check-config {tmp}/dup.yaml", 2, ["key 'train' appears twice (lines 1 and 3)", "keep one"]),
+    ("jobs", "check-config {tmp}/latin1.yaml", 2, ["latin1.yaml: not UTF-8 text (byte 0xe9 at line 2", "save"]),
+    ("jobs", "check-config {tmp}", 2, ["config file not found"]),
+    ("jobs", "check-config {cfg} --set train.lr=[1", 2, ["value '[1' is not valid YAML"]),
+    ("jobs", "check-config {cfg} --set model.text.context_length=1", 2, ["context_length=1", "at least 2"]),
+    ("jobs", "train --config {cfg} --stage 1 --run-dir {tmp}/afile", 2, ["--run-dir is not a directory", "afile"]),
+    ("jobs", "submit --config {cfg} --run-dir {tmp}/afile", 2, ["--run-dir is not a directory", "afile"]),
+    (
+        "jobs",
+        "train --config {cfg} --stage 4 --run-dir {tmp}/r --set data.stages=4",
+        2,
+        ["corpus lacks stages [4] (it has [1, 2, 3])", "manifest.json", "ingest them"],
+    ),
+    (
+        "jobs",
+        "plan --config {cfg} --run-dir {tmp}/r --set data.root={tmp}/truncated",
+        2,
+        ["truncated/manifest.json"],
+    ),
+    (
+        "jobs",
+        "plan --config {cfg} --run-dir {tmp}/r --set data.root={tmp}/emptystage --set data.stages=4",
+        2,
+        ["stages [4] of the corpus hold no pairs", "validate --repair"],
+    ),
+    (
+        "jobs",
+        "train --config {cfg} --stage 4 --run-dir {tmp}/r --set data.root={tmp}/emptystage --set data.stages=4",
+        2,
+        ["stages [4] of the corpus hold no pairs"],
+    ),
+    # a run dir belongs to the config it was made with (RUN_DIR/config.yaml: here train.steps=41)
+    ("jobs", "train --config {cfg} --stage 1 --run-dir {tmp}/owned", 2, ["another config: train.steps: 41 -> 40"]),
+    ("jobs", "plan --config {cfg} --run-dir {tmp}/owned", 2, ["another config: train.steps: 41 -> 40", "--run-dir"]),
+    ("jobs", "submit --config {cfg} --run-dir {tmp}/owned", 2, ["another config: train.steps: 41 -> 40"]),
+    ("jobs", "submit-train --config {cfg} --stage 1 --run-dir {tmp}/owned", 2, ["train.steps: 41 -> 40"]),
+    (
+        "jobs",
+        "evaluate --checkpoint {tmp}/no.pt --data-root {data} --out {tmp}/owned/stage_01/eval/m.json "
+        "--set eval.batch_size=8",
+        2,
+        ["other eval settings: eval.batch_size: 256 -> 8", "--out outside the run dir"],
+    ),
+    ("jobs", "select --config {cfg} --stage 1 --run-dir {tmp}/r", 2, ["--stage 1 must be in 2..data.stages=3"]),
+    ("jobs", "search-candidate --config {cfg} --stage 2 --run-dir {tmp}/r --index -1", 2, ["--index -1 must be >= 0"]),
     # --- data tools
     ("data", "ingest --input {tmp}/none.jsonl --format table --data-root {tmp}/d", 2, ["none.jsonl does not exist"]),
     ("data", "ingest --input {tmp}/t.jsonl --format csv --data-root {tmp}/d", 2, ["--format: invalid choice: 'csv'"]),
@@ -124,6 +174,19 @@ def inputs(tiny_config: Path, tiny_corpus: Path, tmp_path_factory: pytest.TempPa
     (tmp / "syntax.yaml").write_text("train:\n  lr: [1\n")
     (tmp / "list.yaml").write_text("- a\n- b\n")
     (tmp / "t.jsonl").write_text('{"caption": "x", "image": "none.png"}\n')
+    (tmp / "dup.yaml").write_text("train:\n  lr: 1.0e-3\ntrain:\n  steps: 5\n")
+    (tmp / "latin1.yaml").write_bytes("train:\n  # caf\u00e9\n  lr: 1.0e-3\n".encode("latin-1"))
+    (tmp / "afile").write_text("not a directory\n")
+    owned = tmp / "owned"
+    owned.mkdir()
+    (owned / "config.yaml").write_text(dump_cfg(load_cfg(tiny_config, ["train.steps=41"])))
+    for name in ("truncated", "emptystage"):
+        shutil.copytree(tiny_corpus, tmp / name, ignore=shutil.ignore_patterns("shards", "eval"))
+    text = (tiny_corpus / "manifest.json").read_text()
+    (tmp / "truncated" / "manifest.json").write_text(text[: len(text) // 2])
+    manifest = json.loads(text)
+    manifest["stages"].append({**manifest["stages"][-1], "stage": 4, "count": 0, "shards": []})
+    (tmp / "emptystage" / "manifest.json").write_text(json.dumps(manifest))
     return {"cfg": str(tiny_config), "data": str(tiny_corpus), "tmp": str(tmp)}
 
 
@@ -145,6 +208,9 @@ def test_bad_input_names_the_problem(  # type: ignore[no-untyped-def]
     for needle in needles:
         assert needle.format(**inputs) in err, f"{needle!r} not in stderr:\n{err[-2000:]}"
     assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: "), f"not ONE error line:\n{err[-2000:]}"
+    assert err.rstrip().splitlines()[-1] == errors[0], f"the error line is not the last:\n{err[-2000:]}"
 
 
 @pytest.mark.parametrize(

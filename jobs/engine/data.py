@@ -21,16 +21,69 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from data_tools.loaders import make_train_loader, stage_weights
-from jobs.config import DataCfg
+from jobs.config import ConfigError, DataCfg
 
-__all__ = ["DataPosition", "BatchStream", "segment_seed"]
+__all__ = ["DataPosition", "BatchStream", "check_corpus", "check_tokenizer", "segment_seed"]
 
 logger = logging.getLogger(__name__)
+
+
+def check_corpus(root: Path, stages: int, vocab_size: int) -> None:
+    """The corpus can feed stages 1..``stages`` of a model with ``vocab_size`` tokens (checked before any job
+    starts: ``plan``, ``submit``, ``train``).
+
+    Raises:
+        ConfigError: no manifest (or an unreadable one), a stage missing or empty, no tokenizer, or a
+            tokenizer larger than the model's vocabulary; each message names the file and the fix.
+    """
+    from data_tools.manifest import MANIFEST_NAME, load_manifest, stage_entry
+
+    root = Path(root)
+    try:
+        manifest = load_manifest(root, missing_ok=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    have = [s["stage"] for s in manifest["stages"]]
+    missing = [s for s in range(1, stages + 1) if stage_entry(manifest, s) is None]
+    if missing:
+        raise ConfigError(
+            f"the corpus lacks stages {missing} (it has {have}) ({root / MANIFEST_NAME}); ingest them "
+            f"(python -m data_tools ingest ...) or lower data.stages / --stage"
+        )
+    empty = [s for s in range(1, stages + 1) if not stage_entry(manifest, s)["count"]]
+    if empty:
+        raise ConfigError(
+            f"stages {empty} of the corpus hold no pairs (appended by an older ingest that kept nothing) "
+            f"({root / MANIFEST_NAME}); remove them with `python -m data_tools validate --repair {root}`, "
+            "then re-ingest their input"
+        )
+    check_tokenizer(root, vocab_size)
+
+
+def check_tokenizer(root: Path, vocab_size: int) -> None:
+    """The corpus's tokenizer exists and fits a model with ``vocab_size`` tokens.
+
+    Raises:
+        ConfigError: no ``tokenizer.json``, or one with more tokens than ``vocab_size``.
+    """
+    from data_tools.tokenizer import load_tokenizer
+
+    tok = Path(root) / "tokenizer.json"
+    if not tok.is_file():
+        raise ConfigError(f"{tok} does not exist: build the corpus (python -m data_tools build-offline {root})")
+    vocab = load_tokenizer(tok).get_vocab_size()
+    if vocab > vocab_size:
+        raise ConfigError(
+            f"tokenizer {tok} has {vocab} tokens but model.text.vocab_size={vocab_size} (token ids must be < "
+            f"vocab_size, end-of-text is the highest id): set --set model.text.vocab_size={vocab}, or rebuild the "
+            f"corpus with --vocab-size {vocab_size}"
+        )
 
 
 @dataclass(frozen=True)

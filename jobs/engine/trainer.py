@@ -33,7 +33,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from data_tools.atomic import atomic_write_json, atomic_write_text
-from data_tools.tokenizer import load_tokenizer
 from jobs.config import RunCfg, TrainCfg, dump_cfg
 from jobs.engine.checkpoint import (
     FORMAT,
@@ -47,10 +46,11 @@ from jobs.engine.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from jobs.engine.data import BatchStream, DataPosition
+from jobs.engine.data import BatchStream, DataPosition, check_corpus
 from jobs.engine.dist import DistEnv
 from jobs.engine.evaluate import evaluate_checkpoint
 from jobs.engine.metrics import MetricsLog
+from jobs.engine.rundir import check_run_dir
 from model.spec import ArchSpec
 from model.structs import to_dict
 
@@ -190,16 +190,25 @@ def _batching(cfg: TrainCfg, env: DistEnv) -> _Batching:
     return _Batching(cfg.batch_size, cfg.grad_accum, streams, per_stream, per_stream * streams // env.world_size)
 
 
-def _check_tokenizer(data_root: Path, spec: ArchSpec) -> None:
-    path = Path(data_root) / "tokenizer.json"
-    if not path.exists():
-        raise UsageError(f"{path} does not exist: build the corpus (python -m data_tools build-offline {data_root})")
-    vocab = load_tokenizer(path).get_vocab_size()
-    if vocab > spec.text.vocab_size:
-        raise UsageError(
-            f"tokenizer {path} has {vocab} tokens but model.text.vocab_size={spec.text.vocab_size}; "
-            f"set --set model.text.vocab_size={vocab} (its end-of-text id {vocab - 1} must be a valid, highest id)"
-        )
+def _check_optimizer_state(payload: dict[str, Any], path: Path | None, optimizer: Any, tc: TrainCfg) -> None:
+    """Refuse a checkpoint whose optimizer state does not fit ``optimizer`` (another optimizer kind, other
+    hyper-parameter keys or parameter groups): torch would load it and fail at the first step."""
+    saved = payload.get("optimizer") or {}
+    groups = saved.get("param_groups", [])
+    want = [set(g) - {"params"} for g in optimizer.state_dict()["param_groups"]]
+    sizes_now = [len(g["params"]) for g in optimizer.param_groups]
+    fits = len(groups) == len(want) and all(set(g) - {"params"} == w for g, w in zip(groups, want, strict=False))
+    fits = fits and [len(g["params"]) for g in groups] == sizes_now
+    if fits:
+        return
+    old = (payload.get("config") or {}).get("train", {})
+    new = to_dict(tc)
+    keys = [f"train.{k}: {old.get(k)!r} -> {new[k]!r}" for k in ("optimizer", "betas", "eps") if old.get(k) != new[k]]
+    what = ", ".join(keys) or "its parameter groups differ from this model's"
+    raise UsageError(
+        f"the optimizer state of the checkpoint does not fit this config: {what} ({path}); resume with the "
+        "config it was written with, or start a fresh training in another --run-dir (--init CKPT keeps its weights)"
+    )
 
 
 class _Ema:
@@ -371,7 +380,7 @@ def run_training(
     source = payload or init_payload
     spec = ArchSpec.from_dict(source["spec"]) if source is not None else cfg.model
     growth_history = list(source.get("growth_history", [])) if source is not None else []
-    _check_tokenizer(cfg.data.root, spec)
+    check_corpus(cfg.data.root, stage, spec.text.vocab_size)
     batching = _batching(tc, env)
 
     if env.is_main:
@@ -420,6 +429,7 @@ def run_training(
     position = DataPosition()
     if payload is not None:
         model.load_state_dict(payload["model"], strict=True)
+        _check_optimizer_state(payload, resume_path, optimizer, tc)
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         scaler.load_state_dict(payload["scaler"])
@@ -605,7 +615,12 @@ def train_stage(
     should_stop: Callable[[], bool] = lambda: False,
     evaluate: bool = True,
 ) -> TrainResult:
-    """:func:`run_training`, then (rank 0, once) evaluate ``final.pt`` into RUN_DIR/stage_NN/eval/metrics.json."""
+    """:func:`run_training`, then (rank 0, once) evaluate ``final.pt`` into RUN_DIR/stage_NN/eval/metrics.json.
+
+    The run dir must be a new directory or one made with this config
+    (:func:`jobs.engine.rundir.check_run_dir` raises ``ConfigError`` otherwise).
+    """
+    check_run_dir(run_dir, cfg)
     result = run_training(cfg, stage, run_dir, env, init=init, resume=resume, should_stop=should_stop)
     out = stage_dir(run_dir, stage) / "eval" / "metrics.json"
     if evaluate and result.final is not None and env.is_main and not out.exists():
