@@ -47,6 +47,8 @@ fuzz: $(STAMP) data-sources
 	  if [ $$rc != 0 ]; then tail -60 "$$log"; exit $$rc; fi; }; \
 	for i in $$(seq $(FUZZ_ROUNDS)); do \
 	  GROWCLIP_FUZZ_SEED=random run $(PY) -m pytest -q -rA -p no:cacheprovider tests/test_reliability_data.py; \
+	  GROWCLIP_FUZZ_SEED=random run $(PY) -m pytest -q -rA -p no:cacheprovider tests/test_fuzz_ingest_inputs.py \
+	    tests/test_fuzz_cli_inputs.py; \
 	done; \
 	GROWCLIP_KILL_SEED=random run $(PY) -m pytest -q -rA -p no:cacheprovider tests/test_reliability_kill.py
 

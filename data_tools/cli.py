@@ -1,8 +1,9 @@
 """``python -m data_tools <verb>``: tools that turn crawled image-text pairs into growing shards.
 
 Only verbs that work are registered in ``VERBS``. Each verb module is imported lazily inside its
-``func`` so that ``--help`` stays fast. Exit codes: 0 ok, 1 failed (e.g. validation found problems),
-2 bad input (a message says what and how to fix it).
+``func`` so that ``--help`` stays fast. Exit codes: 0 ok, 1 failed (e.g. validation found problems,
+an ingest kept no pair, an I/O error), 2 bad input. Every failure ends in one line on stderr,
+``error: <what> (<where>); <fix>``, never a traceback (``GROWCLIP_TRACEBACK=1`` prints that of an unexpected one).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+
+from data_tools.cli_errors import EXIT_FAILED, EXIT_USAGE, OneLineParser, fail, unexpected
 
 __all__ = ["main", "build_parser", "VERBS"]
 
@@ -37,6 +40,12 @@ def _image_args(p: argparse.ArgumentParser) -> None:
         "--max-pixels", type=int, default=d.max_pixels, help="decompression-bomb guard (default %(default)s)"
     )
     g.add_argument("--max-caption-chars", type=int, default=d.max_caption_chars, help="drop longer captions")
+    g.add_argument(
+        "--max-file-bytes",
+        type=int,
+        default=d.max_file_bytes,
+        help="drop longer image/caption files and table rows without reading them (default %(default)s)",
+    )
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="decode/resize processes; never changes the output")
 
@@ -52,24 +61,31 @@ def _image_opts(args: argparse.Namespace):  # -> ImageOptions
         max_aspect_ratio=args.max_aspect_ratio,
         max_pixels=args.max_pixels,
         max_caption_chars=args.max_caption_chars,
+        max_file_bytes=args.max_file_bytes,
     )
 
 
 # ------------------------------------------------------------------------------------------ ingest
 def _run_ingest(args: argparse.Namespace) -> int:
-    from data_tools.ingest import ingest
+    from data_tools.ingest import IngestFailed, ingest
 
-    res = ingest(
-        args.input,
-        args.format,
-        args.data_root,
-        stage=args.stage,
-        opts=_image_opts(args),
-        shard_size=args.shard_size,
-        workers=args.workers,
-        caption_col=args.caption_col,
-        image_col=args.image_col,
-    )
+    try:
+        res = ingest(
+            args.input,
+            args.format,
+            args.data_root,
+            stage=args.stage,
+            opts=_image_opts(args),
+            shard_size=args.shard_size,
+            workers=args.workers,
+            caption_col=args.caption_col,
+            image_col=args.image_col,
+        )
+    except IngestFailed as exc:  # the job ran and kept nothing: exit 1, not "bad input"
+        return fail(exc, EXIT_FAILED)
+    if res.already_ingested:
+        print(f"already ingested as stage {res.stage} (input sha256 {res.input_sha256}); nothing to do")
+        return 0
     print(
         f"stage {res.stage}: kept {res.count} of {res.records} pairs in {len(res.shards)} shards; dropped {res.drops}"
     )
@@ -93,7 +109,14 @@ def _run_validate(args: argparse.Namespace) -> int:
 
     report = validate(args.data_root, repair=args.repair)
     print(report.render())
-    return 0 if report.ok else 1
+    if report.ok:
+        return 0
+    problems = len(report.bad) + len(report.empty_stages)
+    return fail(
+        f"{problems} problem{'s' if problems != 1 else ''} found ({args.data_root}, listed above); "
+        f"run `python -m data_tools validate {args.data_root} --repair`",
+        EXIT_FAILED,
+    )
 
 
 def _configure_validate(p: argparse.ArgumentParser) -> None:
@@ -174,7 +197,7 @@ VERBS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m data_tools",
         description="GrowCLIP data tools: crawled image-text pairs -> growing webdataset shards.",
     )
@@ -186,7 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` and run the verb; returns the exit code (0 ok, 1 failed, 2 bad input)."""
+    """Parse ``argv`` and run the verb; returns the exit code (0 ok, 1 failed, 2 bad input).
+
+    Every failure prints one line ``error: ...`` on stderr (``data_tools/cli_errors.py``): bad input
+    (ValueError, FileNotFoundError, RuntimeError, UnicodeError, argument errors) exits 2; an ingest that
+    kept nothing, an I/O error or an unexpected exception (a bug: its type and message; the traceback
+    with ``GROWCLIP_TRACEBACK=1``, or logged with ``-v``) exits 1.
+    """
+    from data_tools.atomic import free_space
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -196,6 +227,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        return fail("interrupted; re-run the same command (an interrupted ingest resumes)", 130)
+    except (ValueError, FileNotFoundError, RuntimeError, UnicodeError) as exc:
+        return fail(exc, EXIT_USAGE)
+    except OSError as exc:  # an I/O error while the verb ran (a full disk, permissions): the job failed
+        root = getattr(args, "data_root", None) or "."
+        return fail(
+            f"{exc.strerror or exc} ({exc.filename or root}); check the path, its permissions and free space "
+            f"({free_space(root)}), then re-run (an ingest resumes)",
+            EXIT_FAILED,
+        )
+    except Exception as exc:  # a bug, or an input no check anticipated: still one line
+        if args.verbose:
+            logger.exception("unexpected error in %s", args.verb)
+        return unexpected(exc, f"python -m data_tools {args.verb}")

@@ -3,6 +3,11 @@
 Exact-duplicate detection hashes the *decoded RGB pixels* at original resolution (plus width and
 height), not the encoded bytes: the same picture re-encoded, re-tagged (EXIF) or saved as PNG instead
 of JPEG is still a duplicate, while two different pictures never collide.
+
+``to_rgb`` turns every mode Pillow opens into the 8-bit RGB picture a viewer shows: samples wider
+than 8 bits are scaled by their range instead of clipped (16-bit greyscale ÷257), transparency is
+composited onto white, EXIF/TIFF/XMP orientation is applied, an animation gives its first frame.
+A caption is the exact text: bytes must be UTF-8, and a value that is not text is never ``str()``-ed.
 """
 
 from __future__ import annotations
@@ -10,10 +15,12 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 from PIL import Image, ImageOps
 
 __all__ = [
@@ -23,6 +30,7 @@ __all__ = [
     "Dropped",
     "check_caption",
     "process_pair",
+    "to_rgb",
     "resize_image",
     "encode_jpeg",
 ]
@@ -44,6 +52,7 @@ class ImageOptions:
     max_aspect_ratio: float = 4.0  # drop images with long/short side above this (bad_aspect_ratio)
     max_pixels: int = 64_000_000  # decompression-bomb guard: drop before decoding (too_large)
     max_caption_chars: int = 512  # drop longer captions (caption_too_long)
+    max_file_bytes: int = 64 * 2**20  # bounds memory per read: longer files and table rows are dropped, not read
 
     def __post_init__(self) -> None:
         if self.resize_mode not in ("border", "center_crop", "keep_ratio"):
@@ -52,6 +61,10 @@ class ImageOptions:
             raise ValueError(f"jpeg_quality={self.jpeg_quality} must be in 1..100")
         if self.image_size < 1 or self.min_size < 0 or self.max_aspect_ratio < 1 or self.max_pixels < 1:
             raise ValueError(f"invalid image options {self}: sizes must be positive and max_aspect_ratio >= 1")
+        if self.max_file_bytes < 1:
+            raise ValueError(f"max_file_bytes={self.max_file_bytes} must be >= 1 (default {64 * 2**20}: 64 MiB)")
+        if self.max_caption_chars < 1:
+            raise ValueError(f"max_caption_chars={self.max_caption_chars} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -74,25 +87,101 @@ class Dropped:
     detail: str = ""
 
 
-def check_caption(raw: bytes | str | None, max_chars: int) -> str | Dropped:
-    """Return the cleaned caption or why it is dropped (caption_missing/_binary/_empty/_too_long)."""
+# C0 controls except tab/newline/CR, and U+FFFD (a decoder already replaced invalid bytes upstream)
+_BINARY = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffd]")
+
+
+def check_caption(raw: object, max_chars: int) -> str | Dropped:
+    """Return the caption (whitespace normalised) or why it is dropped.
+
+    Reasons: ``caption_missing`` (None), ``caption_not_text`` (a number, dict, list...: never
+    ``str()``-ed), ``caption_binary`` (invalid UTF-8 bytes, a lone surrogate, NUL/control characters),
+    ``caption_empty``, ``caption_too_long``.
+    """
     if raw is None:
         return Dropped("caption_missing")
-    if isinstance(raw, bytes):
-        if b"\x00" in raw:
-            return Dropped("caption_binary", "NUL byte")
+    if isinstance(raw, (bytes, bytearray, memoryview)):
         try:
-            raw = raw.decode("utf-8")
+            raw = bytes(raw).decode("utf-8")
         except UnicodeDecodeError as exc:
-            return Dropped("caption_binary", str(exc))
-    if any(ord(ch) < 32 and ch not in "\t\n\r" for ch in raw) or "\ufffd" in raw:
-        return Dropped("caption_binary", "control characters")
+            return Dropped("caption_binary", f"not UTF-8 ({exc.reason} at byte {exc.start})")
+    if not isinstance(raw, str):
+        return Dropped("caption_not_text", f"a {type(raw).__name__}, not text")
+    if (bad := _BINARY.search(raw)) is not None:
+        return Dropped("caption_binary", f"control character U+{ord(bad.group()):04X}")
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON "\\ud800": not text any file can hold
+        return Dropped("caption_binary", f"lone surrogate U+{ord(raw[exc.start]):04X}")
     text = " ".join(raw.split())
     if not text:
         return Dropped("caption_empty")
     if len(text) > max_chars:
         return Dropped("caption_too_long", f"{len(text)} > {max_chars} chars")
     return text
+
+
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _wide_to_8bit(img: Image.Image) -> Image.Image:
+    """Greyscale wider than 8 bits -> ``L`` (``LA`` with a tRNS key), scaled by the samples' range.
+
+    16-bit modes: ÷257 (65535 -> 255). ``I`` (32-bit int): ÷257 when every value fits in 16 bits
+    (what 16-bit PNG/PGM/TIFF decode to), else stretched from its minimum to its maximum. ``F``
+    (float): ×255 when every value is in [0, 1], as is in [0, 255], else stretched; NaN -> 0.
+    Pillow's ``convert`` would clip instead (a 16-bit picture comes out nearly white).
+    """
+    raw = np.asarray(img)
+    arr = raw.astype(np.float64)
+    finite = np.isfinite(arr)
+    arr[~finite] = 0.0
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if img.mode.startswith("I;16") or (img.mode == "I" and lo >= 0 and hi <= 65535):
+        scaled = arr / 257.0
+    elif img.mode == "F" and lo >= 0 and hi <= 1:
+        scaled = arr * 255.0
+    elif img.mode == "F" and lo >= 0 and hi <= 255:
+        scaled = arr
+    elif hi > lo:
+        scaled = (arr - lo) * (255.0 / (hi - lo))
+    else:
+        scaled = np.full_like(arr, 0.0 if hi <= 0 else 255.0)
+    out = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+    key = img.info.get("transparency")
+    if isinstance(key, int) and not isinstance(key, bool):  # a PNG tRNS grey key, in the source's units
+        alpha = np.where(raw == key, 0, 255).astype(np.uint8)
+        out = Image.merge("LA", (out, Image.fromarray(alpha, "L")))
+    return out
+
+
+def _orient(img: Image.Image) -> Image.Image:
+    """Apply the EXIF (JPEG, PNG eXIf/zTXt, WebP, TIFF tag, XMP) orientation, if any."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # a damaged EXIF block: show the pixels as stored, like a browser does
+        return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """The loaded picture as 8-bit RGB, faithful to the source in every mode Pillow opens.
+
+    Orientation is applied; wide greyscale is scaled (``_wide_to_8bit``); palette, LA/PA, RGBA and
+    any ``transparency`` are composited onto white (like a browser shows them); CMYK, YCbCr, LAB,
+    HSV, 1-bit go through Pillow's conversions.
+    """
+    img = _orient(img)
+    if img.mode in _WIDE_MODES:
+        img = _wide_to_8bit(img)
+    elif img.mode == "La":  # premultiplied: Pillow converts it only to LA
+        img = img.convert("LA")
+    if img.mode in ("P", "PA", "LA", "RGBa") or "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":  # composite transparency onto white, like a browser would show it
+        bg = Image.new("RGB", img.size, (255, 255, 255))
+        bg.paste(img, mask=img.getchannel("A"))
+        img = bg
+    return img.convert("RGB")
 
 
 def resize_image(
@@ -119,16 +208,16 @@ def encode_jpeg(img: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def process_pair(image_bytes: bytes | None, caption: bytes | str | None, opts: ImageOptions) -> ProcessedPair | Dropped:
+def process_pair(image_bytes: bytes | None, caption: object, opts: ImageOptions) -> ProcessedPair | Dropped:
     """Run every filter on one pair and re-encode its image.
 
     Args:
         image_bytes: the encoded image, or None when the file is missing.
-        caption: raw caption (bytes from a file, str from a table) or None.
+        caption: raw caption (bytes from a file, str from a table, anything from JSON) or None.
         opts: image options and filters.
 
     Returns:
-        The processed pair, or ``Dropped(reason)``.
+        The processed pair, or ``Dropped(reason)``: no image can make this raise.
     """
     text = check_caption(caption, opts.max_caption_chars)
     if isinstance(text, Dropped):
@@ -137,6 +226,8 @@ def process_pair(image_bytes: bytes | None, caption: bytes | str | None, opts: I
         return Dropped("missing_file")
     if len(image_bytes) == 0:
         return Dropped("empty_file")
+    if len(image_bytes) > opts.max_file_bytes:
+        return Dropped("file_too_large", f"{len(image_bytes)} bytes > max_file_bytes={opts.max_file_bytes}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -144,20 +235,14 @@ def process_pair(image_bytes: bytes | None, caption: bytes | str | None, opts: I
             w, h = img.size  # header only: the bomb guard runs before any pixel is decoded
             if w * h > opts.max_pixels:
                 return Dropped("too_large", f"{w}x{h} > max_pixels={opts.max_pixels}")
-            img.load()
-            img = ImageOps.exif_transpose(img) if "exif" in img.info else img
-            img = img.convert("RGBA") if img.mode in ("P", "LA") or "transparency" in img.info else img
-            if img.mode == "RGBA":  # composite transparency onto white, like a browser would show it
-                bg = Image.new("RGB", img.size, (255, 255, 255))
-                bg.paste(img, mask=img.getchannel("A"))
-                img = bg
-            img = img.convert("RGB")
+            img.load()  # the first frame of an animation
+            img = to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return Dropped("too_large", str(exc))
-    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as exc:
+    except Exception as exc:  # Pillow raises many types on bad bytes; one image never stops an ingest
         return Dropped("decode_error", f"{type(exc).__name__}: {exc}")
     w, h = img.size
-    if min(w, h) < opts.min_size:
+    if min(w, h) < opts.min_size or min(w, h) == 0:
         return Dropped("too_small", f"{w}x{h} < min_size={opts.min_size}")
     if max(w, h) / min(w, h) > opts.max_aspect_ratio:
         return Dropped("bad_aspect_ratio", f"{w}x{h} > {opts.max_aspect_ratio}")

@@ -1,6 +1,6 @@
 """``ingest``: crawled image-text pairs -> a NEW append-only stage of webdataset shards (STYLE.md R16).
 
-Inputs (as users have them):
+Inputs (as users have them; read by ``data_tools/inputs.py``):
   * ``img2dataset`` output: its webdataset tars (``key.jpg/.txt/.json``) or its ``files`` layout
     (``00000/000000000.jpg`` + ``.txt`` + ``.json``);
   * ``table``: a CSV / JSONL / Parquet table with a caption column and a local image-path column
@@ -9,6 +9,11 @@ Inputs (as users have them):
 Output: ``shards/stage_NN/%06d.tar`` (``key.jpg``, ``key.txt``, ``key.json``), ``%06d_stats.json`` per
 shard, ``shards/stage_NN/hashes.txt`` (pixel hashes for cross-stage dedupe), and the stage's entry in
 ``manifest.json``, written last and atomically.
+
+Every input row is either kept or counted under a drop reason; no row can stop, hang or abort an
+ingest. Problems with the input as a whole raise before anything is written. The manifest only
+gains non-empty stages: a run that keeps no pair raises ``IngestFailed`` and leaves no trace, and a
+re-run of an input already ingested (same ``input_sha256`` and options) is a no-op naming its stage.
 
 Determinism: records are enumerated in sorted order and processed by an *ordered* worker pool, so
 neither scheduling nor the worker count changes which pairs are kept, their keys, or the shard
@@ -23,7 +28,6 @@ byte-identical to an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import hashlib
 import json
@@ -33,20 +37,21 @@ import os
 import shutil
 import statistics
 import sys
-import tarfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import webdataset as wds
 
 from data_tools.atomic import atomic_write_json, atomic_write_text
 from data_tools.imaging import Dropped, ImageOptions, ProcessedPair, process_pair
+from data_tools.inputs import InputFormat, Record, enumerate_records, read_record_image, record_digest
 from data_tools.manifest import (
     DEDUPE_METHOD,
+    MANIFEST_NAME,
     load_manifest,
     save_manifest,
     sha256_file,
@@ -55,32 +60,22 @@ from data_tools.manifest import (
     writer_lock,
 )
 
-__all__ = ["InputFormat", "Record", "IngestResult", "enumerate_records", "ingest", "read_stage_hashes", "write_tar"]
+__all__ = [
+    "InputFormat",
+    "Record",
+    "IngestResult",
+    "IngestFailed",
+    "enumerate_records",
+    "ingest",
+    "read_stage_hashes",
+    "write_tar",
+]
 
 logger = logging.getLogger(__name__)
 
-InputFormat = Literal["img2dataset", "table"]
 TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed so that identical input gives identical shard bytes
 TAR_USER = "growclip"
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
-JOURNAL_VERSION = 1
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One input pair before processing; the image is read by the worker, never held here.
-
-    The image is one of: ``image_path`` (a file: table and files layouts), ``image_member`` (a member
-    of an uncompressed tar: ``(tar path, data offset, size)``, img2dataset tars) or ``image_bytes``
-    (already in memory; only for compressed tars, which cannot be read at an offset).
-    """
-
-    source: str  # stable id relative to the input: "table.jsonl#12" or "00000/000000012"
-    caption: bytes | str | None
-    image_path: str | None = None  # read by the worker (table and files layouts)
-    image_bytes: bytes | None = None  # already read (compressed tars only)
-    url: str | None = None
-    image_member: tuple[str, int, int] | None = None  # (tar path, offset of the data, size): read by the worker
+JOURNAL_VERSION = 2  # 2: the fingerprint covers the input's content (input_sha256)
 
 
 @dataclass
@@ -92,184 +87,12 @@ class IngestResult:
     shards: list[dict[str, Any]]
     drops: dict[str, int]
     records: int
+    input_sha256: str = ""
+    already_ingested: bool = False  # the input was ingested before as ``stage``: nothing was written
 
 
-# ----------------------------------------------------------------------------------------- inputs
-def _table_rows(path: Path) -> list[dict[str, Any]]:
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        rows = []
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise ValueError(f"{path}:{lineno}: not valid JSON ({exc}); fix or remove the line") from exc
-        return rows
-    if suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as fh:
-            return list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
-    if suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as exc:
-            raise RuntimeError(
-                f"reading {path} needs pyarrow: `.venv/bin/pip install -c constraints.txt pyarrow`, "
-                "or convert the table to CSV/JSONL"
-            ) from exc
-        return pq.read_table(path).to_pylist()
-    raise ValueError(f"{path}: unknown table type {suffix!r}; use .csv, .tsv, .jsonl or .parquet")
-
-
-def _table_records(path: Path, caption_col: str, image_col: str) -> list[Record]:
-    files = (
-        sorted(p for p in path.iterdir() if p.suffix.lower() in (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"))
-        if path.is_dir()
-        else [path]
-    )
-    if not files:
-        raise ValueError(f"{path}: no .csv/.tsv/.jsonl/.parquet table found")
-    records = []
-    for table in files:
-        rows = _table_rows(table)
-        if rows and (caption_col not in rows[0] or image_col not in rows[0]):
-            raise ValueError(
-                f"{table}: columns {sorted(rows[0])} lack caption column {caption_col!r} or image column "
-                f"{image_col!r}; pass --caption-col/--image-col"
-            )
-        for i, row in enumerate(rows):
-            img = row.get(image_col)
-            img_path = None if not img else str(img if Path(str(img)).is_absolute() else table.parent / str(img))
-            cap = row.get(caption_col)
-            records.append(
-                Record(f"{table.name}#{i}", None if cap is None else str(cap), image_path=img_path, url=row.get("url"))
-            )
-    return records
-
-
-def _img2dataset_tar_records(tars: list[Path]) -> list[Record]:
-    """Records of img2dataset tars from a headers-only pass: image members are referenced, not read.
-
-    Captions and ``.json`` metadata (small) are read; an image is recorded as (tar, offset, size) and
-    read by the worker, so memory does not grow with the size of the crawl.
-    """
-    records = []
-    for tar_path in tars:
-        groups: dict[str, dict[str, bytes | tuple[str, int, int]]] = {}
-        try:
-            tar_size = tar_path.stat().st_size
-            lazy = _is_plain_tar(tar_path)  # uncompressed: members can be read at their offset later
-            with tarfile.open(tar_path, "r:" if lazy else "r") as tf:
-                if not lazy:
-                    logger.warning("%s: compressed tar: its images are held in memory; prefer plain .tar", tar_path)
-                while (member := tf.next()) is not None:
-                    tf.members.clear()  # headers of members already seen are not needed: keep memory flat
-                    if not member.isfile():
-                        continue
-                    base = os.path.basename(member.name)
-                    key, _, ext = base.partition(".")
-                    ext = "." + ext.lower()
-                    value: bytes | tuple[str, int, int]
-                    if lazy and ext in IMAGE_EXTS:
-                        if member.offset_data + member.size > tar_size:
-                            raise tarfile.ReadError(f"unexpected end of data in {member.name}")
-                        value = (str(tar_path), member.offset_data, member.size)
-                    else:
-                        fh = tf.extractfile(member)
-                        value = fh.read() if fh else b""
-                    groups.setdefault(os.path.join(os.path.dirname(member.name), key), {})[ext] = value
-        except (tarfile.TarError, OSError) as exc:
-            logger.warning("%s: unreadable tar (%s); pairs read before the error are kept", tar_path, exc)
-        for key in sorted(groups):
-            parts = groups[key]
-            image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
-            txt, meta_raw = parts.get(".txt"), parts.get(".json")  # never lazy: read above
-            meta = _json_or_none(meta_raw if isinstance(meta_raw, bytes) else None)
-            records.append(
-                Record(
-                    f"{tar_path.name}/{key}",
-                    txt if isinstance(txt, bytes) else None,
-                    image_bytes=image if isinstance(image, bytes) else None,
-                    image_member=image if isinstance(image, tuple) else None,
-                    url=meta.get("url"),
-                )
-            )
-    return records
-
-
-def _is_plain_tar(path: Path) -> bool:
-    """Whether ``path`` is an uncompressed tar (its members can be read at an offset)."""
-    try:
-        with tarfile.open(path, "r:"):
-            return True
-    except tarfile.ReadError:
-        return False
-
-
-def _read_member(ref: tuple[str, int, int]) -> bytes:
-    """The bytes of a tar member recorded as (tar path, data offset, size)."""
-    path, offset, size = ref
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        data = fh.read(size)
-    if len(data) != size:
-        raise OSError(f"{path}: member at offset {offset} is truncated ({len(data)} of {size} bytes)")
-    return data
-
-
-def _json_or_none(raw: bytes | None) -> dict[str, Any]:
-    try:
-        obj = json.loads(raw) if raw else {}
-    except (ValueError, UnicodeDecodeError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
-
-
-def _img2dataset_files_records(root: Path) -> list[Record]:
-    stems: set[Path] = set()
-    for p in root.rglob("*"):
-        if p.is_file() and p.suffix.lower() in (*IMAGE_EXTS, ".txt") and not p.name.endswith("_stats.json"):
-            stems.add(p.with_suffix(""))
-    records = []
-    for stem in sorted(stems):
-        image = next((stem.with_suffix(e) for e in IMAGE_EXTS if stem.with_suffix(e).exists()), None)
-        txt = stem.with_suffix(".txt")
-        meta_path = stem.with_suffix(".json")
-        meta = _json_or_none(meta_path.read_bytes()) if meta_path.exists() else {}
-        records.append(
-            Record(
-                str(stem.relative_to(root)),
-                txt.read_bytes() if txt.exists() else None,
-                image_path=str(image) if image else str(stem) + ".jpg",
-                url=meta.get("url"),
-            )
-        )
-    return records
-
-
-def enumerate_records(
-    path: str | Path, fmt: InputFormat, *, caption_col: str = "caption", image_col: str = "image"
-) -> list[Record]:
-    """List an input's pairs in a deterministic (sorted) order.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the input does not look like ``fmt``.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"--input {path} does not exist")
-    if fmt == "table":
-        return _table_records(path, caption_col, image_col)
-    if fmt == "img2dataset":
-        tars = [path] if path.is_file() else sorted(path.glob("*.tar"))
-        if tars:
-            return _img2dataset_tar_records(tars)
-        if path.is_dir():
-            return _img2dataset_files_records(path)
-        raise ValueError(f"{path}: not an img2dataset output (expected *.tar shards or a dir of 00000/*.jpg+.txt)")
-    raise ValueError(f"--format {fmt!r}: use img2dataset or table")
+class IngestFailed(RuntimeError):
+    """The ingest ran but keeps no pair (exit code 1): nothing was appended, no journal is left."""
 
 
 # ---------------------------------------------------------------------------------------- workers
@@ -284,31 +107,42 @@ def _init_worker(opts: ImageOptions) -> None:
 def _process_record(record: Record) -> ProcessedPair | Dropped:
     """Worker entry: read the image (if not in memory) and run every filter."""
     assert _WORKER_OPTS is not None
-    data = record.image_bytes
-    if data is None and record.image_member is not None:
-        try:
-            data = _read_member(record.image_member)
-        except OSError as exc:
-            return Dropped("read_error", str(exc))
-    elif data is None and record.image_path is not None:
-        try:
-            data = Path(record.image_path).read_bytes()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            data = None
-        except OSError as exc:
-            return Dropped("read_error", str(exc))
+    if record.drop is not None:
+        return Dropped(*record.drop)
+    data = read_record_image(record, _WORKER_OPTS.max_file_bytes)
+    if isinstance(data, Dropped):
+        return data
     return process_pair(data, record.caption, _WORKER_OPTS)
 
 
-def _results(records: list[Record], opts: ImageOptions, workers: int) -> Iterator[ProcessedPair | Dropped]:
-    """Process records in input order (ordered imap: worker count never changes the output)."""
-    if workers <= 1 or len(records) < 2:
+def _digest_record(record: Record) -> bytes:
+    """Worker entry: the record's share of ``input_sha256``."""
+    assert _WORKER_OPTS is not None
+    return record_digest(record, _WORKER_OPTS.max_file_bytes)
+
+
+# an ordered map over records: ``imap(_process_record, records)``
+RecordMap = Callable[[Callable[[Record], Any], list[Record]], Iterable[Any]]
+
+
+@contextlib.contextmanager
+def _worker_map(opts: ImageOptions, workers: int) -> Iterator[RecordMap]:
+    """An ordered ``map`` over records on ``workers`` processes (the worker count never changes the output)."""
+    if workers <= 1:
         _init_worker(opts)
-        yield from map(_process_record, records)
+        yield map
         return
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(opts,)) as pool:
-        yield from pool.imap(_process_record, records, chunksize=8)
+        yield lambda fn, records: pool.imap(fn, records, chunksize=8)
+
+
+def _input_sha256(records: list[Record], fmt: str, imap: RecordMap) -> str:
+    """sha256 over the input's content in record order (ids, captions, urls, image bytes), streamed."""
+    h = hashlib.sha256(f"growclip-input-v1\0{fmt}\0{len(records)}\0".encode())
+    for digest in imap(_digest_record, records):
+        h.update(digest)
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------- shards
@@ -366,13 +200,27 @@ def _journal_path(data_root: Path, stage: int) -> Path:
     return data_root / ".ingest" / f"stage_{stage:02d}" / "journal.json"
 
 
-def _fingerprint(records: list[Record], fmt: str, opts: ImageOptions, shard_size: int) -> str:
-    h = hashlib.sha256(json.dumps([fmt, dataclasses.asdict(opts), shard_size], sort_keys=True).encode())
-    for r in records:
-        h.update(r.source.encode() + b"\0")
-        if r.image_member is not None:  # lazy tar member: where it is and how big (its bytes are not read here)
-            h.update(f"{r.image_member[1]}:{r.image_member[2]}\0".encode())
-    return h.hexdigest()
+def _fingerprint(fmt: str, options: dict[str, Any], input_sha256: str) -> str:
+    """What a resume must match: the format, the options (incl. shard size) and the input's content."""
+    return hashlib.sha256(json.dumps([fmt, options, input_sha256], sort_keys=True).encode()).hexdigest()
+
+
+def _stage_options(opts: ImageOptions, shard_size: int) -> dict[str, Any]:
+    """The stage's ``options`` exactly as the manifest holds them (JSON types: tuples become lists)."""
+    return json.loads(json.dumps({**dataclasses.asdict(opts), "shard_size": shard_size}))
+
+
+def _ingested_as(manifest: dict[str, Any], input_sha256: str, options: dict[str, Any]) -> dict[str, Any] | None:
+    """The stage entry that already holds this input with these options, if any."""
+    for entry in manifest["stages"]:
+        same_input = any(src.get("input_sha256") == input_sha256 for src in entry.get("sources", []))
+        if same_input and entry.get("options") == options:
+            return entry
+    return None
+
+
+def _drop_summary(drops: Counter[str] | dict[str, int]) -> str:
+    return ", ".join(f"{reason}={n}" for reason, n in sorted(drops.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _pending_stage(data_root: Path, manifest: dict[str, Any]) -> int | None:
@@ -438,14 +286,19 @@ def ingest(
         source_name: name recorded in the manifest (default: the input path).
 
     Returns:
-        The stage summary.
+        The stage summary; ``already_ingested`` is True (and nothing was written) when a stage already
+        holds this input (same ``input_sha256``) with the same options.
 
     Raises:
         FileNotFoundError: ``input_path`` does not exist (checked before DATA_ROOT is touched).
-        ValueError: the stage already exists (stages are append-only) or a resume does not match.
+        ValueError: the input is unusable as a whole, the stage already exists (stages are
+            append-only) or a resume does not match; raised before anything is written.
+        IngestFailed: no pair is kept (none in the input, or every one dropped); nothing is written.
     """
     if not Path(input_path).exists():
         raise FileNotFoundError(f"--input {input_path} does not exist")
+    if Path(data_root).exists() and not Path(data_root).is_dir():
+        raise ValueError(f"--data-root {data_root} is not a directory; point it at the corpus directory")
     with writer_lock(data_root, "ingest"):
         return _ingest_locked(
             input_path,
@@ -481,16 +334,53 @@ def _ingest_locked(
         stage = _pending_stage(root, manifest) or (max(existing, default=0) + 1)
     if stage < 1:
         raise ValueError(f"--stage {stage}: stages are numbered from 1")
-    if stage in existing:
-        raise ValueError(
-            f"stage {stage} already exists in {root / 'manifest.json'}: stages are append-only; "
-            f"omit --stage to append stage {max(existing) + 1}"
-        )
     if shard_size < 1:
         raise ValueError(f"--shard-size {shard_size} must be >= 1")
 
-    records = enumerate_records(input_path, fmt, caption_col=caption_col, image_col=image_col)
-    fingerprint = _fingerprint(records, fmt, opts, shard_size)
+    records = enumerate_records(input_path, fmt, caption_col=caption_col, image_col=image_col, opts=opts)
+    if not records:
+        raise IngestFailed(
+            f"the input has no pairs ({input_path}); nothing was written: point --input at a non-empty "
+            f"{'table' if fmt == 'table' else 'img2dataset output'}"
+        )
+    options = _stage_options(opts, shard_size)
+    with _worker_map(opts, workers if len(records) >= 2 else 1) as imap:
+        input_sha256 = _input_sha256(records, fmt, imap)
+        done = _ingested_as(manifest, input_sha256, options)
+        if done is not None:  # a retried or requeued job: the stage exists, nothing to do
+            logger.info("already ingested as stage %d (input sha256 %s); nothing to do", done["stage"], input_sha256)
+            src = next(s for s in done["sources"] if s.get("input_sha256") == input_sha256)
+            return IngestResult(
+                done["stage"], done["count"], done["shards"], dict(done.get("drops", {})),
+                int(src.get("records", len(records))), input_sha256, already_ingested=True,
+            )  # fmt: skip
+        if stage in existing:
+            raise ValueError(
+                f"stage {stage} already exists in {root / MANIFEST_NAME}: stages are append-only; "
+                f"omit --stage to append stage {max(existing) + 1}"
+            )
+        return _ingest_stage(
+            input_path, fmt, root, manifest, records, imap, stage=stage, options=options,
+            input_sha256=input_sha256, source_name=source_name,
+        )  # fmt: skip
+
+
+def _ingest_stage(
+    input_path: str | Path,
+    fmt: InputFormat,
+    root: Path,
+    manifest: dict[str, Any],
+    records: list[Record],
+    imap: RecordMap,
+    *,
+    stage: int,
+    options: dict[str, Any],
+    input_sha256: str,
+    source_name: str | None,
+) -> IngestResult:
+    """Process ``records`` into stage ``stage`` (journaled, resumable) and append its manifest entry."""
+    shard_size = options["shard_size"]
+    fingerprint = _fingerprint(fmt, options, input_sha256)
     sdir = root / stage_dir_name(stage)
     journal_path = _journal_path(root, stage)
     journal: dict[str, Any] = {
@@ -501,14 +391,20 @@ def _ingest_locked(
         "drops": {},
     }
     if journal_path.exists():
-        old = json.loads(journal_path.read_text())
-        if old.get("fingerprint") != fingerprint:
+        try:
+            old = json.loads(journal_path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(
+                f"{journal_path} is not valid JSON ({exc}); delete {journal_path.parent} and {sdir} to start "
+                f"stage {stage} over"
+            ) from None
+        if not isinstance(old, dict) or old.get("fingerprint") != fingerprint:
             raise ValueError(
                 f"{journal_path}: an interrupted ingest of stage {stage} used a different input or options; "
                 f"re-run it with the same arguments, or delete {journal_path.parent} and {sdir} to start over"
             )
         for sh in old["shards"]:
-            if not (root / sh["name"]).exists() or sha256_file(root / sh["name"]) != sh["sha256"]:
+            if not (root / sh["name"]).is_file() or sha256_file(root / sh["name"]) != sh["sha256"]:
                 raise ValueError(
                     f"{root / sh['name']} changed since the interrupted ingest; delete {journal_path.parent} and {sdir}"
                 )
@@ -523,15 +419,15 @@ def _ingest_locked(
         raise ValueError(
             f"{sdir} exists but stage {stage} is neither in the manifest nor journaled; move it away first"
         )
+    seen_before: set[str] = set()
+    for entry in manifest["stages"]:
+        if entry["stage"] != stage:
+            seen_before |= read_stage_hashes(root, entry)  # raises (before the journal) if one is missing
     sdir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(journal_path, journal)  # from now on the stage is pending: a re-run resumes it
     for tmp in sdir.glob(".*.tmp"):  # leftovers of a crash mid-write
         tmp.unlink()
 
-    seen_before: set[str] = set()
-    for entry in manifest["stages"]:
-        if entry["stage"] != stage:
-            seen_before |= read_stage_hashes(root, entry)
     seen_stage: set[str] = {h for sh in journal["shards"] for h in sh["hashes"]}
     drops: Counter[str] = Counter(journal["drops"])
     kept = sum(sh["count"] for sh in journal["shards"])
@@ -558,13 +454,14 @@ def _ingest_locked(
 
     progress = _Progress(len(records), consumed, f"ingest stage {stage}")
     try:
-        for i, result in enumerate(_results(records[consumed:], opts, workers), start=consumed):
+        for i, result in enumerate(imap(_process_record, records[consumed:]), start=consumed):
             record = records[i]
             if isinstance(result, Dropped):
                 drops[result.reason] += 1
                 examples.setdefault(result.reason, f"{record.source}: {result.detail}".rstrip(": "))
             elif result.pixel_sha256 in seen_before:
                 drops["duplicate_across_stages"] += 1
+                examples.setdefault("duplicate_across_stages", record.source)
             elif result.pixel_sha256 in seen_stage:
                 drops["duplicate_in_stage"] += 1
             else:
@@ -595,17 +492,21 @@ def _ingest_locked(
 
     for reason, example in sorted(examples.items()):
         logger.info("stage %d: dropped %d pairs: %s (e.g. %s)", stage, drops[reason], reason, example)
+    if kept == 0:  # never append an empty stage: undo the journal and the (empty) stage dir, then fail
+        _discard_pending(root, stage)
+        raise IngestFailed(_nothing_kept(stage, len(records), drops, examples, input_path))
     all_hashes = sorted(h for sh in journal["shards"] for h in sh["hashes"])
     atomic_write_text(sdir / "hashes.txt", "".join(h + "\n" for h in all_hashes))
     shards = [{k: v for k, v in sh.items() if k != "hashes"} for sh in journal["shards"]]
+    source = {"path": source_name or str(input_path), "format": fmt, "records": len(records)}
     entry = {
         "stage": stage,
         "dir": stage_dir_name(stage),
         "count": kept,
         "shards": shards,
         "hashes": f"{stage_dir_name(stage)}/hashes.txt",
-        "sources": [{"path": source_name or str(input_path), "format": fmt, "records": len(records)}],
-        "options": {**dataclasses.asdict(opts), "shard_size": shard_size},
+        "sources": [{**source, "input_sha256": input_sha256}],
+        "options": options,
         "drops": dict(sorted(drops.items())),
         "dedupe": {
             "method": DEDUPE_METHOD,
@@ -625,7 +526,33 @@ def _ingest_locked(
     logger.info(
         "stage %d: %d pairs kept of %d in %d shards; drops %s", stage, kept, len(records), len(shards), dict(drops)
     )
-    return IngestResult(stage, kept, shards, dict(drops), len(records))
+    return IngestResult(stage, kept, shards, dict(drops), len(records), input_sha256)
+
+
+def _discard_pending(root: Path, stage: int) -> None:
+    """Remove the journal and the stage dir of a stage that wrote no shard (nothing else is in them)."""
+    journal_dir = _journal_path(root, stage).parent
+    shutil.rmtree(journal_dir, ignore_errors=True)
+    sdir = root / stage_dir_name(stage)
+    for leftover in sdir.glob(".*.tmp"):
+        leftover.unlink()
+    for empty_dir in (journal_dir.parent, sdir, sdir.parent):  # only if empty: never another stage's files
+        with contextlib.suppress(OSError):
+            empty_dir.rmdir()
+
+
+def _nothing_kept(stage: int, n: int, drops: Counter[str], examples: dict[str, str], input_path: str | Path) -> str:
+    """The one-line message of a run that keeps no pair: what, where, and the fix."""
+    what = f"stage {stage} not written: 0 of {n} pairs kept, dropped {_drop_summary(drops)} (--input {input_path})"
+    if set(drops) == {"duplicate_across_stages"}:
+        fix = "every pair is already in an earlier stage, so there is nothing new to add; ingest new pairs"
+    else:
+        top = max(drops, key=lambda r: (drops[r], r))
+        fix = (
+            f"fix the input or relax the filter (data_tools/README.md explains each reason), e.g. "
+            f"{top}: {examples.get(top, '')}"
+        )
+    return f"{what}; nothing was appended; {fix}"
 
 
 def _write_shard(path: Path, samples: list[dict[str, Any]]) -> str:

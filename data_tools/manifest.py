@@ -9,14 +9,16 @@ Schema (version 1)::
         {"stage": 1, "dir": "shards/stage_01", "count": N,
          "shards": [{"name": "shards/stage_01/000000.tar", "count": n, "sha256": "...", "bytes": b}],
          "hashes": "shards/stage_01/hashes.txt",
-         "sources": [{"path": "...", "format": "table", "records": n}],
+         "sources": [{"path": "...", "format": "table", "records": n, "input_sha256": "..."}],
          "options": {...ingest options: image size, resize mode, filters...},
          "drops": {"reason": n, ...}, "dedupe": {"within_stage": n, "across_stages": n},
          "repairs": [...]}
       ]
     }
 
-Shard ``name`` entries are relative to DATA_ROOT. The manifest is only ever replaced atomically.
+Shard ``name`` entries are relative to DATA_ROOT. The manifest is only ever replaced atomically, and
+ingest only appends stages that hold pairs; ``check_stages`` refuses a manifest with an empty stage
+(appended by an ingest before issue #14), which ``validate --repair`` removes.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ __all__ = [
     "DEDUPE_METHOD",
     "load_manifest",
     "save_manifest",
+    "empty_stages",
+    "check_stages",
     "stage_entry",
     "stage_dir_name",
     "sha256_file",
@@ -62,7 +66,7 @@ def empty_manifest() -> dict[str, Any]:
 
 
 def load_manifest(data_root: str | Path, *, missing_ok: bool = True) -> dict[str, Any]:
-    """Read ``DATA_ROOT/manifest.json``.
+    """Read ``DATA_ROOT/manifest.json`` and check its structure.
 
     Args:
         data_root: the data root.
@@ -70,7 +74,8 @@ def load_manifest(data_root: str | Path, *, missing_ok: bool = True) -> dict[str
 
     Raises:
         FileNotFoundError: no manifest and ``missing_ok`` is False.
-        ValueError: the file is not a GrowCLIP manifest.
+        ValueError: the file is not valid JSON (e.g. truncated) or not a GrowCLIP manifest; the
+            message names the file.
     """
     path = Path(data_root) / MANIFEST_NAME
     if not path.exists():
@@ -80,16 +85,75 @@ def load_manifest(data_root: str | Path, *, missing_ok: bool = True) -> dict[str
             f"{path} does not exist: build a corpus first with `python -m data_tools ingest ...` "
             "or `python -m data_tools build-offline DATA_ROOT`"
         )
-    obj = json.loads(path.read_text())
-    if obj.get("format") != "growclip-manifest":
-        raise ValueError(f"{path} is not a GrowCLIP manifest (format={obj.get('format')!r})")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a regular file; move it away (the manifest is a JSON file)")
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(
+            f"{path} is not valid JSON ({type(exc).__name__}: {exc}); data_tools only ever replaces it atomically, "
+            "so it was truncated or edited by something else (a partial copy, a full disk during a copy): "
+            "restore it from the copy it came from or a backup"
+        ) from None
+    if not isinstance(obj, dict) or obj.get("format") != "growclip-manifest":
+        fmt = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(
+            f"{path} is not a GrowCLIP manifest (format={fmt!r}); point at a data root built by data_tools"
+        )
+    problem = _structure_problem(obj)
+    if problem:
+        raise ValueError(f"{path}: {problem}; the manifest was edited by hand: restore it from a backup")
     return obj
+
+
+def _structure_problem(obj: dict[str, Any]) -> str | None:
+    """What is wrong with the shape of a manifest (the fields every reader relies on), if anything."""
+    stages = obj.get("stages")
+    if not isinstance(stages, list):
+        return f"'stages' is a {type(stages).__name__}, not a list"
+    for i, entry in enumerate(stages):
+        if not isinstance(entry, dict):
+            return f"stages[{i}] is a {type(entry).__name__}, not an object"
+        for key, kind in (("stage", int), ("dir", str), ("count", int), ("shards", list)):
+            if not isinstance(entry.get(key), kind) or isinstance(entry.get(key), bool):
+                return f"stages[{i}].{key} is {entry.get(key)!r}, expected {kind.__name__}"
+        for j, shard in enumerate(entry["shards"]):
+            if not isinstance(shard, dict) or not all(isinstance(shard.get(k), t) for k, t in _SHARD_FIELDS):
+                return f"stages[{i}].shards[{j}] lacks name/count/sha256"
+    return None
+
+
+_SHARD_FIELDS = (("name", str), ("count", int), ("sha256", str))
 
 
 def save_manifest(data_root: str | Path, manifest: dict[str, Any]) -> None:
     """Atomically replace ``DATA_ROOT/manifest.json``."""
     manifest["stages"] = sorted(manifest["stages"], key=lambda s: s["stage"])
     atomic_write_json(Path(data_root) / MANIFEST_NAME, manifest)
+
+
+def empty_stages(manifest: dict[str, Any]) -> list[int]:
+    """Stages that hold no pairs (``count`` 0): an ingest before issue #14 appended one on a re-run or
+    when it dropped every pair, and ``validate --repair`` leaves one when every shard was lost."""
+    return sorted(entry["stage"] for entry in manifest["stages"] if entry["count"] == 0)
+
+
+def check_stages(manifest: dict[str, Any], data_root: str | Path) -> None:
+    """Refuse a manifest with an empty stage (jobs call this before planning or training).
+
+    Raises:
+        ValueError: one line naming the empty stages, the manifest, and the command that removes them.
+    """
+    empty = empty_stages(manifest)
+    if empty:
+        root = Path(data_root)
+        names = ", ".join(map(str, empty))
+        raise ValueError(
+            f"stage{'s' if len(empty) > 1 else ''} {names} of the corpus hold{'' if len(empty) > 1 else 's'} no pairs "
+            f"({root / MANIFEST_NAME}); remove the empty entries with `python -m data_tools validate {root} --repair` "
+            f"(an empty stage holds no data, nothing is lost), then ingest stage {empty[0]} again "
+            f"(`python -m data_tools ingest --stage {empty[0]} ...`) or lower data.stages"
+        )
 
 
 def stage_entry(manifest: dict[str, Any], stage: int) -> dict[str, Any] | None:

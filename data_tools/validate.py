@@ -7,9 +7,11 @@ then atomically replaces it (temp name + rename) with a shard holding every samp
 these per-sample checks (read with a tolerant tar scanner that skips damaged headers): at every
 instant a shard exists under its name, so a crash mid-repair loses nothing. The stage's
 ``hashes.txt`` is rebuilt from the surviving samples (dropped samples no longer count as
-duplicates), then the manifest is updated atomically. A missing shard cannot be repaired;
-``--repair`` removes it from the manifest, records it under the stage's ``repairs`` and reports the
-lost count.
+duplicates), then the manifest is updated atomically. A missing shard (or one that is not a regular
+file) cannot be repaired; ``--repair`` removes it from the manifest, records it under the stage's
+``repairs`` and reports the lost count. A stage that holds no pairs (an ingest before issue #14
+appended one on a re-run) is a problem too; ``--repair`` removes its entry (it holds no data) and its
+directory when that holds nothing but an empty ``hashes.txt``, so ``ingest --stage N`` can fill it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from PIL import Image
 
 from data_tools.atomic import atomic_write_json, atomic_write_text, fsync_dir
 from data_tools.ingest import shard_stats, write_tar
-from data_tools.manifest import load_manifest, save_manifest, sha256_file, writer_lock
+from data_tools.manifest import empty_stages, load_manifest, save_manifest, sha256_file, writer_lock
 
 __all__ = ["ShardProblem", "ValidationReport", "validate", "read_samples_tolerant", "check_sample"]
 
@@ -57,19 +59,26 @@ class ValidationReport:
     bad: list[ShardProblem] = field(default_factory=list)
     repaired: bool = False
     lost: int = 0
+    empty_stages: list[int] = field(default_factory=list)  # stages holding no pairs (removed when repairing)
 
     @property
     def ok(self) -> bool:
-        if self.repaired:  # clean now: every bad shard was re-packed or (missing) removed
+        if self.repaired:  # clean now: every bad shard was re-packed or (missing) removed, empty stages removed
             return all(p.action for p in self.bad)
-        return not self.bad
+        return not self.bad and not self.empty_stages
 
     def render(self) -> str:
-        lines = [
-            f"checked {self.shards} shards, {self.samples} samples: {'OK' if not self.bad else f'{len(self.bad)} bad'}"
-        ]
+        problems = len(self.bad) + len(self.empty_stages)
+        lines = [f"checked {self.shards} shards, {self.samples} samples: {'OK' if not problems else f'{problems} bad'}"]
         for p in self.bad:
             lines.append(f"  {p.shard}: {'; '.join(p.problems)}" + (f" -> {p.action}" if p.action else ""))
+        for stage in self.empty_stages:
+            fix = (
+                f"entry removed; fill it again with `python -m data_tools ingest --stage {stage} ...` if needed"
+                if self.repaired
+                else "run `validate --repair` to remove the entry (it holds no data)"
+            )
+            lines.append(f"  stage {stage}: holds no pairs -> {fix}")
         if self.repaired and self.bad:
             lines.append(f"repair: {self.lost} samples lost" + (" (none)" if not self.lost else ""))
         return "\n".join(lines)
@@ -210,8 +219,10 @@ def _validate(root: Path, repair: bool) -> ValidationReport:
         for sh in stage["shards"]:
             report.shards += 1
             path = root / sh["name"]
-            if not path.exists():
-                prob = ShardProblem(sh["name"], ["missing"], bad=sh["count"])
+            if not path.is_file():  # missing, or a FIFO/directory/device that must never be opened
+                prob = ShardProblem(
+                    sh["name"], ["missing" if not path.exists() else "not a regular file"], bad=sh["count"]
+                )
                 report.bad.append(prob)
                 if repair:
                     prob.action = f"removed from manifest, {sh['count']} samples lost"
@@ -264,6 +275,26 @@ def _validate(root: Path, repair: bool) -> ValidationReport:
             gone = _rebuild_hashes(root, stage, survivors)
             if gone and "dedupe" in manifest:
                 manifest["dedupe"]["unique"] = max(0, manifest["dedupe"].get("unique", 0) - gone)
+    report.empty_stages = empty_stages(manifest)
+    empty_dirs = [s["dir"] for s in manifest["stages"] if s["stage"] in report.empty_stages]
+    if repair and report.empty_stages:
+        manifest["stages"] = [s for s in manifest["stages"] if s["stage"] not in report.empty_stages]
+        changed = True
     if changed:
         save_manifest(root, manifest)
+    if repair:
+        for sdir in empty_dirs:
+            _remove_empty_stage_dir(root / sdir)
     return report
+
+
+def _remove_empty_stage_dir(sdir: Path) -> None:
+    """Remove the directory of a removed empty stage if it holds nothing but an empty hashes.txt
+    (so ``ingest --stage N`` may fill the number again); anything else in it is left where it is."""
+    hashes = sdir / "hashes.txt"
+    if hashes.is_file() and not hashes.read_text().strip():
+        hashes.unlink()
+    with contextlib.suppress(OSError):
+        sdir.rmdir()
+    if sdir.exists():
+        logger.warning("%s still holds files; move them away before ingesting that stage again", sdir)

@@ -12,7 +12,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["bounded", "release_if_held", "sbatch_script", "seeds_from_env", "squeue", "stop_at", "wait_for"]
+__all__ = [
+    "bounded",
+    "encode_image",
+    "stage_samples",
+    "grey_rgb",
+    "release_if_held",
+    "sbatch_script",
+    "seeds_from_env",
+    "squeue",
+    "stop_at",
+    "wait_for",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,3 +111,40 @@ def seeds_from_env(name: str, defaults: list[int]) -> list[int]:
         return [int(v) for v in value.split(",")]
     except ValueError:
         raise ValueError(f"{name}={value!r}: expected a seed, a comma-separated list of seeds, or 'random'") from None
+
+
+def grey_rgb(a: Any) -> Any:
+    """A greyscale float array as the 8-bit RGB array a faithful conversion gives (rounded, clipped)."""
+    import numpy as np
+
+    return np.repeat(np.clip(np.rint(a), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def encode_image(img: Any, fmt: str, **kw: Any) -> bytes:
+    """``img`` (a PIL image) encoded as ``fmt`` in memory."""
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def stage_samples(root: Path, stage: int) -> dict[str, dict[str, Any]]:
+    """Every sample of a corpus stage by its input source id: ``{"txt": str, "jpg": bytes, "meta": dict}``."""
+    import json
+    import tarfile
+
+    from data_tools.manifest import load_manifest
+
+    out: dict[str, dict[str, Any]] = {}
+    entry = next(e for e in load_manifest(root)["stages"] if e["stage"] == stage)
+    for shard in entry["shards"]:
+        with tarfile.open(root / shard["name"]) as tf:
+            parts: dict[str, dict[str, bytes]] = {}
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                parts.setdefault(key, {})[ext] = tf.extractfile(m).read()  # type: ignore[union-attr]
+        for p in parts.values():
+            meta = json.loads(p["json"])
+            out[meta["source"]] = {"txt": p["txt"].decode("utf-8"), "jpg": p["jpg"], "meta": meta}
+    return out

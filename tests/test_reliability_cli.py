@@ -2,7 +2,8 @@
 
 One table over the verbs of ``python -m jobs`` and ``python -m data_tools``: each case gives the
 exit code (2 = bad input; 1 where the job started and an input it was pointed at is unusable) and
-substrings the message on stderr must contain (what is wrong, and the fix where there is one). The
+substrings the message on stderr must contain (what is wrong, and the fix where there is one), and a
+non-zero exit must print exactly ONE `error:` line, the last one, with no traceback (issue #14). The
 table runs in-process through each CLI's ``main(argv)`` (the function ``python -m`` calls); two
 cases also run as real subprocesses. Nothing here trains a model or writes into the shared corpus.
 """
@@ -10,14 +11,17 @@ cases also run as real subprocesses. Nothing here trains a model or writes into 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from data_tools.cli import main as data_main
+from data_tools.ingest import ingest
 from jobs.cli import main as jobs_main
 from jobs.config import dump_cfg, load_cfg
 
@@ -109,13 +113,13 @@ CASES = [
         "jobs",
         "plan --config {cfg} --run-dir {tmp}/r --set data.root={tmp}/emptystage --set data.stages=4",
         2,
-        ["stages [4] of the corpus hold no pairs", "validate --repair"],
+        ["stage 4 of the corpus holds no pairs", "--repair"],
     ),
     (
         "jobs",
         "train --config {cfg} --stage 4 --run-dir {tmp}/r --set data.root={tmp}/emptystage --set data.stages=4",
         2,
-        ["stages [4] of the corpus hold no pairs"],
+        ["stage 4 of the corpus holds no pairs"],
     ),
     # a run dir belongs to the config it was made with (RUN_DIR/config.yaml: here train.steps=41)
     ("jobs", "train --config {cfg} --stage 1 --run-dir {tmp}/owned", 2, ["another config: train.steps: 41 -> 40"]),
@@ -165,6 +169,44 @@ CASES = [
     ("data", "train-tokenizer {tmp}/nodata", 2, ["nodata/manifest.json does not exist"]),
     ("data", "train-tokenizer {data} --vocab-size 3", 2, ["--vocab-size 3 is too small", ">= 260"]),
     ("data", "frobnicate", 2, ["invalid choice: 'frobnicate'", "ingest"]),
+    # --- issue #14: inputs as a whole are refused before anything is written; a run that keeps nothing exits 1
+    ("data", "ingest --input {tmp}/nocol.jsonl --format table --data-root {tmp}/d", 2, ["lack caption column"]),
+    (
+        "data",
+        "ingest --input {tmp}/t.jsonl --format table --data-root {tmp}/d",
+        1,
+        ["stage 1 not written: 0 of 1 pairs kept", "missing_file=1", "nothing was appended"],
+    ),
+    ("data", "ingest --input {tmp}/empty.jsonl --format table --data-root {tmp}/d", 1, ["the input has no pairs"]),
+    (
+        "data",
+        "ingest --input {tmp}/good.jsonl --format table --data-root {tmp}/gooddata --image-size 32",
+        1,
+        ["0 of 1 pairs kept", "duplicate_across_stages=1", "already in an earlier stage"],
+    ),
+    (
+        "data",
+        "ingest --input {tmp}/t.jsonl --format table --data-root {tmp}/d --max-file-bytes 0",
+        2,
+        ["max_file_bytes=0 must be >= 1"],
+    ),
+    (
+        "data",
+        "ingest --input {tmp}/fifo.jsonl --format table --data-root {tmp}/d",
+        2,
+        ["fifo.jsonl is a FIFO", "--input must be a regular file"],
+    ),
+    ("data", "ingest --input {tmp}/emptydir --format table --data-root {tmp}/d", 2, ["no .csv/.tsv/.jsonl/.parquet"]),
+    ("data", "ingest --input {tmp}/emptydir --format img2dataset --data-root {tmp}/d", 2, ["not an img2dataset"]),
+    ("data", "ingest --input {tmp}/t.jsonl --format img2dataset --data-root {tmp}/d", 2, ["not a readable tar"]),
+    ("data", "ingest --input {tmp}/bad.parquet --format table --data-root {tmp}/d", 2, ["not a readable parquet"]),
+    ("data", "ingest --input {tmp}/t.txt --format table --data-root {tmp}/d", 2, ["unknown table type '.txt'"]),
+    ("data", "ingest --input {tmp}/t.jsonl --format table --data-root {tmp}/afile", 2, ["is not a directory"]),
+    ("data", "validate {tmp}/truncated", 2, ["truncated/manifest.json is not valid JSON", "restore it"]),
+    ("data", "stats {tmp}/truncated", 2, ["truncated/manifest.json is not valid JSON"]),
+    ("data", "validate {tmp}/list", 2, ["is not a GrowCLIP manifest"]),
+    ("data", "validate {tmp}/emptystage", 1, ["validate {tmp}/emptystage --repair"]),
+    ("data", "ingest --input {tmp}/t.jsonl --format table", 2, ["required: --data-root", "data_tools ingest --help"]),
 ]
 
 
@@ -185,6 +227,17 @@ def inputs(tiny_config: Path, tiny_corpus: Path, tmp_path_factory: pytest.TempPa
     text = (tiny_corpus / "manifest.json").read_text()
     (tmp / "truncated" / "manifest.json").write_text(text[: len(text) // 2])
     manifest = json.loads(text)
+    (tmp / "list").mkdir()
+    (tmp / "list" / "manifest.json").write_text("[1, 2]\n")
+    (tmp / "nocol.jsonl").write_text('{"text": "x", "image": "none.png"}\n')
+    (tmp / "empty.jsonl").write_text("")
+    os.mkfifo(tmp / "fifo.jsonl")
+    (tmp / "emptydir").mkdir()
+    (tmp / "bad.parquet").write_bytes(b"not parquet at all" * 10)
+    (tmp / "t.txt").write_text("caption,image\n")
+    Image.new("RGB", (16, 16), (200, 30, 90)).save(tmp / "good.png")
+    (tmp / "good.jsonl").write_text('{"caption": "a red square", "image": "good.png"}\n')
+    ingest(tmp / "good.jsonl", "table", tmp / "gooddata")
     manifest["stages"].append({**manifest["stages"][-1], "stage": 4, "count": 0, "shards": []})
     (tmp / "emptystage" / "manifest.json").write_text(json.dumps(manifest))
     return {"cfg": str(tiny_config), "data": str(tiny_corpus), "tmp": str(tmp)}

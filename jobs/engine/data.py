@@ -42,7 +42,7 @@ def check_corpus(root: Path, stages: int, vocab_size: int) -> None:
         ConfigError: no manifest (or an unreadable one), a stage missing or empty, no tokenizer, or a
             tokenizer larger than the model's vocabulary; each message names the file and the fix.
     """
-    from data_tools.manifest import MANIFEST_NAME, load_manifest, stage_entry
+    from data_tools.manifest import MANIFEST_NAME, check_stages, load_manifest, stage_entry
 
     root = Path(root)
     try:
@@ -56,13 +56,10 @@ def check_corpus(root: Path, stages: int, vocab_size: int) -> None:
             f"the corpus lacks stages {missing} (it has {have}) ({root / MANIFEST_NAME}); ingest them "
             f"(python -m data_tools ingest ...) or lower data.stages / --stage"
         )
-    empty = [s for s in range(1, stages + 1) if not stage_entry(manifest, s)["count"]]
-    if empty:
-        raise ConfigError(
-            f"stages {empty} of the corpus hold no pairs (appended by an older ingest that kept nothing) "
-            f"({root / MANIFEST_NAME}); remove them with `python -m data_tools validate --repair {root}`, "
-            "then re-ingest their input"
-        )
+    try:
+        check_stages(manifest, root)  # an empty stage (appended by an older ingest) is refused with its fix
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     check_tokenizer(root, vocab_size)
 
 
