@@ -17,7 +17,7 @@ Schema (version 1)::
     }
 
 Shard ``name`` entries are relative to DATA_ROOT. The manifest is only ever replaced atomically, and
-ingest only appends stages that hold pairs; ``check_stages`` refuses a manifest with an empty stage
+ingest only appends stages that hold pairs; ``check_no_empty_stages`` refuses a manifest with an empty stage
 (appended by an ingest before issue #14), which ``validate --repair`` removes.
 """
 
@@ -41,7 +41,7 @@ __all__ = [
     "load_manifest",
     "save_manifest",
     "empty_stages",
-    "check_stages",
+    "check_no_empty_stages",
     "stage_entry",
     "stage_dir_name",
     "sha256_file",
@@ -138,7 +138,7 @@ def empty_stages(manifest: dict[str, Any]) -> list[int]:
     return sorted(entry["stage"] for entry in manifest["stages"] if entry["count"] == 0)
 
 
-def check_stages(manifest: dict[str, Any], data_root: str | Path) -> None:
+def check_no_empty_stages(manifest: dict[str, Any], data_root: str | Path) -> None:
     """Refuse a manifest with an empty stage (jobs call this before planning or training).
 
     Raises:

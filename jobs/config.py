@@ -22,7 +22,6 @@ Usage::
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -296,15 +295,20 @@ class _StrictLoader(yaml.SafeLoader):
 def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *anchor``: construct_mapping merges it
+            continue
         key = loader.construct_object(key_node, deep=deep)
         line = key_node.start_mark.line + 1
+        try:
+            hash(key)
+        except TypeError:
+            raise ConfigError(f"line {line}: a key must be a name, got a {type(key).__name__}") from None
         if key in seen:
             raise ConfigError(
                 f"key {key!r} appears twice (lines {seen[key]} and {line}); keep one: YAML would silently drop "
                 "the first"
             )
-        with contextlib.suppress(TypeError):  # an unhashable key: construct_mapping reports it
-            seen[key] = line
+        seen[key] = line
     return loader.construct_mapping(node, deep=deep)
 
 
@@ -373,9 +377,23 @@ def dump_cfg(cfg: RunCfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False, width=100)
 
 
-# Sections and keys that say how and where a run is launched, not what it computes: a run dir accepts a
-# resubmission that changes them (more time, another partition or executor, the run named differently).
-LAUNCH_KEYS = ("name", "run_root", "cluster")
+# Keys (or whole sections) that say how and where a run is launched, or how a training is carried out
+# without changing what it computes: a run dir accepts a re-run that changes them. Launch: more time,
+# another partition or executor, the run named differently. Recovery, as the failure messages advise:
+# fewer checkpoints kept after a full disk; gradient accumulation or checkpointing after an out-of-memory
+# stop (the data streams stay the same; the trainer warns when the micro-batch layout changes); compile,
+# loader workers and log frequency.
+LAUNCH_KEYS = (
+    "name",
+    "run_root",
+    "cluster",
+    "data.num_workers",
+    "train.keep_checkpoints",
+    "train.log_every",
+    "train.grad_accum",
+    "train.grad_checkpointing",
+    "train.compile",
+)
 
 
 def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -397,7 +415,7 @@ def config_differences(old: RunCfg, new: RunCfg, *, ignore: Sequence[str] = LAUN
     def flat(cfg: RunCfg) -> dict[str, Any]:
         d = to_dict(cfg)
         d["data"]["root"] = str(Path(d["data"]["root"]).resolve())
-        return {k: v for k, v in _flat(d).items() if k.split(".")[0] not in ignore}
+        return {k: v for k, v in _flat(d).items() if not any(k == i or k.startswith(f"{i}.") for i in ignore)}
 
     a, b = flat(old), flat(new)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]

@@ -19,6 +19,7 @@ from data_tools.cli_errors import fail
 from jobs.config import ConfigError, check_stage, load_cfg
 from jobs.engine.dist import init_distributed
 from jobs.engine.pipeline import stage_path
+from jobs.engine.rundir import check_run_dir
 from jobs.logs import setup_logging
 from jobs.train import EXIT_PREEMPTED, StopFlag
 
@@ -127,7 +128,9 @@ def _run(fn: Any, *args: Any) -> int:
 def _stage_args_error(args: argparse.Namespace) -> int | None:
     """Exit code 2 (one error line printed) when --config, --stage or --index cannot name a growth step."""
     try:
-        check_stage(load_cfg(Path(args.config)), args.stage, first=2)
+        cfg = load_cfg(Path(args.config))
+        check_stage(cfg, args.stage, first=2)
+        check_run_dir(Path(args.run_dir), cfg)  # results of another config never land in this run
         if getattr(args, "index", 0) < 0:
             raise ConfigError(f"--index {args.index} must be >= 0 (the candidate's array task id)")
     except ConfigError as exc:

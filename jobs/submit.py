@@ -35,7 +35,7 @@ from data_tools.cli_errors import fail
 from jobs.config import ClusterCfg, ConfigError, RunCfg, dump_cfg, load_cfg
 from jobs.engine.data import check_corpus
 from jobs.engine.pipeline import STEPS, max_candidates, read_json, stage_candidates, stage_state
-from jobs.engine.rundir import check_run_dir
+from jobs.engine.rundir import RUN_CONFIG, check_run_dir
 from jobs.runlock import LockError, lock_holder_alive, run_lock
 
 __all__ = ["cmd_plan", "cmd_submit", "cmd_status", "cmd_cancel", "parse_stages", "plan_actions"]
@@ -397,7 +397,7 @@ def _prepare(args: argparse.Namespace) -> tuple[RunCfg, Path, Path, list[int], s
     stages = parse_stages(args.stages, cfg.data.stages)
     check_corpus(cfg.data.root, cfg.data.stages, cfg.model.text.vocab_size)
     check_run_dir(run_dir, cfg)  # the run dir's config is this one (launch settings may change)
-    return cfg, run_dir, run_dir / "config.yaml", stages, kind
+    return cfg, run_dir, run_dir / RUN_CONFIG, stages, kind
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -420,6 +420,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         cfg, run_dir, cfg_path, stages, kind = _prepare(args)
         text = dump_cfg(cfg)
         with run_lock(run_dir, break_lock=args.break_lock):
+            check_run_dir(run_dir, cfg)  # again under the lock: another submitter may have written it meanwhile
             atomic_write_text(cfg_path, text)
             actions = plan_actions(cfg, run_dir, stages, active_jobs(run_dir) if kind == "slurm" else {})
             atomic_write_json(
@@ -449,7 +450,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _run_dir_cfg(run_dir: Path) -> RunCfg:
-    path = Path(run_dir) / "config.yaml"
+    path = Path(run_dir) / RUN_CONFIG
     if not path.exists():
         raise ConfigError(f"{path} does not exist: {run_dir} is not a submitted run")
     return load_cfg(path)

@@ -215,3 +215,14 @@ def test_stored_run_config_missing_a_new_default_key_is_the_same_config(tmp_path
     assert config_differences(load_cfg(stored), cfg) == ["train.grad_clip: 2.0 -> 1.0"]
     launch = load_cfg(REPO / "configs" / "demo.yaml", ["cluster.mem_gb=99", "name=other"])
     assert config_differences(launch, cfg) == []  # how and where it is launched is not another config
+    # what the failure messages advise for a re-run (full disk, out of memory) is not another config either
+    recovery = ["train.keep_checkpoints=1", "train.grad_accum=2", "train.grad_checkpointing=true"]
+    assert config_differences(load_cfg(REPO / "configs" / "demo.yaml", recovery), cfg) == []
+    assert config_differences(load_cfg(REPO / "configs" / "demo.yaml", ["train.batch_size=32"]), cfg) != []
+
+
+def test_yaml_merge_keys_load_and_unhashable_keys_are_named(tmp_path: Path) -> None:
+    merged = load_cfg(write(tmp_path, "train:\n  <<: {lr: 0.002}\n  steps: 50\n  warmup_steps: 5\n"))
+    assert merged.train.lr == 0.002 and merged.train.steps == 50
+    with pytest.raises(ConfigError, match="line 1: a key must be a name, got a list"):
+        load_cfg(write(tmp_path, "? [a, b]\n: 1\n"))

@@ -28,7 +28,7 @@ from PIL import Image
 from data_tools.cli import main as cli_main
 from data_tools.imaging import ImageOptions
 from data_tools.ingest import IngestFailed, ingest
-from data_tools.manifest import check_stages, empty_stages, load_manifest, save_manifest
+from data_tools.manifest import check_no_empty_stages, empty_stages, load_manifest, save_manifest
 from data_tools.validate import validate
 from tests.helpers import bounded, encode_image, grey_rgb, stage_samples
 
@@ -473,7 +473,7 @@ def test_empty_input_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 
 def test_empty_stage_is_refused_and_repair_removes_it(tmp_path: Path) -> None:
-    """A stage appended empty by the old bug: check_stages names the fix, validate --repair applies it."""
+    """A stage appended empty by the old bug: check_no_empty_stages names the fix, validate --repair applies it."""
     folder = tmp_path / "in"
     folder.mkdir()
     root = tmp_path / "root"
@@ -487,13 +487,13 @@ def test_empty_stage_is_refused_and_repair_removes_it(tmp_path: Path) -> None:
     save_manifest(root, m)
     assert empty_stages(load_manifest(root)) == [2]
     with pytest.raises(ValueError, match=r"stage 2 of the corpus holds no pairs .*validate .* --repair"):
-        check_stages(load_manifest(root), root)
+        check_no_empty_stages(load_manifest(root), root)
     report = validate(root)
     assert not report.ok and "stage 2: holds no pairs" in report.render()
     assert validate(root, repair=True).ok
     assert [s["stage"] for s in load_manifest(root)["stages"]] == [1]
     assert not (root / "shards/stage_02").exists()
-    check_stages(load_manifest(root), root)
+    check_no_empty_stages(load_manifest(root), root)
     res = ingest(
         write_jsonl(folder, [{"caption": "two", "image": good_png(folder / "1.png", 1)}], "b.jsonl"),
         "table",

@@ -42,7 +42,7 @@ def check_corpus(root: Path, stages: int, vocab_size: int) -> None:
         ConfigError: no manifest (or an unreadable one), a stage missing or empty, no tokenizer, or a
             tokenizer larger than the model's vocabulary; each message names the file and the fix.
     """
-    from data_tools.manifest import MANIFEST_NAME, check_stages, load_manifest, stage_entry
+    from data_tools.manifest import MANIFEST_NAME, check_no_empty_stages, load_manifest, stage_entry
 
     root = Path(root)
     try:
@@ -57,7 +57,7 @@ def check_corpus(root: Path, stages: int, vocab_size: int) -> None:
             f"(python -m data_tools ingest ...) or lower data.stages / --stage"
         )
     try:
-        check_stages(manifest, root)  # an empty stage (appended by an older ingest) is refused with its fix
+        check_no_empty_stages(manifest, root)  # an empty stage (appended by an older ingest) is refused with its fix
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     check_tokenizer(root, vocab_size)
@@ -74,7 +74,13 @@ def check_tokenizer(root: Path, vocab_size: int) -> None:
     tok = Path(root) / "tokenizer.json"
     if not tok.is_file():
         raise ConfigError(f"{tok} does not exist: build the corpus (python -m data_tools build-offline {root})")
-    vocab = load_tokenizer(tok).get_vocab_size()
+    try:
+        vocab = load_tokenizer(tok).get_vocab_size()
+    except Exception as exc:  # the tokenizers library raises plain Exceptions on a damaged file
+        raise ConfigError(
+            f"the tokenizer cannot be read: {type(exc).__name__}: {exc} ({tok}); rebuild it with "
+            f"`python -m data_tools train-tokenizer {root}`"
+        ) from None
     if vocab > vocab_size:
         raise ConfigError(
             f"tokenizer {tok} has {vocab} tokens but model.text.vocab_size={vocab_size} (token ids must be < "

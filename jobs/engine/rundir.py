@@ -4,7 +4,7 @@
 ``train`` has it in ``stage_NN/train/config.yaml``, which the training writes once every check has passed
 (a config that fails a check claims nothing). Every job that writes into a run dir (``submit``,
 ``submit-train``, ``train``, ``evaluate --out``) first checks that its own config is the same config
-(``jobs.config.config_differences``: launch settings and keys added to the schema since do not count) and
+(``jobs.config.config_differences``: launch and recovery settings, and keys added to the schema since, do not count) and
 otherwise refuses, listing the differing keys. Before this rule ``train`` on a finished stage with another
 config said "already trained" and exited 0, ignoring the new values.
 """
