@@ -252,6 +252,28 @@ def _add_pipeline_verbs(verbs: Any) -> None:
     p.set_defaults(func=_lazy("jobs.stage_jobs", "cmd_search_candidate"))
 
     p = verbs.add_parser(
+        "oracle",
+        help="grade stage T's search: train every candidate fully, evaluate, write stage_TT/oracle/summary.json",
+        description="Train every finished search candidate of stage T exactly as the winner's full training (same "
+        "steps, data, replay, seed, grown start) as one array task each, evaluate them, and write the search's "
+        "Kendall tau and regret to RUN_DIR/stage_TT/oracle/summary.json. Never changes the run's own results; "
+        "re-running skips finished candidates.",
+    )
+    p.add_argument("--run-dir", type=Path, required=True, help="RUN_DIR of a run whose stage T has been selected")
+    p.add_argument("--stage", type=_positive_int, required=True, help="growth stage T (>= 2)")
+    p.add_argument("--executor", choices=("slurm", "local", "debug"), help="override cluster.executor")
+    p.add_argument("--wait", action="store_true", help="slurm: wait for the oracle and print its table")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="cluster.KEY=VALUE",
+        help="override a launch setting (cluster.*); the training itself is the run's",
+    )
+    p.set_defaults(func=_lazy("jobs.oracle_jobs", "cmd_oracle"))
+
+    p = verbs.add_parser(
         "select",
         help="rank stage T's candidates by score; write selected.json (table, reason) and selected.pt",
         description="Rank the finished candidates (lower score wins); fails when fewer than "

@@ -54,7 +54,15 @@ from jobs.engine.trainer import run_training
 from model.search_space import Candidate
 from model.structs import to_dict
 
-__all__ = ["RESULT_FORMAT", "search_cfg", "score", "grow_checkpoint", "validate_model", "run_search_candidate"]
+__all__ = [
+    "RESULT_FORMAT",
+    "search_cfg",
+    "score",
+    "grow_checkpoint",
+    "val_batches",
+    "validate_model",
+    "run_search_candidate",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -162,9 +170,11 @@ def validate_model(
     return {"val_loss": loss_sum / n, "proxy_acc1": acc_sum / n, "val_samples": n}
 
 
-def _val_batches(
+def val_batches(
     cfg: RunCfg, stage: int, image_size: int, context_length: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``search.val_samples`` held-out pairs of the stage in batches of ``search.batch_size``: the
+    same for every candidate and for the oracle."""
     bs = cfg.search.batch_size
     batches = make_val_loader(
         cfg.data.root,
@@ -288,7 +298,7 @@ def run_search_candidate(
         model.load_state_dict(payload["model"], strict=True)
         model.to(env.device)
         val = validate_model(
-            model, _val_batches(cfg, stage, cand.spec.image.image_size, cand.spec.text.context_length), env.device
+            model, val_batches(cfg, stage, cand.spec.image.image_size, cand.spec.text.context_length), env.device
         )
         samples = int(payload["samples_seen"])
         res = {

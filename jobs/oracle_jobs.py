@@ -1,0 +1,182 @@
+"""``python -m jobs oracle``: train every candidate of a stage fully, to grade its search (issue #15) — R13.
+
+The work is ``jobs.engine.oracle``. This submits one array task per finished search candidate
+(:class:`OracleJob`, requeued on SIGUSR2 like a search task: the training checkpoints at the next step
+boundary and resumes) and a summary job (:class:`OracleSummaryJob`, ``afterany`` the array: it lists
+candidates that did not finish) that writes ``stage_NN/oracle/summary.json``. ``--executor slurm``
+returns at once (``--wait`` waits); ``local``/``debug`` run in this process's time and print the table.
+Re-running skips finished candidates; oracle jobs of the stage still queued are not submitted twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from data_tools.cli_errors import EXIT_FAILED, EXIT_USAGE, fail
+from jobs.config import ConfigError, check_stage, load_cfg
+from jobs.engine.dist import init_distributed
+from jobs.engine.oracle import OracleError, oracle_dir, oracle_plan, run_oracle_candidate, summarize_oracle
+from jobs.engine.pipeline import read_json
+from jobs.engine.rundir import RUN_CONFIG, check_run_dir
+from jobs.logs import setup_logging
+from jobs.train import StopFlag
+
+__all__ = ["OracleJob", "OracleSummaryJob", "cmd_oracle", "format_oracle"]
+
+
+class OracleJob(submitit.helpers.Checkpointable):
+    """One array task: ``OracleJob(config, overrides, stage, run_dir)(index)``; only paths travel."""
+
+    def __init__(self, config: str, overrides: tuple[str, ...], stage: int, run_dir: str) -> None:
+        self.config, self.overrides, self.stage, self.run_dir = config, tuple(overrides), stage, run_dir
+
+    def __call__(self, index: int) -> dict[str, Any]:
+        setup_logging()
+        cfg = load_cfg(Path(self.config), self.overrides)
+        stop = StopFlag()
+        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler (SLURM)
+        signal.signal(signal.SIGUSR2, stop.set)
+        try:
+            out = run_oracle_candidate(cfg, self.stage, index, Path(self.run_dir), init_distributed(), stop.is_set)
+        finally:
+            if requeue is not None:
+                signal.signal(signal.SIGUSR2, requeue)
+        if out["status"] == "preempted":
+            if not callable(requeue):
+                raise RuntimeError(
+                    f"stage {self.stage} oracle task {index} was preempted at step {out['step']} outside a SLURM "
+                    "job; its checkpoint is kept: run the oracle again to resume it"
+                )
+            requeue(stop.signum or signal.SIGUSR2, None)  # checkpoint() + scontrol requeue + exit
+        return out
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Requeue the same task; it resumes its training from the newest verified checkpoint."""
+        return submitit.helpers.DelayedSubmission(OracleJob(self.config, self.overrides, self.stage, self.run_dir))
+
+
+class OracleSummaryJob(submitit.helpers.Checkpointable):
+    """Write ``stage_NN/oracle/summary.json`` (kendall tau, regret) from the finished tasks."""
+
+    def __init__(self, stage: int, run_dir: str) -> None:
+        self.stage, self.run_dir = stage, run_dir
+
+    def __call__(self) -> dict[str, Any]:
+        setup_logging()
+        return summarize_oracle(Path(self.run_dir), self.stage)
+
+
+def format_oracle(summary: dict[str, Any]) -> str:
+    """The oracle table of one stage as text (also what ``report`` shows)."""
+
+    def num(x: float | None, spec: str = ".4f") -> str:
+        return "-" if x is None else format(x, spec)
+
+    lines = [
+        f"stage {summary['stage']} oracle: every candidate trained fully (chosen by the search: {summary['chosen']})",
+        f"  {'candidate':<24} {'search':>8} {'rank':>4} {'val_loss':>8} {'mean_acc1':>9} {'i2t_R@1':>7} "
+        f"{'t2i_R@1':>7} {'params':>9} {'train_flops':>11}",
+    ]
+    for r in sorted(summary["candidates"], key=lambda r: r["search_rank"] or 0):
+        lines.append(
+            f"  {r['name'] + (' *' if r['chosen'] else ''):<24} {num(r['search_score']):>8} "
+            f"{r['search_rank'] or '-':>4} {num(r['val_loss']):>8} {num(r['mean_acc1'], '.3f'):>9} "
+            f"{num(r['i2t_R@1'], '.3f'):>7} {num(r['t2i_R@1'], '.3f'):>7} {r['params']:>9,d} {r['train_flops']:>11.3g}"
+        )
+    tau = summary["kendall_tau"]
+    lines.append(
+        f"  kendall tau (search vs full training): val_loss {num(tau['val_loss'], '+.2f')}, mean_acc1 "
+        f"{num(tau['mean_acc1'], '+.2f')}; regret {num(summary['regret_mean_acc1'], '.3f')} mean zero-shot top-1 "
+        f"(best: {summary['best_mean_acc1']})"
+        + (f"; missing: {', '.join(summary['missing'])}" if summary["missing"] else "")
+    )
+    return "\n".join(lines)
+
+
+def _submit_slurm(cfg: Any, run_dir: Path, stage: int, job: OracleJob, count: int) -> list[str]:
+    from jobs.submit import _executor, active_jobs, record_jobs
+
+    if active_jobs(run_dir).get((stage, "oracle")):
+        return []
+    array = _executor(cfg, run_dir, "slurm", "train", [])
+    array.update_parameters(name=f"growclip-{cfg.name}-oracle")
+    jobs = array.map_array(job, list(range(count)))
+    master = jobs[0].job_id.split("_")[0]
+    summary = _executor(cfg, run_dir, "slurm", "select", [f"afterany:{master}"])
+    sjob = summary.submit(OracleSummaryJob(stage, str(run_dir)))
+    now = time.time()
+    record_jobs(
+        run_dir,
+        [{"stage": stage, "step": "oracle", "job_id": j.job_id, "executor": "slurm", "time": now} for j in jobs]
+        + [{"stage": stage, "step": "oracle-summary", "job_id": sjob.job_id, "executor": "slurm", "time": now}],
+    )
+    return [j.job_id for j in jobs] + [sjob.job_id]
+
+
+def cmd_oracle(args: argparse.Namespace) -> int:
+    """Submit (slurm) or run (local/debug) the oracle of ``--stage``; print its table when it is done."""
+    from jobs.submit import _executor
+
+    setup_logging()
+    run_dir = Path(args.run_dir).resolve()
+    try:
+        if not (run_dir / RUN_CONFIG).is_file():
+            raise ConfigError(f"{run_dir / RUN_CONFIG} does not exist: --run-dir must be a submitted run")
+        cfg = load_cfg(run_dir / RUN_CONFIG, args.overrides)
+        check_stage(cfg, args.stage, first=2)
+        check_run_dir(run_dir, cfg)  # --set may change launch settings only: the oracle trains as the run did
+        plan = oracle_plan(run_dir, args.stage)
+    except (ConfigError, OracleError) as exc:
+        return fail(exc, EXIT_USAGE)
+    kind = args.executor or cfg.cluster.executor
+    job = OracleJob(str(run_dir / RUN_CONFIG), tuple(args.overrides), args.stage, str(run_dir))
+    todo = [
+        k
+        for k, c in enumerate(plan)
+        if read_json(oracle_dir(run_dir, args.stage) / f"cand_{c['index']:02d}" / "result.json") is None
+    ]
+    if kind == "slurm" and todo:
+        ids = _submit_slurm(cfg, run_dir, args.stage, job, len(plan))
+        print(f"stage {args.stage} oracle: " + (f"submitted {' '.join(ids)}" if ids else "already queued"))
+        if not args.wait:
+            return 0
+        from jobs.submit import active_jobs
+
+        while active_jobs(run_dir).get((args.stage, "oracle")) or active_jobs(run_dir).get(
+            (args.stage, "oracle-summary")
+        ):
+            time.sleep(5)
+    elif todo:
+        ex = _executor(cfg, run_dir, kind, "train", [])
+        failed = 0
+        for k in todo:
+            try:
+                ex.submit(job, k).result()
+            except Exception as exc:  # the others still run; the summary lists it as missing
+                failed += 1
+                last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+                print(f"stage {args.stage} oracle candidate {plan[k]['name']} failed: {last}", flush=True)
+        if failed:
+            summarize_oracle(run_dir, args.stage)
+            return fail(
+                f"{failed} of {len(plan)} oracle candidates failed ({oracle_dir(run_dir, args.stage)}); "
+                "see their failed.json, then run the oracle again to redo only those",
+                EXIT_FAILED,
+            )
+    summary = summarize_oracle(run_dir, args.stage)
+    print(format_oracle(summary))
+    return (
+        0
+        if not summary["missing"]
+        else fail(
+            f"{len(summary['missing'])} oracle candidates have no result ({oracle_dir(run_dir, args.stage)}); run the "
+            "oracle again to redo only those",
+            EXIT_FAILED,
+        )
+    )
