@@ -21,13 +21,20 @@ import submitit
 from data_tools.cli_errors import EXIT_FAILED, EXIT_USAGE, fail
 from jobs.config import ConfigError, check_stage, load_cfg
 from jobs.engine.dist import init_distributed
-from jobs.engine.oracle import OracleError, oracle_dir, oracle_plan, run_oracle_candidate, summarize_oracle
+from jobs.engine.oracle import (
+    OracleError,
+    format_oracle,
+    oracle_dir,
+    oracle_plan,
+    run_oracle_candidate,
+    summarize_oracle,
+)
 from jobs.engine.pipeline import read_json
 from jobs.engine.rundir import RUN_CONFIG, check_run_dir
 from jobs.logs import setup_logging
 from jobs.train import StopFlag
 
-__all__ = ["OracleJob", "OracleSummaryJob", "cmd_oracle", "format_oracle"]
+__all__ = ["OracleJob", "OracleSummaryJob", "cmd_oracle"]
 
 
 class OracleJob(submitit.helpers.Checkpointable):
@@ -70,33 +77,6 @@ class OracleSummaryJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any]:
         setup_logging()
         return summarize_oracle(Path(self.run_dir), self.stage)
-
-
-def format_oracle(summary: dict[str, Any]) -> str:
-    """The oracle table of one stage as text (also what ``report`` shows)."""
-
-    def num(x: float | None, spec: str = ".4f") -> str:
-        return "-" if x is None else format(x, spec)
-
-    lines = [
-        f"stage {summary['stage']} oracle: every candidate trained fully (chosen by the search: {summary['chosen']})",
-        f"  {'candidate':<24} {'search':>8} {'rank':>4} {'val_loss':>8} {'mean_acc1':>9} {'i2t_R@1':>7} "
-        f"{'t2i_R@1':>7} {'params':>9} {'train_flops':>11}",
-    ]
-    for r in sorted(summary["candidates"], key=lambda r: r["search_rank"] or 0):
-        lines.append(
-            f"  {r['name'] + (' *' if r['chosen'] else ''):<24} {num(r['search_score']):>8} "
-            f"{r['search_rank'] or '-':>4} {num(r['val_loss']):>8} {num(r['mean_acc1'], '.3f'):>9} "
-            f"{num(r['i2t_R@1'], '.3f'):>7} {num(r['t2i_R@1'], '.3f'):>7} {r['params']:>9,d} {r['train_flops']:>11.3g}"
-        )
-    tau = summary["kendall_tau"]
-    lines.append(
-        f"  kendall tau (search vs full training): val_loss {num(tau['val_loss'], '+.2f')}, mean_acc1 "
-        f"{num(tau['mean_acc1'], '+.2f')}; regret {num(summary['regret_mean_acc1'], '.3f')} mean zero-shot top-1 "
-        f"(best: {summary['best_mean_acc1']})"
-        + (f"; missing: {', '.join(summary['missing'])}" if summary["missing"] else "")
-    )
-    return "\n".join(lines)
 
 
 def _submit_slurm(cfg: Any, run_dir: Path, stage: int, job: OracleJob, count: int) -> list[str]:

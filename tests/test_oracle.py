@@ -92,3 +92,18 @@ def test_oracle_bad_calls_are_one_line(graded_run: Path) -> None:
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and needle in lines[-1] and lines[-1].startswith("error: "), proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
+
+
+def test_report_shows_the_oracle(graded_run: Path, tmp_path: Path) -> None:
+    from jobs.engine.report import format_report, write_report
+
+    if not (graded_run / "stage_02" / "oracle" / "summary.json").exists():
+        proc = jobs_cli("oracle", "--run-dir", str(graded_run), "--stage", "2", "--executor", "debug")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "kendall tau (search vs full training)" in format_report(graded_run)
+    write_report([graded_run], tmp_path / "md", "md")
+    text = (tmp_path / "md" / "report.md").read_text()
+    assert "Search fidelity (oracle)" in text and "Kendall tau of the search ranking" in text
+    write_report([graded_run], tmp_path / "csv", "csv")
+    rows = (tmp_path / "csv" / "oracle.csv").read_text().splitlines()
+    assert rows[0].startswith("run,stage,") and "tau_val_loss" in rows[0] and len(rows) == 4  # 3 candidates

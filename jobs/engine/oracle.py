@@ -36,16 +36,13 @@ from typing import Any
 
 from data_tools.atomic import atomic_write_json
 from jobs.config import RunCfg
-from jobs.engine.checkpoint import load_checkpoint
 from jobs.engine.dist import DistEnv
-from jobs.engine.evaluate import evaluate_checkpoint
 from jobs.engine.pipeline import cand_dir, read_json, stage_path
-from jobs.engine.search import val_batches, validate_model
-from jobs.engine.trainer import run_training
 
 __all__ = [
     "ORACLE_FORMAT",
     "OracleError",
+    "format_oracle",
     "kendall_tau",
     "oracle_dir",
     "oracle_plan",
@@ -135,6 +132,10 @@ def run_oracle_candidate(
         ``oracle/cand_KK/result.json``'s content; ``{"status": "absent"}`` for an index beyond the stage's
         finished candidates; ``{"status": "preempted", "step": N}`` when ``should_stop`` stopped it.
     """
+    from jobs.engine.checkpoint import load_checkpoint
+    from jobs.engine.evaluate import evaluate_checkpoint
+    from jobs.engine.search import val_batches, validate_model
+    from jobs.engine.trainer import run_training
     from model.clip import build_model
     from model.spec import ArchSpec
 
@@ -279,3 +280,30 @@ def summarize_oracle(run_dir: Path, stage: int) -> dict[str, Any]:
         summary["best_mean_acc1"],
     )
     return summary
+
+
+def format_oracle(summary: dict[str, Any]) -> str:
+    """The oracle table of one stage as text (also what ``report`` shows)."""
+
+    def num(x: float | None, spec: str = ".4f") -> str:
+        return "-" if x is None else format(x, spec)
+
+    lines = [
+        f"stage {summary['stage']} oracle: every candidate trained fully (chosen by the search: {summary['chosen']})",
+        f"  {'candidate':<24} {'search':>8} {'rank':>4} {'val_loss':>8} {'mean_acc1':>9} {'i2t_R@1':>7} "
+        f"{'t2i_R@1':>7} {'params':>9} {'train_flops':>11}",
+    ]
+    for r in sorted(summary["candidates"], key=lambda r: r["search_rank"] or 0):
+        lines.append(
+            f"  {r['name'] + (' *' if r['chosen'] else ''):<24} {num(r['search_score']):>8} "
+            f"{r['search_rank'] or '-':>4} {num(r['val_loss']):>8} {num(r['mean_acc1'], '.3f'):>9} "
+            f"{num(r['i2t_R@1'], '.3f'):>7} {num(r['t2i_R@1'], '.3f'):>7} {r['params']:>9,d} {r['train_flops']:>11.3g}"
+        )
+    tau = summary["kendall_tau"]
+    lines.append(
+        f"  kendall tau (search vs full training): val_loss {num(tau['val_loss'], '+.2f')}, mean_acc1 "
+        f"{num(tau['mean_acc1'], '+.2f')}; regret {num(summary['regret_mean_acc1'], '.3f')} mean zero-shot top-1 "
+        f"(best: {summary['best_mean_acc1']})"
+        + (f"; missing: {', '.join(summary['missing'])}" if summary["missing"] else "")
+    )
+    return "\n".join(lines)

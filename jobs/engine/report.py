@@ -46,6 +46,7 @@ import yaml
 
 from data_tools.atomic import atomic_write_bytes, atomic_write_text
 from jobs.engine.metrics import read_events
+from jobs.engine.oracle import format_oracle
 from jobs.engine.pipeline import arch_summary, stage_path
 from model.spec import ArchSpec, block_params
 
@@ -356,7 +357,8 @@ def load_run(run_dir: Path) -> dict[str, Any]:
 
     Returns:
         ``{"format", "version", "run_dir", "name", "seed", "stages_planned", "stages_submitted",
-        "stages_done", "compute", "stages": [...], "search": [...], "growth": [...], "kernels",
+        "stages_done", "compute", "stages": [...], "search": [...], "oracle": [summary.json per stage that
+        has one], "growth": [...], "kernels",
         "loss_curve": [...], "warnings": [...], "notes": [...]}`` — the keys of each row are the
         column names of the report's tables (module docstring: definitions).
 
@@ -371,7 +373,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     found = _stage_dirs(run_dir)
     planned = int((cfg.get("data") or {}).get("stages") or 0) or max([*plan.get("stages", []), *found, 0])
     compute = _compute_model(cfg)
-    stages, search_rows, growth, kernels, curve = [], [], [], {}, []
+    stages, search_rows, growth, kernels, curve, oracles = [], [], [], {}, [], []
     cum_flops, cum_hours, cum_samples = 0, 0.0, 0
     prev: dict[str, Any] | None = None
     last_found = max(found, default=0)
@@ -462,6 +464,9 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         )
         stages.append(row)
         search_rows += cands
+        oracle = _json(sd / "oracle" / "summary.json", run_dir, warnings) if t > 1 else None
+        if oracle is not None:
+            oracles.append(oracle)
         if tr["kernels"]:
             kernels[str(t)] = tr["kernels"]
         for step, samples, loss in tr["curve"]:
@@ -507,6 +512,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         "compute": compute,
         "stages": stages,
         "search": search_rows,
+        "oracle": oracles,
         "growth": growth,
         "kernels": kernels,
         "loss_curve": curve,
@@ -701,6 +707,41 @@ def _search_table(rows: list[dict[str, Any]]) -> Block:
     return ("table", head, out)
 
 
+def _oracle_blocks(summaries: list[dict[str, Any]]) -> list[Block]:
+    """Per stage with an oracle (``jobs oracle``): Kendall tau, regret and every candidate's full training."""
+    blocks: list[Block] = []
+    for o in summaries:
+        tau = o["kendall_tau"]
+        blocks.append(
+            (
+                "p",
+                f"Stage {o['stage']}: every candidate trained fully. Kendall tau of the search ranking against "
+                f"full training: {_num(tau['val_loss'], 'f3')} (held-out loss), {_num(tau['mean_acc1'], 'f3')} "
+                f"(mean zero-shot top-1); regret {_num(o['regret_mean_acc1'], 'f3')} (chosen {o['chosen']}, best "
+                f"{o['best_mean_acc1']})" + (f"; no result yet: {', '.join(o['missing'])}" if o["missing"] else ""),
+            )
+        )
+        head = ["candidate", "chosen", "search score", "search rank", "val_loss", "mean acc1", "i2t R@1", "t2i R@1"]
+        head += ["params", "train FLOPs"]
+        rows = [
+            [
+                r["name"],
+                "chosen" if r["chosen"] else "",
+                _num(r["search_score"]),
+                _num(r["search_rank"], "int"),
+                _num(r["val_loss"]),
+                _num(r["mean_acc1"], "f3"),
+                _num(r["i2t_R@1"], "f3"),
+                _num(r["t2i_R@1"], "f3"),
+                _num(r["params"], "params"),
+                _num(r["train_flops"], "g3"),
+            ]
+            for r in sorted(o["candidates"], key=lambda r: r["search_rank"] or 0)
+        ]
+        blocks.append(("table", head, rows))
+    return blocks
+
+
 def _growth_table(growth: list[dict[str, Any]]) -> Block:
     head = ["stage", "candidate", "ops", "params before", "params after", "preservation error (max)"]
     head += ["momentum", "loss before (end of t-1)", "loss after (first of t)", "loss after (search start)"]
@@ -845,6 +886,9 @@ def report_blocks(runs: list[dict[str, Any]], plots: dict[str, str] | None = Non
                 )
             )
             blocks.append(_search_table(rows))
+        if run.get("oracle"):
+            blocks.append(("h", 3, "Search fidelity (oracle)"))
+            blocks += _oracle_blocks(run["oracle"])
         blocks.append(("h", 3, "Growth events"))
         blocks.append(_growth_table(run["growth"]) if run["growth"] else ("p", "No growth event yet."))
         blocks.append(("h", 3, "Kernels used"))
@@ -963,6 +1007,19 @@ def csv_tables(runs: list[dict[str, Any]]) -> dict[str, str]:
         "growth.csv": _csv(growth),
         "kernels.csv": _csv(kernels),
     }
+    oracle = [
+        {
+            "run": label,
+            "stage": o["stage"],
+            **_flat(r, skip=("acc1",)),
+            **{f"tau_{k}": v for k, v in o["kendall_tau"].items()},
+        }
+        for run, label in zip(runs, labels, strict=True)
+        for o in run.get("oracle", [])
+        for r in o["candidates"]
+    ]
+    if oracle:
+        out["oracle.csv"] = _csv(oracle)
     if len(runs) > 1:
         cmp = compare_runs(runs)
         eq = {r["run"]: r for r in cmp["equal_compute"]["rows"]}
@@ -1069,4 +1126,6 @@ def format_report(run_dir: Path, stages: int | None = None) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines.append("")
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table]
+    for o in run["oracle"]:
+        lines += ["", format_oracle(o)]
     return "\n".join(lines)
