@@ -34,6 +34,7 @@ from data_tools.atomic import atomic_write_json, atomic_write_text
 from data_tools.cli_errors import fail
 from jobs.config import ClusterCfg, ConfigError, RunCfg, dump_cfg, load_cfg
 from jobs.engine.data import check_corpus
+from jobs.engine.oracle import oracle_status
 from jobs.engine.pipeline import STEPS, max_candidates, read_json, stage_candidates, stage_state
 from jobs.engine.rundir import RUN_CONFIG, check_run_dir
 from jobs.runlock import LockError, lock_holder_alive, run_lock
@@ -234,6 +235,8 @@ def format_plan(cfg: RunCfg, run_dir: Path, actions: list[Action], executor: str
         dep = f"--dependency={deps} " if deps else ""
         lines.append(f"    sbatch {arr}{dep}slurm/{SBATCH[a.step]} RUN_DIR/config.yaml {a.stage}")
     for t in sorted({a.stage for a in actions if a.stage > 1}):
+        if (line := oracle_status(run_dir, t)) is not None:  # grading the search is a separate verb
+            lines.append(f"stage {t} {line}")
         found = stage_candidates(cfg, run_dir, t)
         if found is None:
             lines.append(
@@ -513,6 +516,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"    cand {k:02d} {c['name']:<24} {_candidate_state(run_dir, t, k, st.results.get(k))}")
         if st.selected:
             print(f"    winner {st.selected['winner']['name']}: {st.selected['reason']}")
+            line = oracle_status(run_dir, t)
+            mine = [r for r in recs if r["stage"] == t and r["step"] in ("oracle", "oracle-summary")]
+            jobs = " ".join(f"{r['job_id']}:{_job_state(r, queued, final)}" for r in mine[-8:])
+            print(f"    {line}" + (f" [{jobs}]" if jobs else ""))
     return 0
 
 

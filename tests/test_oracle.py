@@ -107,3 +107,15 @@ def test_report_shows_the_oracle(graded_run: Path, tmp_path: Path) -> None:
     write_report([graded_run], tmp_path / "csv", "csv")
     rows = (tmp_path / "csv" / "oracle.csv").read_text().splitlines()
     assert rows[0].startswith("run,stage,") and "tau_val_loss" in rows[0] and len(rows) == 4  # 3 candidates
+
+
+def test_status_and_plan_know_the_oracle(graded_run: Path, tiny_pipeline_config: Path) -> None:
+    from jobs.engine.oracle import oracle_status
+
+    assert oracle_status(graded_run, 3) is None  # stage 3 not selected: nothing to grade yet
+    if not (graded_run / "stage_02" / "oracle" / "summary.json").exists():
+        assert jobs_cli("oracle", "--run-dir", str(graded_run), "--stage", "2", "--executor", "debug").returncode == 0
+    status = jobs_cli("status", str(graded_run))
+    assert status.returncode == 0 and "oracle: 3/3 candidates trained fully; kendall tau val_loss" in status.stdout
+    plan = jobs_cli("plan", "--config", str(graded_run / "config.yaml"), "--run-dir", str(graded_run))
+    assert plan.returncode == 0 and "stage 2 oracle: 3/3 candidates trained fully" in plan.stdout, plan.stderr

@@ -46,6 +46,7 @@ __all__ = [
     "kendall_tau",
     "oracle_dir",
     "oracle_plan",
+    "oracle_status",
     "run_oracle_candidate",
     "summarize_oracle",
 ]
@@ -307,3 +308,31 @@ def format_oracle(summary: dict[str, Any]) -> str:
         + (f"; missing: {', '.join(summary['missing'])}" if summary["missing"] else "")
     )
     return "\n".join(lines)
+
+
+def oracle_status(run_dir: Path, stage: int) -> str | None:
+    """One line on the stage's oracle for ``status`` and ``plan``; None while the stage is not selected."""
+    try:
+        plan = oracle_plan(run_dir, stage)
+    except OracleError:
+        return None
+    odir = oracle_dir(run_dir, stage)
+    done = [c for c in plan if (odir / f"cand_{c['index']:02d}" / "result.json").exists()]
+    failed = [c["name"] for c in plan if (odir / f"cand_{c['index']:02d}" / "failed.json").exists()]
+    if not done and not failed and not odir.exists():
+        return f"oracle: not run (python -m jobs oracle --run-dir {run_dir} --stage {stage})"
+    line = f"oracle: {len(done)}/{len(plan)} candidates trained fully" + (
+        f", failed: {', '.join(failed)}" if failed else ""
+    )
+    summary = read_json(odir / "summary.json")
+    if summary is not None and len(done) == len(plan):
+        tau = summary["kendall_tau"]
+
+        def num(x: float | None) -> str:
+            return "-" if x is None else f"{x:+.2f}"
+
+        line += (
+            f"; kendall tau val_loss {num(tau['val_loss'])}, mean_acc1 {num(tau['mean_acc1'])}; regret "
+            f"{'-' if summary['regret_mean_acc1'] is None else format(summary['regret_mean_acc1'], '.3f')}"
+        )
+    return line
