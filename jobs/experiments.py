@@ -49,10 +49,11 @@ class Experiment:
     seeds: tuple[int, ...]
     model_from: str | None = None
     match_compute: str | None = None
+    oracle_of: str | None = None  # trains nothing of its own: the oracle (jobs oracle) of that run's stages 2..last
 
     @property
     def needs(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(x for x in (self.model_from, self.match_compute) if x))
+        return tuple(dict.fromkeys(x for x in (self.model_from, self.match_compute, self.oracle_of) if x))
 
 
 @dataclass(frozen=True)
@@ -86,11 +87,16 @@ def load_suite(path: Path) -> tuple[Path, list[Experiment]]:
     exps: list[Experiment] = []
     for name, entry in (raw.get("experiments") or {}).items():
         entry = entry or {}
-        bad = set(entry) - {"about", "set", "seeds", "model_from", "match_compute"}
+        bad = set(entry) - {"about", "set", "seeds", "model_from", "match_compute", "oracle_of"}
         if bad:
             raise ConfigError(
                 f"{path}: experiment {name}: unknown keys {sorted(bad)}; valid: about, set, seeds, model_from, "
-                f"match_compute"
+                f"match_compute, oracle_of"
+            )
+        if entry.get("oracle_of") and set(entry) & {"set", "model_from", "match_compute"}:
+            raise ConfigError(
+                f"{path}: experiment {name}: oracle_of trains the candidates of another run as that run did; "
+                "drop set/model_from/match_compute"
             )
         exps.append(
             Experiment(
@@ -100,6 +106,7 @@ def load_suite(path: Path) -> tuple[Path, list[Experiment]]:
                 seeds=tuple(int(s) for s in entry.get("seeds", default_seeds)),
                 model_from=entry.get("model_from"),
                 match_compute=entry.get("match_compute"),
+                oracle_of=entry.get("oracle_of"),
             )
         )
     names = {e.name for e in exps}
@@ -129,6 +136,15 @@ def _finished(cfg: RunCfg, run_dir: Path) -> bool:
     return (stage_path(run_dir, cfg.data.stages) / "eval" / "metrics.json").exists()
 
 
+def _oracle_finished(cfg: RunCfg, run_dir: Path) -> bool:
+    """Every growth stage of ``run_dir`` has an oracle summary without missing candidates."""
+    for t in range(2, cfg.data.stages + 1):
+        summary = read_json(stage_path(run_dir, t) / "oracle" / "summary.json")
+        if summary is None or summary["missing"]:
+            return False
+    return True
+
+
 def final_spec(run_dir: Path, stages: int) -> ArchSpec:
     """The architecture of a finished run's last stage."""
     spec_json = read_json(stage_path(run_dir, stages) / "train" / "spec.json")
@@ -139,6 +155,14 @@ def final_spec(run_dir: Path, stages: int) -> ArchSpec:
 
 def resolve_run(run: RunSpec, root: Path, extra: tuple[str, ...] = ()) -> RunCfg:
     """The run's config: base + experiment overrides + seed (+ derived model / steps from its references)."""
+    if run.exp.oracle_of:  # the graded run's own config: the oracle trains as that run did
+        graded = root / f"{run.exp.oracle_of}_s{run.seed}"
+        if not (graded / "config.yaml").is_file():
+            raise RuntimeError(f"{graded} has not been submitted: run {run.exp.oracle_of} first")
+        cfg = load_cfg(graded / "config.yaml")
+        if not _finished(cfg, graded):
+            raise RuntimeError(f"{graded} has not finished (no stage {cfg.data.stages} evaluation): run it first")
+        return cfg
     cfg = load_cfg(run.base, [*run.exp.overrides, f"train.seed={run.seed}", *extra])
     cfg = replace(cfg, name=run.name, run_root=root)
     for ref in run.deps:  # derived from a run's outcome: it must be finished
@@ -178,15 +202,24 @@ def _plan(base: Path, exps: list[Experiment], only: set[str], seeds: set[int] | 
     return runs
 
 
-def _launch(cfg: RunCfg, root: Path, threads: int) -> subprocess.Popen[bytes]:
-    conf = root / "configs" / f"{cfg.name}.yaml"
-    atomic_write_text(conf, dump_cfg(cfg))
-    log = root / "logs" / f"{cfg.name}.log"
+def _launch(run: RunSpec, cfg: RunCfg, root: Path, threads: int) -> subprocess.Popen[bytes]:
+    log = root / "logs" / f"{run.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if threads > 0:
         env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [sys.executable, "-m", "jobs", "submit", "--config", str(conf), "--run-dir", str(root / cfg.name), "--wait"]
+    if run.exp.oracle_of:  # every growth stage of the graded run, one after the other
+        graded = root / f"{run.exp.oracle_of}_s{run.seed}"
+        steps = [
+            [sys.executable, "-m", "jobs", "oracle", "--run-dir", str(graded), "--stage", str(t)]
+            for t in range(2, cfg.data.stages + 1)
+        ]
+        cmd = ["sh", "-c", " && ".join(" ".join(step) for step in steps)]
+    else:
+        conf = root / "configs" / f"{cfg.name}.yaml"
+        atomic_write_text(conf, dump_cfg(cfg))
+        cmd = [sys.executable, "-m", "jobs", "submit", "--config", str(conf), "--run-dir", str(root / cfg.name)]
+        cmd.append("--wait")
     with log.open("ab") as fh:
         fh.write(f"\n$ {' '.join(cmd)}\n".encode())
         return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
@@ -229,12 +262,17 @@ def run_suite(runs: list[RunSpec], root: Path, jobs: int, threads: int, extra: t
                 done[run.name] = False
                 logger.error("%s: %s", run.name, exc)
                 continue
-            if _finished(cfg, root / run.name):
+            finished = (
+                _oracle_finished(cfg, root / f"{run.exp.oracle_of}_s{run.seed}")
+                if run.exp.oracle_of
+                else _finished(cfg, root / run.name)
+            )
+            if finished:
                 logger.info("%s already finished: skipped", run.name)
                 done[run.name] = True
                 continue
             logger.info("%s starting (%s)", run.name, run.exp.about or run.exp.name)
-            running[run.name] = (_launch(cfg, root, threads), time.time())
+            running[run.name] = (_launch(run, cfg, root, threads), time.time())
         time.sleep(0.5 if running else 0)
     logger.info(
         "%d runs, %d failed, %.1f min in all%s",
@@ -268,6 +306,9 @@ def cmd_configs(args: argparse.Namespace) -> int:
     """Write (and validate) every resolvable run config; derived ones need their reference run finished."""
     runs, root = _runs_from_args(args)
     for run in runs:
+        if run.exp.oracle_of:
+            print(f"{run.name}: the oracle of {run.exp.oracle_of}_s{run.seed} (trains with that run's config)")
+            continue
         try:
             cfg = resolve_run(run, root, tuple(args.set or ()))
         except RuntimeError as exc:

@@ -48,6 +48,7 @@ def test_bad_suites_are_refused(tmp_path: Path) -> None:
     bad = {
         "experiments: {a: {sett: []}}": "unknown keys \\['sett'\\]",
         "experiments: {a: {model_from: b}}": "unknown experiment 'b'",
+        "experiments: {a: {}, b: {oracle_of: a, set: []}}": "oracle_of trains the candidates of another run",
         "experiments: {a: {seeds: [0]}, b: {seeds: [0, 1], match_compute: a}}": "needs a for seeds \\[1\\]",
         "bogus: 1": "unknown top-level keys",
     }
@@ -103,6 +104,7 @@ def test_mini_suite_end_to_end(tiny_pipeline_config: Path, tmp_path: Path) -> No
         f"base: {tiny_pipeline_config}\nseeds: [0]\nexperiments:\n"
         "  growclip: {about: tiny growth, set: []}\n"
         "  fixed_final: {about: tiny fixed, set: ['growth.axes=[]'], model_from: growclip, match_compute: growclip}\n"
+        "  oracle: {about: the oracle of growclip, oracle_of: growclip}\n"
     )
     root, out = tmp_path / "runs", tmp_path / "docs" / "results.md"
     env = {**os.environ, "GROWCLIP_LOG_LEVEL": "INFO"}  # the runner's lines are asserted on
@@ -152,7 +154,11 @@ def test_mini_suite_end_to_end(tiny_pipeline_config: Path, tmp_path: Path) -> No
         text=True,
         timeout=300,
     )
-    assert again.returncode == 0 and again.stderr.count("already finished: skipped") == 2, again.stderr[-2000:]
+    assert again.returncode == 0 and again.stderr.count("already finished: skipped") == 3, again.stderr[-2000:]
+    # the oracle experiment graded growclip's stage 2: its summary is in the run dir and on the page
+    summary = json.loads((root / "growclip_s0" / "stage_02" / "oracle" / "summary.json").read_text())
+    assert summary["missing"] == [] and len(summary["candidates"]) == 3
+    assert "## Search fidelity (oracle)" in page and f"| growclip | 0 | 2 | 3 | {summary['chosen']} |" in page
 
 
 def test_verdicts_need_a_measured_spread() -> None:

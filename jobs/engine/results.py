@@ -120,6 +120,55 @@ def _verdict(name: str, a: dict[str, Any], b: dict[str, Any], metric: str, label
     return f"- {label}: {name} {ma * 100:.1f} vs {mb * 100:.1f} → {diff:+.1f} points{spread} — **{word}**."
 
 
+def _fidelity(agg: dict[str, dict[str, Any]]) -> list[str]:
+    """The "search fidelity" section: per graded run and stage, the oracle's Kendall tau and regret."""
+    rows = []
+    for name, e in agg.items():
+        for r in e["runs"]:
+            for o in r["loaded"].get("oracle", []):
+                tau = o["kendall_tau"]
+                rows.append(
+                    [
+                        name,
+                        str(r["seed"]),
+                        str(o["stage"]),
+                        str(len(o["candidates"])) + (f" ({len(o['missing'])} missing)" if o["missing"] else ""),
+                        str(o["chosen"]),
+                        f"{o['best_mean_acc1']} / {o['best_val_loss']}",
+                        "-" if tau["val_loss"] is None else f"{tau['val_loss']:+.2f}",
+                        "-" if tau["mean_acc1"] is None else f"{tau['mean_acc1']:+.2f}",
+                        "-" if o["regret_mean_acc1"] is None else f"{o['regret_mean_acc1'] * 100:.1f}",
+                        _spread([c["mean_acc1"] for c in o["candidates"]]),
+                    ]
+                )
+    if not rows:
+        return [
+            "## Search fidelity (oracle)",
+            "",
+            "No oracle yet: `python -m jobs oracle --run-dir RUN --stage T` (or an `oracle_of` experiment) trains "
+            "every candidate of a stage fully and grades the search against it.",
+            "",
+        ]
+    head = ["run", "seed", "stage", "candidates", "chosen by the search", "best by zero-shot / by held-out loss"]
+    head += ["tau (held-out loss)", "tau (zero-shot)", "regret (points)", "zero-shot spread (points)"]
+    return [
+        "## Search fidelity (oracle)",
+        "",
+        "Every candidate of a stage trained fully, exactly as the winner's full training (`python -m jobs oracle`),"
+        " then ranked by held-out InfoNCE (ascending) and mean zero-shot top-1 (descending). Kendall tau (tau-b)"
+        " compares the search's ranking with each: +1 = the search orders the candidates as full training does, 0 ="
+        " no better than chance. Regret = best candidate's mean zero-shot top-1 minus the chosen one's.",
+        "",
+        markdown_table(head, rows),
+        "",
+    ]
+
+
+def _spread(values: Sequence[float | None]) -> str:
+    vals = [v for v in values if v is not None]
+    return f"{(max(vals) - min(vals)) * 100:.1f}" if vals else "-"
+
+
 def write_results(runs: Sequence[Any], root: Path, out: Path, plots: Path, note: str = "") -> None:
     """Write the results page ``out`` and the report of the main comparison (with plots) under ``plots``.
 
@@ -181,6 +230,7 @@ def write_results(runs: Sequence[Any], root: Path, out: Path, plots: Path, note:
             f"architecture timeline, search scatter) and its full report: [{plots}/report.md]({plots.name}/report.md).",
             "",
         ]
+    lines += _fidelity(agg)
     lines += [
         "## The paper's directions, as measured here",
         "",
