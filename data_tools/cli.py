@@ -146,8 +146,11 @@ def _run_build_offline(args: argparse.Namespace) -> int:
 
     summary = build_offline(
         args.data_root,
+        growth=args.growth,
         stages=args.stages,
         pairs_per_stage=args.pairs_per_stage,
+        stage_sizes=args.stage_sizes,
+        growth_factor=args.growth_factor,
         eval_per_task=args.eval_per_task,
         image_size=args.image_size,
         workers=args.workers,
@@ -158,10 +161,43 @@ def _run_build_offline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_sizes(text: str) -> list[int]:
+    """``3000,6000,12000`` -> ``[3000, 6000, 12000]``."""
+    try:
+        return [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated pair counts, e.g. 3000,6000,12000") from None
+
+
 def _configure_build_offline(p: argparse.ArgumentParser) -> None:
     p.add_argument("data_root")
-    p.add_argument("--stages", type=int, default=3, help="number of stages, >= 3 (default %(default)s)")
-    p.add_argument("--pairs-per-stage", type=int, default=3000, help="pairs generated per stage (default %(default)s)")
+    p.add_argument(
+        "--growth",
+        choices=["domains", "iid"],
+        default="domains",
+        help="domains: each stage brings new sources (continual learning); iid: every stage is a fresh "
+        "disjoint sample of one pool mixing all sources (default %(default)s)",
+    )
+    p.add_argument("--stages", type=int, default=None, help="number of stages (default 3, or len(--stage-sizes))")
+    p.add_argument(
+        "--pairs-per-stage",
+        type=int,
+        default=3000,
+        help="pairs per stage; with --growth-factor, the first stage's (default %(default)s)",
+    )
+    p.add_argument(
+        "--stage-sizes",
+        type=_stage_sizes,
+        default=None,
+        metavar="N1,N2,...",
+        help="pairs per stage, e.g. 3000,6000,12000 (sets the number of stages)",
+    )
+    p.add_argument(
+        "--growth-factor",
+        type=float,
+        default=1.0,
+        help="stage t gets pairs-per-stage * factor^(t-1) pairs (default %(default)s: equal stages)",
+    )
     p.add_argument("--eval-per-task", type=int, default=500, help="held-out images per eval task (default %(default)s)")
     p.add_argument("--image-size", type=int, default=64, help="(default %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="ingest worker processes (default %(default)s)")
@@ -191,7 +227,10 @@ VERBS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "ingest": ("append a new stage of shards from img2dataset output or a table", _configure_ingest),
     "validate": ("check every shard against the manifest; --repair fixes bad shards", _configure_validate),
     "stats": ("per-stage counts, drop reasons and caption lengths", _configure_stats),
-    "build-offline": ("build the embedded offline corpus (3+ stages) and eval suite", _configure_build_offline),
+    "build-offline": (
+        "build the embedded offline corpus (domains or iid growth) and eval suite",
+        _configure_build_offline,
+    ),
     "train-tokenizer": ("train the byte-level BPE tokenizer on the first stage", _configure_train_tokenizer),
 }
 

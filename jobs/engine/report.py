@@ -454,6 +454,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
             first_train_loss=tr["curve"][0][2] if tr["curve"] else None,
             final_train_loss=tr["curve"][-1][2] if tr["curve"] else None,
             val_loss=win["val_loss"] if win else None,
+            heldout_loss=((ev or {}).get("heldout") or {}).get("val_loss"),  # after full training (eval step)
             acc1=acc1,
             mean_acc1=(ev or {}).get("summary", {}).get("mean_acc1") if ev else None,
             retrieval=retrieval,

@@ -64,10 +64,10 @@ def _stat(values: Sequence[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
 
 
-def _pm(mean: float | None, sd: float | None, scale: float = 100.0) -> str:
+def _pm(mean: float | None, sd: float | None, scale: float = 100.0, digits: int = 1) -> str:
     if mean is None:
         return "-"
-    return f"{mean * scale:.1f}" + (f" ± {sd * scale:.1f}" if sd is not None else "")
+    return f"{mean * scale:.{digits}f}" + (f" ± {sd * scale:.{digits}f}" if sd is not None else "")
 
 
 def aggregate(runs: Sequence[Any], root: Path) -> dict[str, dict[str, Any]]:
@@ -92,6 +92,7 @@ def aggregate(runs: Sequence[Any], root: Path) -> dict[str, dict[str, Any]]:
         finals = [r["final"] for r in e["runs"]]
         tasks = sorted({t for f in finals for t in f["acc1"]})
         e["stat"] = {m: _stat([f.get(m) for f in finals]) for m in METRICS}
+        e["heldout"] = _stat([f.get("heldout_loss") for f in finals])
         e["task_stat"] = {t: _stat([f["acc1"].get(t) for f in finals]) for t in tasks}
         e["flops"] = _stat([f.get("cum_flops") or 0 for f in finals])
         e["params"] = sorted({f["params"] for f in finals})
@@ -179,6 +180,7 @@ def write_results(runs: Sequence[Any], root: Path, out: Path, plots: Path, note:
         raise RuntimeError(f"no evaluated run under {root}: run `python -m jobs.experiments run` first")
     lines = [INTRO.replace("{note}", note.strip()).rstrip(), ""]
     head = ["experiment", "seeds", "final params", "compute (TFLOP)", "zero-shot top-1 (mean)", "i2t R@1", "t2i R@1"]
+    head.append("held-out loss")
     rows = []
     for name, e in agg.items():
         m = e["stat"]
@@ -192,6 +194,7 @@ def write_results(runs: Sequence[Any], root: Path, out: Path, plots: Path, note:
                 _pm(*m["mean_acc1"]),
                 _pm(*m["i2t_R@1"]),
                 _pm(*m["t2i_R@1"]),
+                _pm(*e["heldout"], scale=1.0, digits=3),
             ]
         )
     lines += [

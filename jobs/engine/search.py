@@ -41,13 +41,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from data_tools.atomic import atomic_write_json
-from data_tools.loaders import make_val_loader
 from jobs.config import RunCfg
 from jobs.engine.checkpoint import FORMAT, VERSION, load_checkpoint, prune_checkpoints, save_checkpoint
 from jobs.engine.dist import DistEnv
+from jobs.engine.evaluate import val_batches, validate_model
 from jobs.engine.metrics import MetricsLog, MetricsWriteError
 from jobs.engine.pipeline import cand_dir, data_ratio, previous_spec, read_json, stage_candidates, stage_path
 from jobs.engine.trainer import run_training
@@ -59,8 +57,6 @@ __all__ = [
     "search_cfg",
     "score",
     "grow_checkpoint",
-    "val_batches",
-    "validate_model",
     "run_search_candidate",
 ]
 
@@ -142,55 +138,6 @@ def grow_checkpoint(cfg: RunCfg, run_dir: Path, stage: int, cand: Candidate, out
         out,
     )
     return rec
-
-
-@torch.no_grad()
-def validate_model(
-    model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
-) -> dict[str, float]:
-    """Mean contrastive loss and caption-matching top-1 (both directions) over fixed held-out batches."""
-    from model.loss import ClipLoss
-
-    loss_fn = ClipLoss()
-    model.eval()
-    loss_sum = acc_sum = 0.0
-    n = 0
-    for images, tokens in batches:
-        img, txt, scale = model(images.to(device), tokens.to(device))
-        b = images.shape[0]
-        labels = torch.arange(b, device=device)
-        sim = img.float() @ txt.float().T  # (B, B)
-        i2t = (sim.argmax(dim=1) == labels).float().mean().item()
-        t2i = (sim.argmax(dim=0) == labels).float().mean().item()
-        loss_sum += loss_fn(img.float(), txt.float(), scale.float()).item() * b
-        acc_sum += (i2t + t2i) / 2 * b
-        n += b
-    if n == 0:
-        raise ValueError("the held-out split of the stage is empty: raise data.val_fraction or add data")
-    return {"val_loss": loss_sum / n, "proxy_acc1": acc_sum / n, "val_samples": n}
-
-
-def val_batches(
-    cfg: RunCfg, stage: int, image_size: int, context_length: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first ``search.val_samples`` held-out pairs of the stage in batches of ``search.batch_size``: the
-    same for every candidate and for the oracle."""
-    bs = cfg.search.batch_size
-    batches = make_val_loader(
-        cfg.data.root,
-        stage,
-        batch_size=bs,
-        image_size=image_size,
-        context_length=context_length,
-        val_fraction=cfg.data.val_fraction,
-    )
-    out, left = [], cfg.search.val_samples
-    for images, tokens in batches:
-        if left <= 0:
-            break
-        out.append((images[:left], tokens[:left]))
-        left -= images.shape[0]
-    return out
 
 
 def run_search_candidate(

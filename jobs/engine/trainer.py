@@ -48,7 +48,7 @@ from jobs.engine.checkpoint import (
 )
 from jobs.engine.data import BatchStream, DataPosition, check_corpus
 from jobs.engine.dist import DistEnv
-from jobs.engine.evaluate import evaluate_checkpoint
+from jobs.engine.evaluate import evaluate_stage
 from jobs.engine.metrics import MetricsLog
 from jobs.engine.rundir import check_run_dir
 from model.spec import ArchSpec
@@ -624,8 +624,6 @@ def train_stage(
     result = run_training(cfg, stage, run_dir, env, init=init, resume=resume, should_stop=should_stop)
     out = stage_dir(run_dir, stage) / "eval" / "metrics.json"
     if evaluate and result.final is not None and env.is_main and not out.exists():
-        metrics = evaluate_checkpoint(result.final, cfg.data.root, cfg.eval, device=env.device)
-        atomic_write_json(out, metrics)
+        metrics = evaluate_stage(result.final, cfg, stage, out, env.device)
         MetricsLog(result.train_dir).event("eval", path=str(out), summary=metrics["summary"])
-        logger.info("stage %d eval -> %s: %s", stage, out, metrics["summary"])
     return result
