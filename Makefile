@@ -79,17 +79,22 @@ demo: $(STAMP) data-sources
 	GROWCLIP_LOG_LEVEL=$${GROWCLIP_LOG_LEVEL:-WARNING} $(PY) -m jobs submit --config configs/demo.yaml \
 	  --run-dir $(DEMO_RUN) --executor $(DEMO_EXECUTOR) --wait --set data.root=$(DEMO_DATA)
 
-# make experiments: every run of configs/experiments/suite.yaml on data/experiments (built if missing),
+# make experiments: every run of configs/experiments/suite.yaml on data/experiments-iid (built if missing:
+# the corpus grows like crawled data, every stage a fresh disjoint sample of one pool, 3000/6000/12000
+# pairs; EXPERIMENT_GROWTH=domains EXPERIMENT_DATA=data/experiments gives the continual-learning corpus),
 # EXPERIMENT_JOBS at a time (resumable: finished runs are skipped), then docs/results.md + docs/results/.
 # On a GPU machine: EXPERIMENT_ARGS="--set cluster.gpus_per_node=1 --threads 2" EXPERIMENT_JOBS=13.
-EXPERIMENT_DATA ?= data/experiments
+EXPERIMENT_GROWTH ?= iid
+EXPERIMENT_DATA ?= data/experiments-iid
 EXPERIMENT_ROOT ?= runs/experiments
 EXPERIMENT_JOBS ?= 1
 EXPERIMENT_ARGS ?=
+EXPERIMENT_SIZES_iid := --stage-sizes 3000,6000,12000
+EXPERIMENT_SIZES_domains := --pairs-per-stage 3000
 
 experiments: $(STAMP) data-sources
 	@test -f $(EXPERIMENT_DATA)/manifest.json || $(PY) -m data_tools build-offline $(EXPERIMENT_DATA) \
-	  --pairs-per-stage 3000 --image-size 32 --vocab-size 2048 > /dev/null
+	  --growth $(EXPERIMENT_GROWTH) $(EXPERIMENT_SIZES_$(EXPERIMENT_GROWTH)) --image-size 32 --vocab-size 2048 > /dev/null
 	$(PY) -m jobs.experiments run --root $(EXPERIMENT_ROOT) --jobs $(EXPERIMENT_JOBS) \
 	  --set data.root=$(EXPERIMENT_DATA) $(EXPERIMENT_ARGS)
 	$(PY) -m jobs.experiments summarize --root $(EXPERIMENT_ROOT)
