@@ -398,6 +398,12 @@ def _ingest_stage(
                 f"{journal_path} is not valid JSON ({exc}); delete {journal_path.parent} and {sdir} to start "
                 f"stage {stage} over"
             ) from None
+        if isinstance(old, dict) and old.get("version") != JOURNAL_VERSION:
+            raise ValueError(
+                f"{journal_path}: an interrupted ingest of stage {stage} was journaled by an older version (journal "
+                f"version {old.get('version')}, this one writes {JOURNAL_VERSION}) and cannot be resumed; delete "
+                f"{journal_path.parent} and {sdir}, then run the same ingest again"
+            )
         if not isinstance(old, dict) or old.get("fingerprint") != fingerprint:
             raise ValueError(
                 f"{journal_path}: an interrupted ingest of stage {stage} used a different input or options; "

@@ -198,7 +198,7 @@ def record_digest(record: Record, max_bytes: int) -> bytes:
     """sha256 over everything of ``record`` that decides its output: id, caption, url, image bytes.
 
     Folded in record order into the input's ``input_sha256`` (re-run detection and resume check).
-    Images are streamed, so memory stays flat.
+    Images are read as the worker reads them (regular files only, at most ``max_bytes``), one at a time.
     """
     h = hashlib.sha256(json.dumps([record.source, record.caption, record.url, record.drop]).encode())
     if record.drop is not None:
@@ -208,23 +208,9 @@ def record_digest(record: Record, max_bytes: int) -> bytes:
     elif record.image_member is not None:
         image = read_record_image(record, max_bytes)
         h.update(b"bytes\0" + image if isinstance(image, bytes) else f"{image}".encode())
-    elif record.image_path is not None:
-        fd = _open_fd(record.image_path)
-        if isinstance(fd, Dropped):
-            h.update(f"{fd.reason}\0".encode())
-        else:
-            try:
-                size = os.fstat(fd).st_size
-                if size > max_bytes:  # never read (file_too_large): its size stands for it
-                    h.update(f"file_too_large {size}\0".encode())
-                else:
-                    h.update(b"bytes\0")
-                    while chunk := os.read(fd, _CHUNK):
-                        h.update(chunk)
-            except OSError as exc:
-                h.update(f"read_error {exc.errno}\0".encode())
-            finally:
-                os.close(fd)
+    elif record.image_path is not None:  # the same bounded, non-blocking read the worker does
+        image = read_regular_file(record.image_path, max_bytes)
+        h.update(b"bytes\0" + image if isinstance(image, bytes) else f"{image.reason}\0".encode())
     return h.digest()
 
 

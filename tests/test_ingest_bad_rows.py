@@ -548,3 +548,17 @@ def test_python_dash_m_surrogate_caption_one_line(tmp_path: Path) -> None:
     (line,) = error_lines(proc.stderr)
     assert proc.stderr.rstrip().endswith(line) and "caption_binary=1" in line
     no_trace(tmp_path / "root")
+
+
+def test_a_journal_of_an_older_version_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    table = write_jsonl(folder, [{"caption": "pair", "image": good_png(folder / "0.png", 0)}])
+    root = tmp_path / "root"
+    journal = root / ".ingest" / "stage_01" / "journal.json"
+    journal.parent.mkdir(parents=True)
+    journal.write_text(json.dumps({"version": 1, "fingerprint": "old", "shards": [], "consumed": 0, "drops": {}}))
+    argv = ["ingest", "--input", str(table), "--format", "table", "--data-root", str(root)]
+    assert cli_main(argv) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "journaled by an older version (journal version 1" in line and "delete" in line
