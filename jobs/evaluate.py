@@ -43,7 +43,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             return fail(exc, 2)
     try:
         if args.out:
-            check_eval_output(args.out, cfg, args.data_root)
+            check_eval_output(args.out, cfg, args.data_root, args.checkpoint, args.weights)
     except ConfigError as exc:
         return fail(exc, 2)
     try:

@@ -133,6 +133,19 @@ CASES = [
         2,
         ["other eval settings: eval.batch_size: 256 -> 8", "--out outside the run dir"],
     ),
+    (
+        "jobs",
+        "evaluate --checkpoint {tmp}/owned/stage_02/train/final.pt --data-root {data} --out "
+        "{tmp}/owned/stage_01/eval/m.json",
+        2,
+        ["--checkpoint is of another run or stage", "stage_02", "--out outside the run dir"],
+    ),
+    (
+        "jobs",
+        "evaluate --checkpoint {tmp}/no.pt --data-root {data} --out {tmp}/owned/stage_01/eval/m.json --weights ema",
+        2,
+        ["--weights ema into a run dir", "trained weights"],
+    ),
     ("jobs", "select --config {cfg} --stage 1 --run-dir {tmp}/r", 2, ["--stage 1 must be in 2..data.stages=3"]),
     ("jobs", "search-candidate --config {cfg} --stage 2 --run-dir {tmp}/r --index -1", 2, ["--index -1 must be >= 0"]),
     # --- data tools

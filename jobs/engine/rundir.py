@@ -60,15 +60,35 @@ def check_run_dir(run_dir: Path, cfg: RunCfg) -> Path | None:
     return stored
 
 
-def check_eval_output(out: Path, eval_cfg: EvalCfg | None, data_root: Path) -> None:
-    """An evaluation written into a run dir (RUN_DIR/stage_NN/eval/...) uses that run's eval settings and corpus.
+def _stage_dir_of(path: Path) -> Path | None:
+    """The ``stage_NN`` directory ``path`` lies in (RUN_DIR/stage_NN/...), or None."""
+    return next((p for p in Path(path).resolve().parents if p.name.startswith("stage_")), None)
+
+
+def check_eval_output(
+    out: Path, eval_cfg: EvalCfg | None, data_root: Path, checkpoint: Path | None = None, weights: str = "model"
+) -> None:
+    """An evaluation written into a run dir (RUN_DIR/stage_NN/eval/...) is of that stage's own checkpoint
+    (when the checkpoint lies in a run dir), of its trained weights, with the run's eval settings and corpus.
 
     Raises:
-        ConfigError: ``--set eval.*`` or ``--data-root`` differ from the run's config (the keys are listed).
+        ConfigError: another run's or stage's checkpoint, ``--weights ema``, or ``--set eval.*`` /
+            ``--data-root`` other than the run's config (the keys are listed).
     """
     out = Path(out).resolve()
     if len(out.parents) < 3 or not out.parents[1].name.startswith("stage_"):
         return  # not inside a run dir: any settings
+    source = _stage_dir_of(checkpoint) if checkpoint is not None else None
+    if source is not None and source != out.parents[1]:
+        raise ConfigError(
+            f"--checkpoint is of another run or stage ({source}) than --out ({out.parents[1]}); write to an --out "
+            "outside the run dir, or evaluate that stage's own checkpoint"
+        )
+    if weights != "model":
+        raise ConfigError(
+            f"--weights {weights} into a run dir ({out}): a stage's evaluation is of its trained weights; write "
+            "the EMA's evaluation to an --out outside the run dir"
+        )
     stored = run_config_path(out.parents[2])
     if stored is None:
         return
