@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import argparse
 import signal
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import submitit
 
+from data_tools.atomic import atomic_write_text
 from data_tools.cli_errors import fail
-from jobs.config import ClusterCfg, ConfigError, check_stage, load_cfg
+from jobs.config import ClusterCfg, ConfigError, check_stage, dump_cfg, load_cfg
 from jobs.engine.data import check_corpus
 from jobs.engine.dist import cleanup_distributed, init_distributed
-from jobs.engine.rundir import check_run_dir
+from jobs.engine.rundir import RUN_CONFIG, check_run_dir
 from jobs.engine.trainer import train_stage
 from jobs.logs import setup_logging
 from jobs.train import StopFlag
@@ -89,14 +91,17 @@ def cmd_submit_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir).resolve()
     try:
         cfg = load_cfg(args.config, args.overrides)
+        cfg = replace(cfg, data=replace(cfg.data, root=cfg.data.root.resolve()))  # the job may start elsewhere
         check_stage(cfg, args.stage)
         check_corpus(cfg.data.root, args.stage, cfg.model.text.vocab_size)
         check_run_dir(run_dir, cfg)  # refuse before anything is queued, not in the job
     except ConfigError as exc:
         return fail(exc, 2)
-    job_fn = TrainJob(
-        str(Path(args.config).resolve()), tuple(args.overrides), args.stage, str(run_dir), args.init and str(args.init)
-    )
+    # the resolved config is frozen in RUN_DIR/config.yaml: a queued or requeued job reads it, never the user's
+    # file again (an edit meanwhile would change, or break, a job already submitted)
+    atomic_write_text(run_dir / RUN_CONFIG, dump_cfg(cfg))
+    init = str(Path(args.init).resolve()) if args.init else None
+    job_fn = TrainJob(str(run_dir / RUN_CONFIG), (), args.stage, str(run_dir), init)
     job = make_executor(cfg.cluster, run_dir / "submitit", args.executor).submit(job_fn)
     print(job.job_id, flush=True)
     if args.wait:

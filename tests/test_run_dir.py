@@ -76,3 +76,20 @@ def test_an_unexpected_exception_is_one_line(tmp_path: Path, monkeypatch, capsys
     monkeypatch.setenv("GROWCLIP_TRACEBACK", "1")
     assert jobs_main(["runs", str(tmp_path)]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_submit_train_freezes_the_resolved_config(tiny_config: Path, tmp_path: Path) -> None:
+    """A queued or requeued job reads RUN_DIR/config.yaml, never the user's file again."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(tiny_config.read_text())
+    run_dir = tmp_path / "run"
+    sets = ["--set", "train.steps=4", "--set", "train.warmup_steps=1", "--set", "train.checkpoint_every=2"]
+    argv = ["submit-train", "--config", str(mine), "--stage", "1", "--run-dir", str(run_dir), "--executor", "debug"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs", *argv, *sets], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]  # debug: the job runs when its result is asked for
+    frozen = load_cfg(run_dir / "config.yaml")
+    assert frozen.train.steps == 4 and frozen.data.root.is_absolute()
+    mine.write_text("train: {steps: not a number}\n")  # the user edits the file: the job's config is unchanged
+    assert load_cfg(run_dir / "config.yaml") == frozen
