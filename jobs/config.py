@@ -49,6 +49,7 @@ __all__ = [
     "config_differences",
     "dump_cfg",
     "load_cfg",
+    "read_yaml",
 ]
 
 
@@ -315,7 +316,8 @@ def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping from ``path``, strictly: UTF-8, no key twice, one-line ``ConfigError`` otherwise."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; pass the path of a YAML file such as configs/demo.yaml")
     try:
@@ -366,7 +368,7 @@ def load_cfg(path: Path | None, overrides: Sequence[str] = ()) -> RunCfg:
         ConfigError: missing/unparsable file, unknown key (with the closest valid key), wrong type,
             out-of-range value, or a malformed override.
     """
-    raw = _read_yaml(path) if path is not None else {}
+    raw = read_yaml(path) if path is not None else {}
     for text in overrides:
         apply_override(raw, RunCfg, text)
     return from_dict(RunCfg, raw)

@@ -23,11 +23,9 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import yaml
-
 from data_tools.atomic import atomic_write_text
 from data_tools.cli_errors import fail
-from jobs.config import ConfigError, RunCfg, dump_cfg, load_cfg
+from jobs.config import ConfigError, RunCfg, dump_cfg, load_cfg, read_yaml
 from jobs.engine.pipeline import read_json, stage_path
 from jobs.logs import setup_logging
 from model.spec import ArchSpec
@@ -78,7 +76,7 @@ def load_suite(path: Path) -> tuple[Path, list[Experiment]]:
     """Parse suite.yaml (strictly: unknown keys, unknown references and bad seeds are errors)."""
     if not path.is_file():
         raise ConfigError(f"{path}: suite file not found; the default is {SUITE}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path)
     unknown = set(raw) - {"base", "seeds", "experiments"}
     if unknown:
         raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}; valid: base, seeds, experiments")
