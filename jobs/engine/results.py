@@ -36,10 +36,11 @@ by hand.
 and +1.2 points image-to-text R@1 on Flickr30K over fixed-architecture training; PIM and the shared
 cross-modal encoder help.
 
-**What we ran**: the offline corpus (`python -m data_tools build-offline data/experiments
---pairs-per-stage 3000 --image-size 32 --vocab-size 2048`: 3 stages x 3000 synthetic image-text pairs,
-32 px; an eval suite of 6 zero-shot classification tasks and one retrieval task, `emoji_retrieval`,
-500 images each — not the paper's 9 tasks or Flickr30K), a 0.36M-parameter stage-1 CLIP, 800
+**What we ran**: the offline corpus of `make experiments` (since issue #15 `python -m data_tools
+build-offline data/experiments-iid --growth iid --stage-sizes 3000,6000,12000 --image-size 32 --vocab-size
+2048`: every stage a fresh disjoint sample of one pool; before, `--growth domains` with 3 x 3000 pairs —
+the note below says which), 32 px; an eval suite of 6 zero-shot classification tasks and one retrieval
+task, `emoji_retrieval`, 500 images each — not the paper's 9 tasks or Flickr30K), a 0.36M-parameter stage-1 CLIP, 800
 training steps per stage at batch 64, 50-step searches over at most 6 candidates. The fixed-architecture
 baselines get the same total compute as GrowCLIP's run of the same seed, its search included
 (`match_compute`), so their step counts differ. Zero-shot accuracy is the mean over the 6 tasks.
