@@ -119,3 +119,33 @@ def test_status_and_plan_know_the_oracle(graded_run: Path, tiny_pipeline_config:
     assert status.returncode == 0 and "oracle: 3/3 candidates trained fully; kendall tau val_loss" in status.stdout
     plan = jobs_cli("plan", "--config", str(graded_run / "config.yaml"), "--run-dir", str(graded_run))
     assert plan.returncode == 0 and "stage 2 oracle: 3/3 candidates trained fully" in plan.stdout, plan.stderr
+
+
+def test_a_preempted_oracle_candidate_resumes_to_the_same_result(graded_run: Path, tmp_path: Path) -> None:
+    """Preemption (should_stop) checkpoints the candidate's training; the next call resumes it, no step redone."""
+    import shutil
+
+    from jobs.config import load_cfg
+    from jobs.engine.dist import DistEnv
+    from jobs.engine.metrics import read_events
+    from jobs.engine.oracle import oracle_dir, oracle_plan, run_oracle_candidate
+    from tests.helpers import stop_at
+
+    cfg = load_cfg(graded_run / "config.yaml")
+    plan = oracle_plan(graded_run, 2)
+    selected = json.loads((graded_run / "stage_02" / "selected.json").read_text())
+    k = next(i for i, c in enumerate(plan) if c["index"] != selected["winner"]["index"])
+    cdir = oracle_dir(graded_run, 2) / f"cand_{plan[k]['index']:02d}"
+    reference = json.loads((cdir / "result.json").read_text()) if (cdir / "result.json").exists() else None
+    shutil.rmtree(cdir, ignore_errors=True)
+    first = run_oracle_candidate(cfg, 2, k, graded_run, DistEnv(), should_stop=stop_at(3))
+    assert first["status"] == "preempted" and first["step"] == 3 and not (cdir / "result.json").exists()
+    second = run_oracle_candidate(cfg, 2, k, graded_run, DistEnv())
+    assert second["status"] == "done" and second["steps"] == 6
+    steps = [
+        e["step"] for e in read_events(cdir / "work" / "stage_02" / "train" / "events.jsonl") if e["event"] == "train"
+    ]
+    assert steps == sorted(set(steps)) and steps[-1] == 6  # every step once
+    if reference is not None:  # an uninterrupted run of the same candidate gives the same held-out loss
+        assert second["val_loss"] == pytest.approx(reference["val_loss"], abs=1e-5)
+    assert run_oracle_candidate(cfg, 2, k, graded_run, DistEnv()) == second  # idempotent
