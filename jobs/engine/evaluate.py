@@ -9,12 +9,13 @@ caption whose image ranks in the top k.
 
 JSON schema written by :func:`evaluate_checkpoint` (``format: growclip-eval``, version 1)::
 
-    {"format", "version", "checkpoint", "step", "stage", "weights", "spec",
+    {"format", "version", "checkpoint", "step", "samples_seen", "stage", "weights", "spec",
      "tasks": {"<task>": {"type": "classification", "count", "classes", "acc1", "acc5",
                           "mean_per_class_recall", "chance_acc1"}
                | {"type": "retrieval", "images", "captions",
                   "image_to_text_R@1", ..., "text_to_image_R@1", ...}},
-     "summary": {"mean_acc1", "mean_mean_per_class_recall", "mean_retrieval_R@1"}}
+     "summary": {"mean_acc1", "mean_mean_per_class_recall", "mean_retrieval_R@1"},
+     "heldout": {"val_loss", "proxy_acc1", "val_samples"}}   (with ``heldout=``: a stage's evaluation)
 """
 
 from __future__ import annotations
@@ -192,6 +193,7 @@ def evaluate_checkpoint(
     *,
     weights: Literal["model", "ema"] = "model",
     device: torch.device | None = None,
+    heldout: tuple[RunCfg, int] | None = None,
 ) -> dict[str, Any]:
     """Load a training checkpoint (verified), rebuild its model from its own ArchSpec and evaluate it.
 
@@ -201,6 +203,8 @@ def evaluate_checkpoint(
         cfg: eval settings; default: the ``eval`` section stored in the checkpoint's config.
         weights: evaluate the trained weights or their EMA (when the run kept one).
         device: default CUDA when available, else CPU.
+        heldout: ``(run config, stage)``: also score the model on that stage's held-out split
+            (:func:`val_batches`, :func:`validate_model`) into ``"heldout"``.
 
     Returns:
         The JSON-ready result (schema in the module docstring).
@@ -224,17 +228,23 @@ def evaluate_checkpoint(
     model.load_state_dict(state, strict=True)
     model.to(device)
     tasks = evaluate_model(model, spec, Path(data_root), cfg, device)
-    return {
+    result = {
         "format": EVAL_FORMAT,
         "version": 1,
         "checkpoint": str(checkpoint),
         "step": payload.get("step"),
+        "samples_seen": payload.get("samples_seen"),
         "stage": payload.get("stage"),
         "weights": weights,
         "spec": payload["spec"],
         "tasks": tasks,
         "summary": _summary(tasks),
     }
+    if heldout is not None:
+        run_cfg, stage = heldout
+        batches = val_batches(run_cfg, stage, spec.image.image_size, spec.text.context_length)
+        result["heldout"] = validate_model(model, batches, device)
+    return result
 
 
 def evaluate_stage(final: Path, cfg: RunCfg, stage: int, out: Path, device: torch.device) -> dict[str, Any]:
@@ -247,19 +257,11 @@ def evaluate_stage(final: Path, cfg: RunCfg, stage: int, out: Path, device: torc
     import json
 
     from data_tools.atomic import atomic_write_json
-    from model.clip import build_model
 
     if out.exists():
         logger.info("already evaluated: %s", out)
         return json.loads(out.read_text())
-    metrics = evaluate_checkpoint(final, cfg.data.root, cfg.eval, device=device)
-    payload = load_checkpoint(Path(final))
-    spec = ArchSpec.from_dict(payload["spec"])
-    model = build_model(spec)
-    model.load_state_dict(payload["model"], strict=True)
-    model.to(device)
-    batches = val_batches(cfg, stage, spec.image.image_size, spec.text.context_length)
-    metrics["heldout"] = validate_model(model, batches, device)
+    metrics = evaluate_checkpoint(final, cfg.data.root, cfg.eval, device=device, heldout=(cfg, stage))
     atomic_write_json(out, metrics)
     logger.info("evaluated %s -> %s: %s, held-out %s", final, out, metrics["summary"], metrics["heldout"])
     return metrics

@@ -133,10 +133,8 @@ def run_oracle_candidate(
         ``oracle/cand_KK/result.json``'s content; ``{"status": "absent"}`` for an index beyond the stage's
         finished candidates; ``{"status": "preempted", "step": N}`` when ``should_stop`` stopped it.
     """
-    from jobs.engine.checkpoint import load_checkpoint
-    from jobs.engine.evaluate import evaluate_checkpoint, val_batches, validate_model
+    from jobs.engine.evaluate import evaluate_checkpoint
     from jobs.engine.trainer import run_training
-    from model.clip import build_model
     from model.spec import ArchSpec
 
     run_dir = Path(run_dir)
@@ -163,18 +161,14 @@ def run_oracle_candidate(
             if result.final is None:
                 raise RuntimeError(f"oracle training stopped at step {result.step} ({result.status})")
             final = result.final
-        payload = load_checkpoint(final)
-        spec = ArchSpec.from_dict(payload["spec"])
-        if metrics is None:
-            metrics = evaluate_checkpoint(final, cfg.data.root, cfg.eval, device=env.device)
-        model = build_model(spec, seed=cfg.train.seed)
-        model.load_state_dict(payload["model"], strict=True)
-        model.to(env.device)
-        val = validate_model(
-            model, val_batches(cfg, stage, spec.image.image_size, spec.text.context_length), env.device
-        )
+        if metrics is None or "heldout" not in metrics or metrics.get("samples_seen") is None:
+            # one pass over the model: eval suite + held-out split (a stage evaluated before both were recorded
+            # is evaluated again here, its own metrics.json untouched)
+            metrics = evaluate_checkpoint(final, cfg.data.root, cfg.eval, device=env.device, heldout=(cfg, stage))
+        spec = ArchSpec.from_dict(metrics["spec"])
+        val = metrics["heldout"]
         retrieval = [r for r in metrics["tasks"].values() if r["type"] == "retrieval"]
-        samples = int(payload["samples_seen"])
+        samples = int(metrics["samples_seen"])
 
         def mean(xs: list[float]) -> float | None:
             return sum(xs) / len(xs) if xs else None
@@ -188,7 +182,7 @@ def run_oracle_candidate(
             "chosen": chosen,
             "reused_stage_training": reused,
             "search_score": cand["search_score"],
-            "steps": int(payload["step"]),
+            "steps": int(metrics["step"]),
             "samples": samples,
             "params": spec.params(),
             "train_flops": spec.flops_per_sample() * samples,
