@@ -16,6 +16,7 @@ __all__ = [
     "bounded",
     "encode_image",
     "stage_samples",
+    "tar_samples",
     "grey_rgb",
     "release_if_held",
     "sbatch_script",
@@ -129,22 +130,28 @@ def encode_image(img: Any, fmt: str, **kw: Any) -> bytes:
     return buf.getvalue()
 
 
+def tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
+    """The members of a webdataset tar grouped by key: ``{key: {ext: bytes}}``."""
+    import tarfile
+
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tf:
+        for m in tf:
+            key, _, ext = m.name.partition(".")
+            out.setdefault(key, {})[ext] = tf.extractfile(m).read()  # type: ignore[union-attr]
+    return out
+
+
 def stage_samples(root: Path, stage: int) -> dict[str, dict[str, Any]]:
     """Every sample of a corpus stage by its input source id: ``{"txt": str, "jpg": bytes, "meta": dict}``."""
     import json
-    import tarfile
 
     from data_tools.manifest import load_manifest
 
     out: dict[str, dict[str, Any]] = {}
     entry = next(e for e in load_manifest(root)["stages"] if e["stage"] == stage)
     for shard in entry["shards"]:
-        with tarfile.open(root / shard["name"]) as tf:
-            parts: dict[str, dict[str, bytes]] = {}
-            for m in tf.getmembers():
-                key, ext = m.name.split(".", 1)
-                parts.setdefault(key, {})[ext] = tf.extractfile(m).read()  # type: ignore[union-attr]
-        for p in parts.values():
+        for p in tar_samples(root / shard["name"]).values():
             meta = json.loads(p["json"])
             out[meta["source"]] = {"txt": p["txt"].decode("utf-8"), "jpg": p["jpg"], "meta": meta}
     return out

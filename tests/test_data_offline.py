@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tarfile
 import time
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 
 from data_tools.offline import EVAL_TASKS, build_offline, check_sources, emoji_split
 from data_tools.validate import validate
+from tests.helpers import tar_samples
 
 MISSING = check_sources()  # the lead's CI installs them; locally a missing one skips with its package name
 pytestmark = pytest.mark.skipif(bool(MISSING), reason="offline sources missing: " + "; ".join(MISSING))
@@ -21,15 +21,6 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, float]:
     t0 = time.monotonic()
     summary = build_offline(root, stages=4, pairs_per_stage=120, eval_per_task=40, workers=2, vocab_size=400)
     return root, summary, time.monotonic() - t0
-
-
-def tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
-    out: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tf:
-        for m in tf:
-            key, _, ext = m.name.partition(".")
-            out.setdefault(key, {})[ext] = tf.extractfile(m).read()
-    return out
 
 
 def test_stages_grow_and_validate(built: tuple[Path, dict, float]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tarfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from data_tools.offline_sources import (
 )
 from data_tools.offline_sources import check_sources as _check_sources
 from data_tools.validate import validate
+from tests.helpers import tar_samples
 
 MISSING = _check_sources()
 pytestmark = pytest.mark.skipif(bool(MISSING), reason="offline sources missing: " + "; ".join(MISSING))
@@ -38,19 +38,10 @@ def iid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return root, build_offline(root, growth="iid", stage_sizes=SIZES, **BUILD)
 
 
-def read_samples(path: Path) -> dict[str, dict[str, bytes]]:
-    out: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tf:
-        for m in tf:
-            key, _, ext = m.name.partition(".")
-            out.setdefault(key, {})[ext] = tf.extractfile(m).read()
-    return out
-
-
 def stage_samples(root: Path) -> dict[int, list[dict[str, bytes]]]:
     out = {}
     for entry in load_manifest(root)["stages"]:
-        out[entry["stage"]] = [s for sh in entry["shards"] for s in read_samples(root / sh["name"]).values()]
+        out[entry["stage"]] = [s for sh in entry["shards"] for s in tar_samples(root / sh["name"]).values()]
     return out
 
 
@@ -161,7 +152,7 @@ def test_eval_suite_is_disjoint_from_the_pool(iid: tuple[Path, dict]) -> None:
     root, _ = iid
     train_jpgs = {json.loads(s["json"])["jpg_sha256"] for ss in stage_samples(root).values() for s in ss}
     for task in sorted(p.name for p in (root / "eval").iterdir() if p.is_dir()):
-        samples = read_samples(root / "eval" / task / "test/0.tar").values()
+        samples = tar_samples(root / "eval" / task / "test/0.tar").values()
         assert not {hashlib.sha256(s["jpg"]).hexdigest() for s in samples} & train_jpgs, task
     # held-out code points (emoji_category, emoji_spatial, emoji_retrieval) and indices never enter the pool
     held = {"mnist-5k": ("mnist", mnist5k()[1]), "sklearn-digits": ("digits", sk_digits()[1])}
