@@ -204,9 +204,10 @@ class EvalCfg:
     tasks: tuple[str, ...] = ()  # eval task names under DATA_ROOT/eval/ (empty = every task found)
     batch_size: int = 256  # images or captions per forward pass
     retrieval_ks: tuple[int, ...] = (1, 5, 10)  # R@k reported for image->text and text->image
+    heldout_samples: int = 10000  # held-out pairs of the stage scored after its training (loss + its std error)
 
     def __post_init__(self) -> None:
-        _positive("eval", batch_size=self.batch_size)
+        _positive("eval", batch_size=self.batch_size, heldout_samples=self.heldout_samples)
         _require(len(self.retrieval_ks) > 0, "eval.retrieval_ks must list at least one k, e.g. [1, 5, 10]")
         _require(all(k > 0 for k in self.retrieval_ks), f"eval.retrieval_ks={list(self.retrieval_ks)} must be > 0")
 

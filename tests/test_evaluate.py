@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs.engine.evaluate import classification_metrics, retrieval_metrics
+from jobs.engine.evaluate import classification_metrics, retrieval_metrics, validate_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,6 +34,33 @@ def test_retrieval_metrics_with_several_captions_per_image() -> None:
     assert m["image_to_text_R@1"] == 1.0
     assert m["text_to_image_R@1"] == pytest.approx(3 / 4)  # caption 3 ranks image 0 first
     assert m["text_to_image_R@2"] == pytest.approx(1.0)
+
+
+class _FixedEmbeddings(torch.nn.Module):
+    """Returns the batch's own (image, text) embeddings: the tokens carry them, the images are ignored."""
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tokens[:, 0], tokens[:, 1], torch.tensor(10.0)
+
+
+def test_validate_model_reports_the_standard_error_over_batches() -> None:
+    from model.loss import ClipLoss
+
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for b in (8, 8, 8, 5):
+        pair = torch.nn.functional.normalize(torch.randn(b, 2, 4, generator=gen), dim=-1)
+        batches.append((torch.zeros(b, 3, 2, 2), pair))
+    losses = [ClipLoss()(t[:, 0], t[:, 1], torch.tensor(10.0)).item() for _, t in batches]
+    out = validate_model(_FixedEmbeddings(), batches, torch.device("cpu"))
+    sizes = [8, 8, 8, 5]
+    assert out["val_samples"] == 29
+    assert out["val_loss"] == pytest.approx(sum(x * b for x, b in zip(losses, sizes, strict=True)) / 29)
+    mean = sum(losses) / 4
+    assert out["val_loss_se"] == pytest.approx((sum((x - mean) ** 2 for x in losses) / 3 / 4) ** 0.5)
+    assert validate_model(_FixedEmbeddings(), batches[:1], torch.device("cpu"))["val_loss_se"] == 0.0
+    with pytest.raises(ValueError, match="held-out split of the stage is empty"):
+        validate_model(_FixedEmbeddings(), [], torch.device("cpu"))
 
 
 def test_evaluate_cli_beats_chance_after_short_training(trained_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

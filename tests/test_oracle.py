@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from data_tools.loaders import make_val_loader
+from jobs.config import load_cfg
 from jobs.engine.oracle import kendall_tau
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,12 +64,20 @@ def test_oracle_trains_every_candidate_as_the_winner(graded_run: Path) -> None:
     summary = json.loads((s2 / "oracle" / "summary.json").read_text())
     selected = json.loads((s2 / "selected.json").read_text())
     names = {r["name"] for r in selected["table"] if r["status"] == "done"}
+    cfg = load_cfg(graded_run / "config.yaml")
+    heldout = sum(
+        len(images)
+        for images, _ in make_val_loader(
+            cfg.data.root, 2, batch_size=16, image_size=16, context_length=16, val_fraction=cfg.data.val_fraction
+        )
+    )
     assert {r["name"] for r in summary["candidates"]} == names and summary["missing"] == []
     assert summary["chosen"] == selected["winner"]["name"]
     for row in summary["candidates"]:
         res = json.loads((s2 / "oracle" / f"cand_{row['index']:02d}" / "result.json").read_text())
         assert res["steps"] == 6  # train.steps of the tiny plan: the full training, not the search's 4
         assert row["search_rank"] is not None and row["val_loss"] > 0 and 0 <= row["mean_acc1"] <= 1
+        assert row["val_loss_se"] >= 0 and res["val_samples"] == heldout  # the whole split, not search.val_samples
         assert res["reused_stage_training"] == row["chosen"]
         if row["chosen"]:
             assert res["final"] == str(s2 / "train" / "final.pt")  # the stage's own training, not redone

@@ -15,14 +15,16 @@ JSON schema written by :func:`evaluate_checkpoint` (``format: growclip-eval``, v
                | {"type": "retrieval", "images", "captions",
                   "image_to_text_R@1", ..., "text_to_image_R@1", ...}},
      "summary": {"mean_acc1", "mean_mean_per_class_recall", "mean_retrieval_R@1"},
-     "heldout": {"val_loss", "proxy_acc1", "val_samples"}}   (with ``heldout=``: a stage's evaluation)
+     "heldout": {"val_loss", "val_loss_se", "proxy_acc1", "val_samples"}}   (with ``heldout=``: a stage's
+                                                                            evaluation)
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -204,7 +206,8 @@ def evaluate_checkpoint(
         weights: evaluate the trained weights or their EMA (when the run kept one).
         device: default CUDA when available, else CPU.
         heldout: ``(run config, stage)``: also score the model on that stage's held-out split
-            (:func:`val_batches`, :func:`validate_model`) into ``"heldout"``.
+            (the first ``eval.heldout_samples`` pairs, :func:`val_batches`, :func:`validate_model`) into
+            ``"heldout"``.
 
     Returns:
         The JSON-ready result (schema in the module docstring).
@@ -242,7 +245,9 @@ def evaluate_checkpoint(
     }
     if heldout is not None:
         run_cfg, stage = heldout
-        batches = val_batches(run_cfg, stage, spec.image.image_size, spec.text.context_length)
+        batches = val_batches(
+            run_cfg, stage, spec.image.image_size, spec.text.context_length, samples=run_cfg.eval.heldout_samples
+        )
         result["heldout"] = validate_model(model, batches, device)
     return result
 
@@ -250,9 +255,10 @@ def evaluate_checkpoint(
 def evaluate_stage(final: Path, cfg: RunCfg, stage: int, out: Path, device: torch.device) -> dict[str, Any]:
     """Evaluate a stage's ``final.pt`` into ``out`` (stage_NN/eval/metrics.json) unless it exists; return it.
 
-    Besides the eval suite, ``heldout`` holds the model's symmetric InfoNCE and caption-matching top-1 on
-    the stage's held-out split (the batches the search and the oracle score on): the held-out loss after
-    full training, comparable across runs on the same corpus (issue #15's capacity experiment).
+    Besides the eval suite, ``heldout`` holds the model's symmetric InfoNCE (with its standard error) and
+    caption-matching top-1 on the stage's held-out split (up to ``eval.heldout_samples`` pairs, in the
+    search's batches): the held-out loss after full training, comparable across runs on the same corpus
+    (issue #15's capacity experiment, the oracle).
     """
     import json
 
@@ -269,15 +275,20 @@ def evaluate_stage(final: Path, cfg: RunCfg, stage: int, out: Path, device: torc
 
 @torch.no_grad()
 def validate_model(
-    model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+    model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device
 ) -> dict[str, float]:
-    """Mean contrastive loss and caption-matching top-1 (both directions) over fixed held-out batches."""
+    """Mean contrastive loss and caption-matching top-1 (both directions) over fixed held-out batches.
+
+    ``val_loss_se`` is the standard error of ``val_loss`` over the batches (sd of the per-batch losses /
+    sqrt(batches); 0.0 with one batch): the resolution of the measurement, against the gaps it must tell
+    apart.
+    """
     from model.loss import ClipLoss
 
     loss_fn = ClipLoss()
     model.eval()
-    loss_sum = acc_sum = 0.0
-    n = 0
+    losses: list[tuple[float, int]] = []
+    acc_sum = 0.0
     for images, tokens in batches:
         img, txt, scale = model(images.to(device), tokens.to(device))
         b = images.shape[0]
@@ -285,32 +296,36 @@ def validate_model(
         sim = img.float() @ txt.float().T  # (B, B)
         i2t = (sim.argmax(dim=1) == labels).float().mean().item()
         t2i = (sim.argmax(dim=0) == labels).float().mean().item()
-        loss_sum += loss_fn(img.float(), txt.float(), scale.float()).item() * b
+        losses.append((loss_fn(img.float(), txt.float(), scale.float()).item(), b))
         acc_sum += (i2t + t2i) / 2 * b
-        n += b
+    n = sum(b for _, b in losses)
     if n == 0:
         raise ValueError("the held-out split of the stage is empty: raise data.val_fraction or add data")
-    return {"val_loss": loss_sum / n, "proxy_acc1": acc_sum / n, "val_samples": n}
+    mean = sum(loss * b for loss, b in losses) / n
+    k = len(losses)
+    se = 0.0
+    if k > 1:
+        batch_mean = sum(loss for loss, _ in losses) / k
+        se = math.sqrt(sum((loss - batch_mean) ** 2 for loss, _ in losses) / (k - 1) / k)
+    return {"val_loss": mean, "val_loss_se": se, "proxy_acc1": acc_sum / n, "val_samples": n}
 
 
 def val_batches(
-    cfg: RunCfg, stage: int, image_size: int, context_length: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first ``search.val_samples`` held-out pairs of the stage in batches of ``search.batch_size``: the
-    same for every candidate and for the oracle."""
-    bs = cfg.search.batch_size
+    cfg: RunCfg, stage: int, image_size: int, context_length: int, *, samples: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``samples`` (default ``search.val_samples``) held-out pairs of the stage in batches of
+    ``search.batch_size``, read as they are scored: the same for every candidate and for the oracle."""
+    left = cfg.search.val_samples if samples is None else samples
     batches = make_val_loader(
         cfg.data.root,
         stage,
-        batch_size=bs,
+        batch_size=cfg.search.batch_size,
         image_size=image_size,
         context_length=context_length,
         val_fraction=cfg.data.val_fraction,
     )
-    out, left = [], cfg.search.val_samples
     for images, tokens in batches:
         if left <= 0:
             break
-        out.append((images[:left], tokens[:left]))
+        yield images[:left], tokens[:left]
         left -= images.shape[0]
-    return out

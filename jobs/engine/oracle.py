@@ -161,8 +161,8 @@ def run_oracle_candidate(
             if result.final is None:
                 raise RuntimeError(f"oracle training stopped at step {result.step} ({result.status})")
             final = result.final
-        if metrics is None or "heldout" not in metrics or metrics.get("samples_seen") is None:
-            # one pass over the model: eval suite + held-out split (a stage evaluated before both were recorded
+        if metrics is None or "val_loss_se" not in metrics.get("heldout", {}) or metrics.get("samples_seen") is None:
+            # one pass over the model: eval suite + held-out split (a stage evaluated before these were recorded
             # is evaluated again here, its own metrics.json untouched)
             metrics = evaluate_checkpoint(final, cfg.data.root, cfg.eval, device=env.device, heldout=(cfg, stage))
         spec = ArchSpec.from_dict(metrics["spec"])
@@ -187,6 +187,7 @@ def run_oracle_candidate(
             "params": spec.params(),
             "train_flops": spec.flops_per_sample() * samples,
             "val_loss": val["val_loss"],
+            "val_loss_se": val.get("val_loss_se"),
             "val_acc1": val["proxy_acc1"],
             "val_samples": val["val_samples"],
             "mean_acc1": metrics["summary"]["mean_acc1"],
@@ -237,6 +238,7 @@ def summarize_oracle(run_dir: Path, stage: int) -> dict[str, Any]:
                 "search_score": cand["search_score"],
                 "search_rank": ranks.get(cand["index"]),
                 **{k: res[k] for k in ("val_loss", "val_acc1", "mean_acc1", "i2t_R@1", "t2i_R@1", "acc1")},
+                "val_loss_se": res.get("val_loss_se"),  # absent from results written before it was recorded
                 **{k: res[k] for k in ("params", "train_flops", "steps", "seconds")},
             }
         )
