@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from model.spec import SPEC_FIELD, TOWERS, ArchSpec, ImageSpec, SharedSpec, TextSpec, Tower
+from model.axes import SPEC_FIELD, TOWERS, Tower
+from model.spec import ArchSpec, ImageSpec, SharedSpec, TextSpec
 from model.structs import closest
 
 if TYPE_CHECKING:

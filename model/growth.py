@@ -56,15 +56,9 @@ from typing import Literal
 import torch
 
 from model import checks
-from model.growth_space import (
-    GrowthOp,
-    OpName,
-    apply_op,
-    check_growth,
-    growth_ops,
-    tower_spec,
-)
-from model.spec import SPEC_FIELD, TOWERS, ArchSpec, Tower
+from model.axes import OP_FIELDS, SPEC_FIELD, TOWERS, OpName, Tower
+from model.growth_space import GrowthOp, apply_op, check_growth, growth_ops, tower_spec
+from model.spec import ArchSpec
 
 __all__ = [
     "StateDict",
@@ -516,12 +510,7 @@ def _single_op(
     insert_at: Sequence[int] | None = None,
 ) -> StateDict:
     """The checks and the pass shared by the single-axis operators (only ``tower``'s ``op`` fields may change)."""
-    fields = {
-        "grow_depth": ["depth"],
-        "grow_width": ["width", "heads"],
-        "grow_heads": ["heads"],
-        "grow_mlp": ["mlp_ratio"],
-    }[op]
+    fields = OP_FIELDS[op]
     tower = checks.check_tower(tower, "tower", op)
     old = checks.check_spec(old, "old", op)
     new = checks.check_spec(new, "new", op)

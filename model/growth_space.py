@@ -16,16 +16,15 @@ import logging
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
+from model.axes import OP_FIELDS, SPEC_FIELD, TOWERS, OpName, Tower
 from model.checks import check_choice, check_growth, check_spec, check_tower, type_name
-from model.spec import SPEC_FIELD, TOWERS, ArchSpec, ImageSpec, SharedSpec, TextSpec, Tower
+from model.spec import ArchSpec, ImageSpec, SharedSpec, TextSpec
 
 __all__ = ["Tower", "OpName", "TOWERS", "GrowthOp", "growth_ops", "apply_op", "check_growth", "tower_spec"]
 
 logger = logging.getLogger(__name__)
-
-OpName = Literal["grow_depth", "grow_width", "grow_heads", "grow_mlp"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ class GrowthOp:
     to: float
 
     def __post_init__(self) -> None:
-        check_choice(self.op, list(_OP_FIELD), "op", "GrowthOp")
+        check_choice(self.op, list(OP_FIELDS), "op", "GrowthOp")
         check_tower(self.tower, "tower", "GrowthOp")
         for name in ("from_", "to"):
             value = getattr(self, name)
@@ -67,12 +66,8 @@ class GrowthOp:
         return cls(d["op"], d["tower"], d["from"], d["to"])
 
 
-_OP_FIELD: dict[str, str] = {
-    "grow_width": "width",
-    "grow_heads": "heads",
-    "grow_mlp": "mlp_ratio",
-    "grow_depth": "depth",
-}
+# operator -> the field it is named for (model/axes.py), in the order growth_ops lists a tower's ops
+_OP_FIELD: dict[str, str] = {op: fields[0] for op, fields in OP_FIELDS.items()}
 
 
 def tower_spec(spec: ArchSpec, tower: Tower) -> ImageSpec | TextSpec | SharedSpec:

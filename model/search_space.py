@@ -11,7 +11,8 @@ with cost = parameters or forward+backward FLOPs per sample (``ArchSpec.params()
 ``ArchSpec.flops_per_sample()``). The exponent ``alpha`` and the step sizes are our design choices
 (configurable), not the paper's.
 
-Every operation is chosen so that growth with PIM momentum 1 is exactly function-preserving
+The axes, their operators and step knobs are one table, ``model/axes.py`` (``AXIS_TABLE``); adding an
+axis is a row there. Every operation is chosen so that growth with PIM momentum 1 is exactly function-preserving
 (model/growth.py): depth adds identity blocks; width multiplies by an integer factor keeping the
 head count; heads grow together with the width (head size kept); MLP growth adds units with zero
 outgoing weights; the shared encoder, when it first appears, is as wide as the wider tower.
@@ -24,11 +25,11 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from model import checks
+from model.axes import AXES, AXIS, STEP_RULES, Axis
 from model.spec import ArchSpec
 
 __all__ = [
@@ -45,8 +46,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Axis = Literal["image_depth", "image_width", "text_depth", "text_width", "heads", "mlp", "shared_depth"]
-AXES: tuple[Axis, ...] = ("image_depth", "image_width", "text_depth", "text_width", "heads", "mlp", "shared_depth")
 NO_GROWTH = "none"
 
 
@@ -151,33 +150,21 @@ def axis_growth(spec: ArchSpec, axis: str, space: GrowthSpace) -> ArchSpec:
             whole hidden width); the message names the field.
     """
     _check_args("axis_growth", spec, "spec", space)
-    im, tx = spec.image, spec.text
-    wf, hf = space.width_factor, space.heads_factor
-    rules: dict[str, Callable[[], dict[str, Any]]] = {
-        "image_depth": lambda: {"image": {"depth": im.depth + space.depth_step}},
-        "text_depth": lambda: {"text": {"depth": tx.depth + space.depth_step}},
-        "image_width": lambda: {"image": {"width": im.width * wf}},
-        "text_width": lambda: {"text": {"width": tx.width * wf}},
-        # more heads of the same size in both towers: the width grows with the head count
-        "heads": lambda: {
-            "image": {"width": im.width * hf, "heads": im.heads * hf},
-            "text": {"width": tx.width * hf, "heads": tx.heads * hf},
-        },
-        "mlp": lambda: {
-            "image": {"mlp_ratio": im.mlp_ratio * space.mlp_factor},
-            "text": {"mlp_ratio": tx.mlp_ratio * space.mlp_factor},
-        },
-        "shared_depth": lambda: {"shared": _shared_growth(spec, space)},
-    }
-    if axis not in rules:
+    rule = AXIS.get(axis)
+    if rule is None:
         raise ValueError(f"axis_growth: unknown growth axis {axis!r}; valid axes: {', '.join(AXES)}")
-    return spec.with_changes(**rules[axis]())
+    changes = {}
+    for section in rule.sections:
+        part = getattr(spec, section)
+        if section == "shared" and part.depth == 0:
+            changes[section] = _new_shared_encoder(spec, space)
+        else:
+            changes[section] = STEP_RULES[rule.step](part, space)
+    return spec.with_changes(**changes)
 
 
-def _shared_growth(spec: ArchSpec, space: GrowthSpace) -> dict[str, Any]:
+def _new_shared_encoder(spec: ArchSpec, space: GrowthSpace) -> dict[str, Any]:
     sh = spec.shared
-    if sh.depth > 0:
-        return {"depth": sh.depth + space.depth_step}
     # A new shared encoder at least as wide as the wider tower keeps the function exactly
     # (model/growth.py); it takes that tower's head count when its own does not divide the width.
     wider = spec.image if spec.image.width >= spec.text.width else spec.text

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
+from model.axes import SPEC_FIELD, TOWERS, Tower
 from model.structs import ConfigError, closest, from_dict, to_dict
 
 __all__ = [
@@ -34,11 +35,8 @@ __all__ = [
     "block_macs",
 ]
 
-# The towers as named in state-dict keys and in growth arguments (``insert_at``, ``tower=``). The image
-# tower's section of an ArchSpec is ``image`` but its modules (and keys) are ``visual`` (R6).
-Tower = Literal["visual", "text", "shared"]
-TOWERS: tuple[Tower, ...] = ("visual", "text", "shared")
-SPEC_FIELD: dict[str, str] = {"visual": "image", "text": "text", "shared": "shared"}  # tower -> ArchSpec field
+# The towers as named in state-dict keys and in growth arguments (``insert_at``, ``tower=``), and their
+# ArchSpec sections (``visual`` -> ``image``): one table, model/axes.py.
 
 
 def block_params(width: int, mlp_width: int) -> int:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from jobs.config import ConfigError, GrowthCfg, load_cfg
-from model import build_model, grow
+from model import build_model, grow, growth_ops
+from model.axes import AXIS_TABLE, OP_FIELDS, SPEC_FIELD, AxisRule
 from model.search_space import AXES, GrowthSpace, axis_growth, enumerate_candidates, scheduled_candidate
 from model.spec import TINY
 
@@ -118,3 +119,21 @@ def test_schedule_that_makes_an_invalid_spec_is_refused_at_config_load() -> None
     # an MLP ratio whose hidden width is not whole is refused at load, naming the entry and its stage
     with pytest.raises(ConfigError, match=r"growth\.schedule\[1\]='mlp' \(stage 3\)"):
         load_cfg(None, ["growth.schedule=[none, mlp]", "growth.mlp_factor=1.01"])
+
+
+@pytest.mark.parametrize("rule", AXIS_TABLE, ids=lambda r: r.name)
+def test_axis_table_row_matches_what_the_axis_does(rule: AxisRule) -> None:
+    """One row per axis (model/axes.py): the axis changes exactly its sections, only in its operator's fields,
+    and growth_ops describes the change with the row's operator."""
+    spec = TINY.with_changes(shared={"depth": 1, "width": TINY.image.width, "heads": TINY.image.heads})
+    grown = axis_growth(spec, rule.name, GrowthSpace())
+    changed = {
+        (section, fld)
+        for section in ("image", "text", "shared")
+        for fld in ("width", "depth", "heads", "mlp_ratio")
+        if getattr(getattr(spec, section), fld) != getattr(getattr(grown, section), fld)
+    }
+    assert {section for section, _ in changed} == set(rule.sections)
+    assert {fld for _, fld in changed} <= set(OP_FIELDS[rule.op]) and OP_FIELDS[rule.op][0] in {f for _, f in changed}
+    assert set(rule.towers) == {t for t, s in SPEC_FIELD.items() if s in rule.sections}
+    assert {op.op for op in growth_ops(spec, grown)} <= {rule.op, "grow_heads"}  # width+heads = one grow_width
