@@ -24,16 +24,15 @@ ingest only appends stages that hold pairs; ``check_no_empty_stages`` refuses a 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from data_tools.atomic import atomic_write_json
+from data_tools.lock import exclusive_lock
 
 __all__ = [
     "MANIFEST_NAME",
@@ -192,22 +191,19 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 @contextlib.contextmanager
 def writer_lock(data_root: str | Path, what: str) -> Iterator[None]:
-    """Hold ``DATA_ROOT/.lock`` (flock, released by the kernel if the process dies) while writing.
+    """Hold ``DATA_ROOT/.lock`` while writing (:func:`data_tools.lock.exclusive_lock`: one writer on any node).
+
+    A lock left behind by a writer that died on this host is taken over; one left on another host is
+    refused with the host and how to clear it.
+
+    Args:
+        data_root: the corpus (created if missing).
+        what: the writer (``"ingest"``, ``"validate --repair"``): recorded in the lock, named in errors.
 
     Raises:
-        RuntimeError: another ingest/repair holds it.
+        LockError: (a RuntimeError) another ingest or repair holds it; the message names it.
     """
     root = Path(data_root)
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise RuntimeError(
-                f"{root} is being written by another ingest or repair (lock {root / '.lock'}); "
-                f"wait for it to finish before running {what}"
-            ) from exc
+    busy = f"{root} is being written by another ingest or repair; wait for it to finish before running {what}"
+    with exclusive_lock(root / ".lock", what, busy=busy):
         yield
-    finally:
-        os.close(fd)

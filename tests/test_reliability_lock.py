@@ -6,13 +6,17 @@ included (a live holder is never broken). The first is then SIGKILLed: its lock 
 reported as stale (by ``submit`` and ``status``) and is broken only with ``--break-lock``; that
 submission resumes the killed training from its checkpoint and finishes the stage. Unit cases: a
 lock from another host is never broken; an empty lock file (its creator died between creating and
-writing it) is stale once it is a few seconds old. Every process is bounded by a timeout.
+writing it) is stale once it is a few seconds old. ``DATA_ROOT/.lock`` (ingest, ``validate --repair``) is the
+same O_EXCL lock (issue #16): it names its holder, is taken over from a writer that died on this host (or
+left empty and old by the former flock lock), and says how to clear one held on another host. Every process
+is bounded by a timeout.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from data_tools.manifest import writer_lock
 from jobs.cli import main as jobs_main
 from jobs.engine.metrics import read_events
 from jobs.runlock import LockError, run_lock
@@ -120,3 +125,53 @@ def test_empty_lock_file_is_stale_once_old(tmp_path: Path) -> None:
     with run_lock(tmp_path, break_lock=True) as path:
         assert json.loads(path.read_text())["pid"] == os.getpid()
     assert not lock.exists()
+
+
+# ------------------------------------------ DATA_ROOT/.lock: the same O_EXCL lock (data_tools.lock, issue #16)
+def _exited_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(timeout=60)
+    return child.pid
+
+
+def test_writer_lock_names_its_holder_and_releases(tmp_path: Path) -> None:
+    lock = tmp_path / "root" / ".lock"
+    with writer_lock(tmp_path / "root", "ingest"):
+        holder = json.loads(lock.read_text())
+        assert holder["pid"] == os.getpid() and holder["what"] == "ingest"
+        busy = r"\(ingest, since \d+ s ago\).*another ingest or repair.*validate"
+        with pytest.raises(RuntimeError, match=busy), writer_lock(tmp_path / "root", "validate --repair"):
+            pass
+        assert json.loads(lock.read_text()) == holder  # the refused writer left the holder's lock alone
+    assert not lock.exists()
+
+
+def test_writer_lock_takes_over_a_dead_writer_on_this_host(tmp_path: Path) -> None:
+    lock = tmp_path / ".lock"
+    dead = _exited_pid()
+    lock.write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "time": time.time(), "what": "ingest"}))
+    with writer_lock(tmp_path, "ingest"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    lock.write_text("")  # an empty DATA_ROOT/.lock, as the flock implementation left behind after every run
+    old = time.time() - 120
+    os.utime(lock, (old, old))
+    with writer_lock(tmp_path, "ingest"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+
+
+def test_writer_lock_of_another_host_says_how_to_clear_it(tmp_path: Path) -> None:
+    lock = tmp_path / ".lock"
+    lock.write_text(json.dumps({"pid": 7, "host": "other-node-17", "time": time.time() - 60, "what": "ingest"}))
+    with pytest.raises(LockError) as info, writer_lock(tmp_path, "validate --repair"):
+        pass
+    msg = str(info.value)
+    assert re.search(r"pid 7 on other-node-17 \(ingest, since 6\d s ago\)", msg), msg
+    assert "another ingest or repair" in msg and f"delete {lock} by hand" in msg, msg
+    assert lock.exists()
+
+
+def test_lock_release_leaves_a_lock_that_is_no_longer_ours(tmp_path: Path) -> None:
+    with run_lock(tmp_path) as path:
+        path.write_text(json.dumps({"pid": 1, "host": "other-node-17", "time": time.time()}))  # broken by hand, retaken
+    assert json.loads(path.read_text())["host"] == "other-node-17"
