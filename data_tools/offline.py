@@ -53,9 +53,9 @@ from data_tools.offline_sources import (
     EVAL_COLORS,
     FASHION_CLASSES,
     HEART,
+    INVERSE_RELATION,
     RELATIONS,
     SHAPES,
-    SPATIAL_CLASSES,
     Pair,
     SourceMissing,
     article,
@@ -72,6 +72,7 @@ from data_tools.offline_sources import (
     relation_slots,
     shape_image,
     sk_digits,
+    table,
     with_article,
 )
 
@@ -88,6 +89,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# Caption templates (str.format) are data: data_tools/tables/captions.json; their order fixes the corpus.
+TRAIN_CAPTIONS: dict[str, Any] = table("captions")["train"]
+EVAL_TEMPLATES: dict[str, Any] = table("captions")["eval"]
+SPATIAL_CLASSES = [EVAL_TEMPLATES["emoji_spatial_class"].format(rel=rel) for rel in RELATIONS]
+
 # ------------------------------------------------------------------------------------------ stages
 Generator = Callable[[np.random.Generator, int], list[Pair]]
 
@@ -95,8 +101,7 @@ Generator = Callable[[np.random.Generator, int], list[Pair]]
 def _fashion_pairs(rng: np.random.Generator, n: int, *, tinted: bool) -> list[Pair]:
     x, y = fashion_mnist("train")
     idx = rng.choice(len(x), size=min(n, len(x)), replace=False)
-    plain = ["a photo of {c}", "{c}", "a black and white photo of {c}", "a small picture of {c}"]
-    rich = ["{col} {cls} on a black background", "a product photo of {col} {cls}", "a {colw}-tinted picture of {c}"]
+    plain, rich = TRAIN_CAPTIONS["fashion"], TRAIN_CAPTIONS["fashion_tinted"]
     out = []
     for i in idx:
         cls = FASHION_CLASSES[int(y[i])]
@@ -115,14 +120,7 @@ def _digit_pairs(rng: np.random.Generator, n: int, *, source: str) -> list[Pair]
     x, y = sk_digits() if source == "digits" else mnist5k()
     train = [i for i in range(len(x)) if not digit_heldout(source, i, y)]
     idx = rng.choice(train, size=min(n, len(train)), replace=False)
-    if source == "digits":
-        templates = ["the digit {w}", "a blurry digit {d}", "a tiny picture of the number {w}"]
-    else:
-        templates = [
-            "a handwritten digit {w}, white ink on black",
-            "the number {d} written by hand",
-            "a scan of a handwritten {w}",
-        ]
+    templates = TRAIN_CAPTIONS["digits" if source == "digits" else "mnist"]
     return [
         Pair(grey_image(x[i]), str(rng.choice(templates)).format(w=DIGIT_WORDS[int(y[i])], d=int(y[i]))) for i in idx
     ]
@@ -134,7 +132,7 @@ def _shape_pairs(rng: np.random.Generator, n: int, *, pairs: bool) -> list[Pair]
         c1, c2 = (str(c) for c in rng.choice(list(COLORS), size=2, replace=False))
         s1, s2 = (str(s) for s in rng.choice(SHAPES, size=2))
         if not pairs:
-            cap = str(rng.choice(["a {c} {s}", "a {c} {s} on a white background", "a drawing of a {c} {s}"]))
+            cap = str(rng.choice(TRAIN_CAPTIONS["shape"]))
             out.append(Pair(shape_image(rng, c1, s1), cap.format(c=c1, s=s1)))
             continue
         rel = str(rng.choice(RELATIONS))
@@ -145,19 +143,14 @@ def _shape_pairs(rng: np.random.Generator, n: int, *, pairs: bool) -> list[Pair]
         draw = ImageDraw.Draw(img)
         draw_shape(draw, s1, (*pa, pa[0] + cell, pa[1] + cell), COLORS[c1])
         draw_shape(draw, s2, (*pb, pb[0] + cell, pb[1] + cell), COLORS[c2])
-        out.append(Pair(img, f"a {c1} {s1} {rel} a {c2} {s2}"))
+        out.append(Pair(img, TRAIN_CAPTIONS["shape_relation"].format(c1=c1, s1=s1, rel=rel, c2=c2, s2=s2)))
     return out
 
 
 def _emoji_single_pairs(rng: np.random.Generator, n: int) -> list[Pair]:
     cats = emoji_split("train")
     pool = [cp for cps in cats.values() for cp in cps]
-    templates = [
-        "an emoji of {n}",
-        "{n} emoji on a {bg} background",
-        "a cartoon icon of {n}",
-        "a colourful sticker of {n}",
-    ]
+    templates = TRAIN_CAPTIONS["emoji"]
     out = []
     for _ in range(n):
         cp = int(rng.choice(pool))
@@ -181,18 +174,14 @@ def _emoji_relation_pairs(rng: np.random.Generator, n: int, *, three: bool) -> l
         na, nb, nc = (with_article(emoji_name(v)) for v in (a, b, c))
         if not three:
             img = emoji_pair_image(a, b, rel, BACKGROUNDS[bgname])
-            caps = [f"{na} {rel} {nb}", f"{na} {rel} {nb} on a {bgname} background", f"two emoji: {na} {rel} {nb}"]
-            out.append(Pair(img, str(rng.choice(caps))))
+            cap = str(rng.choice(TRAIN_CAPTIONS["emoji_relation"]))
+            out.append(Pair(img, cap.format(a=na, rel=rel, b=nb, bg=bgname)))
             continue
         img = Image.new("RGB", (192, 192), BACKGROUNDS[bgname])
         for k, cp in enumerate((a, b, c)):
             paste_emoji(img, cp, (4 + 62 * k, 66), 60)
-        caps = [
-            f"{na}, {nb} and {nc} in a row from left to right on a {bgname} background",
-            f"three emoji side by side: {na} on the left, {nb} in the middle and {nc} on the right",
-            f"{nb} between {na} and {nc}",
-        ]
-        out.append(Pair(img, str(rng.choice(caps))))
+        cap = str(rng.choice(TRAIN_CAPTIONS["emoji_scene"]))
+        out.append(Pair(img, cap.format(a=na, b=nb, c=nc, bg=bgname)))
     return out
 
 
@@ -265,7 +254,6 @@ def _write_pool_input(
 
 # -------------------------------------------------------------------------------------------- eval
 EVAL_TASKS = ["fashion_mnist", "mnist", "digits", "emoji_category", "emoji_spatial", "colour_shape", "emoji_retrieval"]
-DEFAULT_TEMPLATES = ["a photo of a {c}.", "a picture of a {c}.", "an image of a {c}.", "a {c}."]
 
 
 def _stratified(rng: np.random.Generator, labels: np.ndarray, candidates: list[int], n: int) -> list[int]:
@@ -289,17 +277,12 @@ def _eval_classification(
     if task == "fashion_mnist":
         x, y = fashion_mnist("test")
         idx = _stratified(rng, y, list(range(len(x))), n)
-        return (
-            FASHION_CLASSES,
-            [*DEFAULT_TEMPLATES, "a black and white photo of a {c}."],
-            [(grey_image(x[i]), int(y[i])) for i in idx],
-        )
+        return FASHION_CLASSES, EVAL_TEMPLATES["fashion_mnist"], [(grey_image(x[i]), int(y[i])) for i in idx]
     if task in ("mnist", "digits"):
         x, y = mnist5k() if task == "mnist" else sk_digits()
         held = [i for i in range(len(x)) if digit_heldout(task, i, y)]
         idx = _stratified(rng, y, held, n)
-        templates = ["the digit {c}.", "a handwritten {c}.", "the number {c}.", "a picture of the digit {c}."]
-        return DIGIT_WORDS, templates, [(grey_image(x[i]), int(y[i])) for i in idx]
+        return DIGIT_WORDS, EVAL_TEMPLATES["digits"], [(grey_image(x[i]), int(y[i])) for i in idx]
     if task == "emoji_category":
         cats = emoji_split("eval")
         names = list(EMOJI_CATEGORIES)
@@ -311,8 +294,7 @@ def _eval_classification(
             img = Image.new("RGB", (128, 128), bg)
             paste_emoji(img, cp, (16, 16), 96)
             samples.append((img, label))
-        templates = ["an emoji of a {c}.", "a cartoon icon of a {c}.", "a {c} emoji."]
-        return [EMOJI_CATEGORY_NAMES[c] for c in names], templates, samples
+        return [EMOJI_CATEGORY_NAMES[c] for c in names], EVAL_TEMPLATES["emoji_category"], samples
     if task == "emoji_spatial":
         pool = [cp for cps in emoji_split("eval").values() for cp in cps]
         samples = []
@@ -321,7 +303,7 @@ def _eval_classification(
             other = int(rng.choice(pool))
             bg = BACKGROUNDS[str(rng.choice(list(BACKGROUNDS)))]
             samples.append((emoji_pair_image(HEART, other, RELATIONS[label], bg), label))
-        return SPATIAL_CLASSES, ["{c}.", "a picture of {c}.", "two emoji: {c}."], samples
+        return SPATIAL_CLASSES, EVAL_TEMPLATES["emoji_spatial"], samples
     if task == "colour_shape":
         classes = [f"{c} {s}" for c in EVAL_COLORS for s in SHAPES]
         samples = []
@@ -329,7 +311,7 @@ def _eval_classification(
             label = i % len(classes)
             c, s = classes[label].split()
             samples.append((shape_image(rng, c, s, canvas=112), label))
-        return classes, [*DEFAULT_TEMPLATES, "a drawing of a {c}."], samples
+        return classes, EVAL_TEMPLATES["colour_shape"], samples
     raise ValueError(f"unknown eval task {task!r}; known: {EVAL_TASKS}")
 
 
@@ -340,19 +322,11 @@ def _eval_retrieval(rng: np.random.Generator, n: int) -> list[tuple[Image.Image,
         a, b = (int(v) for v in rng.choice(pool, size=2, replace=False))
         rel = str(rng.choice(RELATIONS))
         bgname = str(rng.choice(list(BACKGROUNDS)))
-        na, nb = with_article(emoji_name(a)), with_article(emoji_name(b))
-        inverse = {
-            "to the left of": "to the right of",
-            "to the right of": "to the left of",
-            "above": "below",
-            "below": "above",
-        }[rel]
+        name_a, name_b = emoji_name(a), emoji_name(b)
+        fields = {"a": with_article(name_a), "b": with_article(name_b), "name_a": name_a, "name_b": name_b}
         caps = [
-            f"{na} {rel} {nb}",
-            f"{nb} {inverse} {na}",
-            f"two emoji on a {bgname} background: {na} and {nb}",
-            f"a picture with {na} {rel} {nb}",
-            f"{nb} and {na}, with the {emoji_name(a)} {rel} the {emoji_name(b)}",
+            t.format(**fields, rel=rel, inverse=INVERSE_RELATION[rel], bg=bgname)
+            for t in EVAL_TEMPLATES["emoji_retrieval"]
         ]
         out.append((emoji_pair_image(a, b, rel, BACKGROUNDS[bgname]), caps))
     return out

@@ -8,105 +8,59 @@
 Held-out rules (the eval suite uses only these; no stage ever does): the Fashion-MNIST test split,
 the last 50 images per class of MNIST-5k, sklearn digits with ``i % 5 == 0``, emoji with
 ``sha256(cp) % 4 == 0`` (:func:`emoji_split`).
+
+The word lists, colours and emoji categories are data, in ``data_tools/tables/{vocab,emoji}.json``
+(shipped with the package, read once by :func:`table`); their order fixes the generated corpus.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import unicodedata
 from dataclasses import dataclass, field
 from functools import cache
+from importlib import resources
+from itertools import chain
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
-FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
-DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-COLORS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 200, 30),
-    "purple": (140, 60, 180),
-    "orange": (240, 130, 30),
-}
-EVAL_COLORS = ["red", "green", "blue", "yellow"]
-SHAPES = ["circle", "square", "triangle"]
-BACKGROUNDS = {
-    "white": (255, 255, 255),
-    "light grey": (200, 200, 200),
-    "pale blue": (190, 215, 245),
-    "pale green": (200, 235, 200),
-    "beige": (240, 225, 190),
-}
+RGB = tuple[int, int, int]
 
 
-def _names(joined: str) -> tuple[str, ...]:
-    """``"CAT|DOG"`` -> ``("CAT", "DOG")``: keeps the word lists below short."""
-    return tuple(joined.split("|"))
+@cache
+def table(name: str) -> dict[str, Any]:
+    """``data_tools/tables/{name}.json``, shipped with the package (word lists, colours, caption templates)."""
+    return json.loads((resources.files("data_tools") / "tables" / f"{name}.json").read_text(encoding="utf-8"))
 
 
+def _rgb(value: list[int]) -> RGB:
+    r, g, b = value
+    return (int(r), int(g), int(b))
+
+
+_VOCAB, _EMOJI = table("vocab"), table("emoji")
+FASHION_CLASSES: list[str] = list(_VOCAB["fashion_classes"])  # by Fashion-MNIST label
+DIGIT_WORDS: list[str] = list(_VOCAB["digit_words"])
+COLORS: dict[str, RGB] = {name: _rgb(v) for name, v in _VOCAB["colors"].items()}
+EVAL_COLORS: list[str] = list(_VOCAB["eval_colors"])
+SHAPES: list[str] = list(_VOCAB["shapes"])
+BACKGROUNDS: dict[str, RGB] = {name: _rgb(v) for name, v in _VOCAB["backgrounds"].items()}
+INVERSE_RELATION: dict[str, str] = dict(_VOCAB["relations"])  # "A above B" is "B below A"
+RELATIONS: list[str] = list(INVERSE_RELATION)
 # Category -> words of Unicode emoji names (an emoji is in a category when one of its words is in exactly one).
-# fmt: off
-EMOJI_CATEGORIES: dict[str, tuple[str, ...]] = {
-    "animal": _names(
-        "CAT|DOG|MOUSE|HORSE|COW|PIG|RABBIT|TIGER|MONKEY|BIRD|FISH|FROG|BEAR|LION|WOLF|FOX|SNAKE|TURTLE|"
-        "WHALE|DOLPHIN|OCTOPUS|CHICKEN|PENGUIN|ELEPHANT|GIRAFFE|ZEBRA|CAMEL|BUG|BEE|SPIDER|SHEEP|GOAT|"
-        "DUCK|OWL|EAGLE|BAT|HAMSTER|KOALA|PANDA|CRAB|SHARK|SNAIL|BUTTERFLY|DRAGON|DEER|BOAR|LEOPARD|"
-        "CROCODILE|LIZARD|PARROT|FLAMINGO|PEACOCK|SWAN|OTTER|SLOTH|HEDGEHOG|KANGAROO|RHINOCEROS|"
-        "HIPPOPOTAMUS|GORILLA|SQUID|LOBSTER|SHRIMP|BADGER|RACCOON|SKUNK|BISON|MAMMOTH|BEAVER|SEAL|WORM|"
-        "BEETLE|CRICKET|COCKROACH|MOSQUITO|FLY|SCORPION|UNICORN|POODLE|CHIPMUNK|RAT|OX|WATER BUFFALO|RAM|"
-        "DROMEDARY|TROPICAL|BLOWFISH|HATCHING|CHICK|ROOSTER|TURKEY|DOVE|DODO|FEATHER"
-    ),
-    "food": _names(
-        "PIZZA|HAMBURGER|APPLE|BANANA|GRAPES|MELON|WATERMELON|TANGERINE|LEMON|PINEAPPLE|PEAR|PEACH|"
-        "CHERRIES|STRAWBERRY|TOMATO|AUBERGINE|CORN|BREAD|CHEESE|MEAT|POULTRY|FRIES|HOT DOG|TACO|BURRITO|"
-        "EGG|COOKING|RICE|CURRY|SPAGHETTI|SUSHI|DANGO|ODEN|CAKE|COOKIE|CHOCOLATE|CANDY|LOLLIPOP|CUSTARD|"
-        "HONEY|DOUGHNUT|ICE CREAM|SHAVED ICE|POPCORN|CARROT|AVOCADO|POTATO|CUCUMBER|BROCCOLI|PEANUTS|"
-        "CROISSANT|BAGUETTE|PRETZEL|PANCAKES|BACON|SANDWICH|SALAD|KIWIFRUIT|COCONUT|MANGO|BLUEBERRIES|"
-        "OLIVE|GARLIC|ONION|PIE|CUPCAKE|DUMPLING|FORTUNE|BENTO|MOON CAKE|BAGEL|WAFFLE|FALAFEL|BUTTER|"
-        "TAMALE|FONDUE|SHORTCAKE|PUDDING|TEA|COFFEE|BEER|WINE|COCKTAIL|BOTTLE|CHESTNUT|MUSHROOM|"
-        "HOT PEPPER|LEAFY GREEN|BELL PEPPER|FLATBREAD|GINGER|PEA POD|JAR"
-    ),
-    "vehicle": _names(
-        "AUTOMOBILE|CAR|TAXI|BUS|TRAIN|LOCOMOTIVE|TRAM|AIRPLANE|HELICOPTER|BICYCLE|MOTORCYCLE|SCOOTER|"
-        "ROCKET|SHIP|SAILBOAT|SPEEDBOAT|CANOE|TRUCK|LORRY|TRACTOR|AMBULANCE|FIRE ENGINE|POLICE|RAILWAY|"
-        "MONORAIL|METRO|SKATEBOARD|FERRY|BOAT|CABLE|AERIAL|SUSPENSION RAILWAY|MOUNTAIN RAILWAY|MINIBUS|"
-        "TROLLEYBUS|PICKUP|WHEELCHAIR|FLYING SAUCER|PARACHUTE|SLED|ROLLER SKATE"
-    ),
-    "plant": _names(
-        "TREE|FLOWER|BLOSSOM|CACTUS|LEAF|LEAVES|HERB|SHAMROCK|CLOVER|TULIP|ROSE|HIBISCUS|SUNFLOWER|"
-        "SEEDLING|BOUQUET|EVERGREEN|DECIDUOUS|EAR OF RICE|WILTED|LOTUS|HYACINTH|POTTED PLANT|PALM TREE|"
-        "MAPLE|FALLEN LEAF|CHERRY BLOSSOM"
-    ),
-    "face": _names("FACE"),
-    "sport": _names(
-        "BALL|FOOTBALL|BASKETBALL|BASEBALL|SOFTBALL|VOLLEYBALL|TENNIS|BOWLING|CRICKET BAT|HOCKEY|LACROSSE|"
-        "GOLF|BADMINTON|BOXING|MARTIAL ARTS|FLYING DISC|SKI|FISHING POLE|DIVING MASK|GOAL NET|TROPHY|"
-        "MEDAL|RUGBY|PING PONG|CURLING|ICE SKATE"
-    ),
-}
-# fmt: on
-EMOJI_CATEGORY_NAMES = {
-    "animal": "animal",
-    "food": "food or drink",
-    "vehicle": "vehicle",
-    "plant": "plant or flower",
-    "face": "face",
-    "sport": "sports item",
-}
-RELATIONS = ["to the left of", "to the right of", "above", "below"]
-SPATIAL_CLASSES = [
-    "a heart to the left of an emoji",
-    "a heart to the right of an emoji",
-    "a heart above an emoji",
-    "a heart below an emoji",
-]
-HEART = 0x2764  # HEAVY BLACK HEART, drawn red by the colour font
+EMOJI_CATEGORIES: dict[str, tuple[str, ...]] = {c: tuple(v["words"]) for c, v in _EMOJI["categories"].items()}
+EMOJI_CATEGORY_NAMES: dict[str, str] = {c: v["label"] for c, v in _EMOJI["categories"].items()}
+EMOJI_RANGES = [range(int(lo, 16), int(hi, 16)) for lo, hi in _EMOJI["ranges"]]
+EMOJI_EXCLUDE: tuple[str, ...] = tuple(_EMOJI["exclude_words"])  # "clock face", "palm down hand": not the category
+EMOJI_DROP_PREFIXES: tuple[str, ...] = tuple(_EMOJI["drop_prefixes"])  # removed in order from lower-case names
+HEART = int(_EMOJI["heart"], 16)  # HEAVY BLACK HEART, drawn red by the colour font
 
 
 @dataclass
@@ -190,7 +144,7 @@ def render_emoji(cp: int) -> Image.Image | None:
 def emoji_name(cp: int) -> str:
     """The lower-case Unicode name without 'black'/'white' prefixes (``0x1F431`` -> ``cat face``)."""
     name = unicodedata.name(chr(cp)).lower()
-    for prefix in ("heavy black ", "black ", "white "):
+    for prefix in EMOJI_DROP_PREFIXES:
         name = name.removeprefix(prefix)
     return name
 
@@ -199,13 +153,13 @@ def emoji_name(cp: int) -> str:
 def emoji_catalog() -> dict[str, list[int]]:
     """Category -> sorted code points that have a Unicode name, a glyph, and a unique category."""
     out: dict[str, list[int]] = {c: [] for c in EMOJI_CATEGORIES}
-    for cp in [*range(0x1F300, 0x1F700), *range(0x1F900, 0x1FB00)]:
+    for cp in chain.from_iterable(EMOJI_RANGES):
         try:
             name = unicodedata.name(chr(cp))
         except ValueError:
             continue
         words = f" {name} "
-        if "CLOCK" in words or "HAND" in words:  # "clock face", "palm down hand": not what the category means
+        if any(w in words for w in EMOJI_EXCLUDE):
             continue
         hits = [c for c, keys in EMOJI_CATEGORIES.items() if any(f" {k} " in words for k in keys)]
         if len(hits) == 1 and render_emoji(cp) is not None:

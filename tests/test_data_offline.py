@@ -113,3 +113,15 @@ def test_missing_source_names_package(tmp_path: Path, monkeypatch: pytest.Monkey
     finally:
         offline_sources.fashion_mnist.cache_clear()
     assert not (tmp_path / "data" / "manifest.json").exists()
+
+
+def test_tables_ship_with_the_package() -> None:
+    """The word lists, colours and caption templates (data_tools/tables) are package data of the wheel/sdist."""
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["data_tools"]
+    tables = sorted((root / "data_tools" / "tables").iterdir())
+    assert tables, "data_tools/tables is empty"
+    for path in tables:
+        rel = path.relative_to(root / "data_tools")
+        assert any(rel.match(p) for p in patterns), f"{rel} is not in pyproject's package-data {patterns}"
