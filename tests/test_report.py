@@ -402,3 +402,29 @@ def test_tower_params_sum_to_spec_params() -> None:
     for spec in (TINY, TINY.with_changes(shared={"depth": 2}), TINY.with_changes(image={"width": 64, "heads": 4})):
         towers = tower_params(spec)
         assert sum(towers.values()) == spec.params() and towers["other"] == 1
+
+
+def test_blocks_render_to_markdown_and_html() -> None:
+    from jobs.engine.report import BulletList, Heading, Image, Paragraph, Table, render_html, render_markdown
+
+    blocks = [
+        Heading(2, "Run a<b"),
+        Paragraph("x & y"),
+        BulletList(["w1", "w2"]),
+        Table(["k", "v|w"], [["a", "1"]]),
+        Image("plots/a.png", "loss"),
+    ]
+    assert render_markdown(blocks) == (
+        "## Run a<b\n\nx & y\n\n- w1\n- w2\n\n| k | v\\|w |\n|---|---|\n| a | 1 |\n\n![loss](plots/a.png)\n"
+    )
+    page = render_html(blocks, {"plots/a.png": b"PNG"})
+    body = page.split("<body>\n", 1)[1].split("\n</body>", 1)[0].splitlines()
+    assert body == [
+        "<h2>Run a&lt;b</h2>",
+        "<p>x &amp; y</p>",
+        "<ul><li>w1</li><li>w2</li></ul>",
+        "<table><thead><tr><th>k</th><th>v|w</th></tr></thead><tbody><tr><td>a</td><td>1</td></tr></tbody></table>",
+        f'<figure><img src="data:image/png;base64,{base64.b64encode(b"PNG").decode()}" alt="loss">'
+        "<figcaption>loss</figcaption></figure>",
+    ]
+    assert 'src="plots/a.png"' in render_html(blocks)  # without the bytes: linked, not embedded
