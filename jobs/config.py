@@ -110,12 +110,10 @@ class GrowthCfg(GrowthSpace):
 class SearchCfg:
     """Per-candidate short trainings and scoring (DESIGN.md step 2; jobs/engine/search.py).
 
-    score = val_loss - zeroshot_weight * zeroshot_acc1 + cost_weight * log(cost(A) / cost(A_{t-1})); lower wins.
-
-    Both terms are measured on the first ``val_samples`` held-out pairs of the new stage, in batches of
-    ``batch_size``: val_loss is the symmetric InfoNCE loss; zeroshot_acc1 is the zero-shot proxy, the top-1
-    accuracy of matching each image to its own caption among the batch's captions and vice versa (mean of
-    both; ``proxy_acc1`` in result.json). cost = params or FLOPs (growth.budget). Our design, not the paper's.
+    Candidates are ranked by the search score (jobs/engine/score.py: held-out loss, caption-matching top-1
+    weighted by ``zeroshot_weight``, log cost ratio weighted by ``cost_weight``; lower wins), measured on the
+    first ``val_samples`` held-out pairs of the new stage in batches of ``batch_size``. Our design, not the
+    paper's.
     """
 
     steps: int = 100  # optimizer steps each candidate trains on the new stage (with replay)

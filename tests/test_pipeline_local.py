@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from jobs.engine.score import SearchScore
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -52,6 +54,9 @@ def test_two_stage_plan_end_to_end(debug_run: tuple[Path, str]) -> None:
     sel = json.loads((s2 / "selected.json").read_text())
     best = min((r for r in sel["table"] if r["status"] == "done"), key=lambda r: r["score"])
     assert sel["winner"]["name"] == best["name"] and sel["reason"]
+    assert sel["score_formula"] == SearchScore.FORMULA
+    for row in sel["table"]:  # the table keeps every term, and the terms add up to the score
+        assert row["score"] == pytest.approx(sum(row[f"term_{t}"] for t in SearchScore.TERMS))
     assert (s2 / "selected.pt").exists() and (s2 / "train" / "final.pt").exists()
     spec = json.loads((s2 / "train" / "spec.json").read_text())
     assert spec == sel["winner"]["spec"]  # stage 2 trained the winner's architecture

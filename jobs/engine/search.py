@@ -16,15 +16,9 @@
    (skipped when the stage has a single candidate — a fixed ``growth.schedule`` or ``axes: []`` —
    since there is nothing to choose: the grown weights are scored as they are);
 4. it is scored on the held-out split of stage t (``data.val_fraction``; first ``search.val_samples``
-   pairs, in batches of ``search.batch_size``, identical for every candidate)::
-
-       score = val_loss - zeroshot_weight * proxy_acc1 + cost_weight * log(cost / cost_prev)
-
-   ``val_loss``: symmetric InfoNCE; ``proxy_acc1``: the zero-shot proxy — top-1 accuracy of matching
-   each held-out image to its own caption among the batch's captions and vice versa (mean of both
-   directions); the eval suite is never used for selection. ``cost``: params or FLOPs
-   (``growth.budget``). Lower wins. This proxy is our design, not the paper's (only its abstract is
-   public).
+   pairs, in batches of ``search.batch_size``, identical for every candidate) with the search score
+   (``jobs.engine.score.SearchScore``: held-out loss, caption-matching top-1 and cost; lower wins; the eval
+   suite is never used for selection);
 5. ``cand_KK/result.json`` is written atomically; an existing one means the task is done (skipped).
    A failure writes ``cand_KK/failed.json`` (reason) and re-raises, so the task fails and a
    resubmission reruns it alone.
@@ -33,7 +27,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 import traceback
 from collections.abc import Callable
@@ -48,6 +41,7 @@ from jobs.engine.dist import DistEnv
 from jobs.engine.evaluate import val_batches, validate_model
 from jobs.engine.metrics import MetricsLog, MetricsWriteError
 from jobs.engine.pipeline import cand_dir, data_ratio, previous_spec, read_json, stage_candidates, stage_path
+from jobs.engine.score import SearchScore
 from jobs.engine.trainer import run_training
 from model.search_space import Candidate
 from model.structs import to_dict
@@ -55,7 +49,6 @@ from model.structs import to_dict
 __all__ = [
     "RESULT_FORMAT",
     "search_cfg",
-    "score",
     "grow_checkpoint",
     "run_search_candidate",
 ]
@@ -83,16 +76,6 @@ def search_cfg(cfg: RunCfg) -> RunCfg:
         ema_decay=0.0,
     )
     return replace(cfg, train=train)
-
-
-def score(val_loss: float, proxy_acc1: float, cost_ratio: float, cfg: RunCfg) -> dict[str, float]:
-    """The search score (lower wins) and its three terms; see the module docstring."""
-    terms = {
-        "val_loss": val_loss,
-        "zeroshot": -cfg.search.zeroshot_weight * proxy_acc1,
-        "cost": cfg.search.cost_weight * math.log(cost_ratio),
-    }
-    return {"score": sum(terms.values()), **{f"term_{k}": v for k, v in terms.items()}}
 
 
 def grow_checkpoint(cfg: RunCfg, run_dir: Path, stage: int, cand: Candidate, out: Path) -> dict[str, Any]:
@@ -263,7 +246,7 @@ def run_search_candidate(
             "samples": samples,
             "train_flops": cand.spec.flops_per_sample() * samples,
             **val,
-            **score(val["val_loss"], val["proxy_acc1"], cand.cost_ratio, cfg),
+            **SearchScore.of(cfg.search)(val["val_loss"], val["proxy_acc1"], cand.cost_ratio),
             "growth": record,
             "grown": str(grown),
             "seconds": time.time() - t0,

@@ -19,6 +19,7 @@ from data_tools.atomic import atomic_write_json
 from jobs.config import RunCfg
 from jobs.engine.checkpoint import load_checkpoint, save_checkpoint
 from jobs.engine.pipeline import cand_dir, read_json, stage_candidates, stage_path
+from jobs.engine.score import SearchScore
 
 __all__ = ["SelectionError", "run_select", "growth_lines"]
 
@@ -68,7 +69,7 @@ def run_select(cfg: RunCfg, stage: int, run_dir: Path) -> dict[str, Any]:
             why = failed["error"] if failed else "no result (task killed, still running or never started)"
             rows.append({"index": k, "name": cand.name, "status": "failed", "params": cand.spec.params(), "error": why})
             continue
-        keys = ("val_loss", "proxy_acc1", "cost_ratio", "score", "term_val_loss", "term_zeroshot", "term_cost")
+        keys = (*SearchScore.INPUTS, *SearchScore.keys())
         rows.append(
             {"index": k, "name": cand.name, "status": "done", "params": res["params"], **{x: res[x] for x in keys}}
         )
@@ -87,12 +88,8 @@ def run_select(cfg: RunCfg, stage: int, run_dir: Path) -> dict[str, Any]:
         reason = f"{win['name']} is the only candidate that finished"
     else:
         second = ok[1]
-        reason = (
-            f"{win['name']} has the lowest score {win['score']:.4f} (val_loss {win['val_loss']:.4f}, proxy_acc1 "
-            f"{win['proxy_acc1']:.3f}, cost x{win['cost_ratio']:.2f}); runner-up {second['name']} "
-            f"{second['score']:.4f} (val_loss {second['val_loss']:.4f}, proxy_acc1 {second['proxy_acc1']:.3f}, "
-            f"cost x{second['cost_ratio']:.2f})"
-        )
+        describe = SearchScore.describe
+        reason = f"{win['name']} has the lowest score {describe(win)}; runner-up {second['name']} {describe(second)}"
     result = read_json(cand_dir(run_dir, stage, win["index"]) / "result.json")
     assert result is not None
     grown = load_checkpoint(Path(result["grown"]))
@@ -105,7 +102,7 @@ def run_select(cfg: RunCfg, stage: int, run_dir: Path) -> dict[str, Any]:
         "growth": result["growth"],
         "init": str(sd / "selected.pt"),
         "failed": [r["index"] for r in rows if r["status"] != "done"],
-        "score_formula": "val_loss - zeroshot_weight*proxy_acc1 + cost_weight*log(cost/cost_prev)",
+        "score_formula": SearchScore.FORMULA,
     }
     atomic_write_json(sd / "selected.json", selected)
     logger.info("stage=%d selected %s: %s", stage, win["name"], reason)
