@@ -15,8 +15,8 @@ _LAZY = {
     "load_tokenizer": "data_tools.tokenizer",
     "make_train_loader": "data_tools.loaders",
     "make_val_loader": "data_tools.loaders",
-    "load_eval_task": "data_tools.loaders",
-    "list_eval_tasks": "data_tools.loaders",
+    "load_eval_task": "data_tools.eval_sets",
+    "list_eval_tasks": "data_tools.eval_sets",
 }
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import random
 import tarfile
@@ -57,10 +56,6 @@ __all__ = [
     "normalize_batch",
     "make_train_loader",
     "make_val_loader",
-    "ClassificationSet",
-    "RetrievalSet",
-    "load_eval_task",
-    "list_eval_tasks",
     "image_to_tensor",
     "image_to_uint8",
 ]
@@ -938,65 +933,3 @@ def make_val_loader(
             )
         )
     return batches
-
-
-@dataclass
-class ClassificationSet:
-    """A zero-shot classification task: images (N,3,H,W), labels (N,), classnames, templates with ``{c}``."""
-
-    name: str
-    images: torch.Tensor
-    labels: torch.Tensor
-    classnames: list[str]
-    templates: list[str]
-
-
-@dataclass
-class RetrievalSet:
-    """A retrieval task: images (N,3,H,W) and several captions per image."""
-
-    name: str
-    images: torch.Tensor
-    captions: list[list[str]]
-
-
-def list_eval_tasks(data_root: str | Path) -> dict[str, Any]:
-    """``eval/tasks.json``: task name -> {type, count, ...}."""
-    path = Path(data_root) / "eval" / "tasks.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: run `python -m data_tools build-offline {data_root}`")
-    return json.loads(path.read_text())["tasks"]
-
-
-def load_eval_task(data_root: str | Path, task: str, *, image_size: int = 64) -> ClassificationSet | RetrievalSet:
-    """Load one eval task (CLIP_benchmark wds layout) fully into memory."""
-    tdir = Path(data_root) / "eval" / task
-    nshards = int((tdir / "test" / "nshards.txt").read_text())
-    retrieval = not (tdir / "classnames.txt").exists()
-    images, labels, captions = [], [], []
-    incomplete = 0
-    for i in range(nshards):
-        for sample in _iter_tar(tdir / "test" / f"{i}.tar"):
-            if "jpg" not in sample or ("txt" if retrieval else "cls") not in sample:
-                incomplete += 1  # the sample a truncation cut through: its parts are not all there
-                continue
-            img = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
-            if img.size != (image_size, image_size):
-                img = resize_image(img, image_size, "center_crop")
-            images.append(image_to_uint8(img))
-            if retrieval:
-                captions.append(sample["txt"].decode("utf-8").splitlines())
-            else:
-                labels.append(int(sample["cls"]))
-    if incomplete:
-        logger.warning("eval task %s: skipped %d incomplete samples (damaged shard?)", task, incomplete)
-    if not images:
-        raise ValueError(
-            f"eval task {task}: no readable sample in {tdir / 'test'}: rebuild it (data_tools build-offline)"
-        )
-    stacked = normalize_batch(torch.stack(images))
-    if not retrieval:
-        classnames = (tdir / "classnames.txt").read_text().splitlines()
-        templates = (tdir / "zeroshot_classification_templates.txt").read_text().splitlines()
-        return ClassificationSet(task, stacked, torch.tensor(labels, dtype=torch.long), classnames, templates)
-    return RetrievalSet(task, stacked, captions)

@@ -39,10 +39,11 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_tools.atomic import atomic_write_json, atomic_write_text
+from data_tools.atomic import atomic_write_json
 from data_tools.corpus_pool import POOL, base_reuse, stage_pairs
+from data_tools.eval_sets import write_classification_task, write_retrieval_task
 from data_tools.imaging import ImageOptions, encode_jpeg, resize_image
-from data_tools.ingest import ingest, read_stage_hashes, write_tar
+from data_tools.ingest import ingest, read_stage_hashes
 from data_tools.manifest import load_manifest
 from data_tools.offline_sources import (
     BACKGROUNDS,
@@ -350,27 +351,14 @@ def build_eval_suite(
     for k, task in enumerate(EVAL_TASKS):
         rng = np.random.default_rng([seed, 1000 + k])
         tdir = root / task
-        (tdir / "test").mkdir(parents=True, exist_ok=True)
         if task == "emoji_retrieval":
             items = _eval_retrieval(rng, per_task)
-            samples = [
-                {"__key__": f"{i:06d}", "jpg": _encode_eval(img, image_size), "txt": "\n".join(caps)}
-                for i, (img, caps) in enumerate(items)
-            ]
-            tasks[task] = {"type": "retrieval", "count": len(samples), "captions_per_image": 5}
+            tasks[task] = write_retrieval_task(tdir, [(_encode_eval(img, image_size), caps) for img, caps in items])
         else:
             classes, templates, items = _eval_classification(rng, task, per_task)
-            assert all("{c}" in t for t in templates), templates
-            atomic_write_text(tdir / "classnames.txt", "".join(c + "\n" for c in classes))
-            atomic_write_text(tdir / "zeroshot_classification_templates.txt", "".join(t + "\n" for t in templates))
-            samples = [
-                {"__key__": f"{i:06d}", "jpg": _encode_eval(img, image_size), "cls": str(label)}
-                for i, (img, label) in enumerate(items)
-            ]
-            tasks[task] = {"type": "classification", "count": len(samples), "classes": len(classes)}
-        write_tar(tdir / "test" / "0.tar", samples)
-        atomic_write_text(tdir / "test" / "nshards.txt", "1\n")
-        logger.info("eval task %s: %d samples", task, len(samples))
+            encoded = [(_encode_eval(img, image_size), label) for img, label in items]
+            tasks[task] = write_classification_task(tdir, classes, templates, encoded)
+        logger.info("eval task %s: %d samples", task, tasks[task]["count"])
     info = {
         "image_size": image_size,
         "tasks": tasks,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import tarfile
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 import data_tools
+from data_tools.eval_sets import load_eval_task
 from data_tools.imaging import ImageOptions
 from data_tools.ingest import ingest, write_tar
 from data_tools.loaders import (
@@ -23,7 +25,6 @@ from data_tools.loaders import (
     TrainBatch,
     image_to_tensor,
     is_heldout,
-    load_eval_task,
     make_train_loader,
     make_val_loader,
     normalize_batch,
@@ -267,6 +268,7 @@ def test_eval_task_skips_the_sample_a_truncation_cut_through(tmp_path: Path, kin
     samples = [{"__key__": f"{i:06d}", "jpg": _jpeg((40 * i, 0, 0)), part: value.format(i % 2)} for i in range(5)]
     write_tar(tdir / "test" / "0.tar", samples)
     (tdir / "test" / "nshards.txt").write_text("1\n")
+    (tmp_path / "eval" / "tasks.json").write_text(json.dumps({"tasks": {"toy": {"type": kind, "count": 5}}}))
     if kind == "classification":
         (tdir / "classnames.txt").write_text("a\nb\n")
         (tdir / "zeroshot_classification_templates.txt").write_text("a photo of {c}\n")

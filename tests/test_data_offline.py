@@ -77,7 +77,7 @@ def test_eval_images_are_held_out() -> None:
 
 
 def test_eval_loader(built: tuple[Path, dict, float]) -> None:
-    from data_tools.loaders import ClassificationSet, RetrievalSet, list_eval_tasks, load_eval_task
+    from data_tools.eval_sets import ClassificationSet, RetrievalSet, list_eval_tasks, load_eval_task
 
     root, _, _ = built
     tasks = list_eval_tasks(root)

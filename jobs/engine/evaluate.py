@@ -7,6 +7,10 @@ Reported: top-1 and top-5 accuracy (top-k with k capped at the class count), mea
 counts an image as found when ANY of its captions ranks in the top k; text→image R@k counts each
 caption whose image ranks in the top k.
 
+Task types are keyed on the type ``eval/tasks.json`` records: data_tools/eval_sets.py reads and writes
+each type (``TASK_TYPES``), :data:`TASK_METRICS` here scores it and says which summary keys it feeds.
+A new type is one reader/writer there and one ``TaskMetrics`` entry here.
+
 JSON schema written by :func:`evaluate_checkpoint` (``format: growclip-eval``, version 1)::
 
     {"format", "version", "checkpoint", "step", "samples_seen", "stage", "weights", "spec",
@@ -25,13 +29,22 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from data_tools.loaders import ClassificationSet, list_eval_tasks, load_eval_task, make_val_loader
+from data_tools.eval_sets import (
+    CLASSIFICATION,
+    RETRIEVAL,
+    ClassificationSet,
+    RetrievalSet,
+    list_eval_tasks,
+    load_eval_task,
+)
+from data_tools.loaders import make_val_loader
 from data_tools.tokenizer import load_tokenizer, tokenize
 from jobs.config import EvalCfg, RunCfg
 from jobs.engine.checkpoint import load_checkpoint
@@ -43,6 +56,8 @@ __all__ = [
     "retrieval_metrics",
     "zero_shot_classifier",
     "evaluate_model",
+    "TASK_METRICS",
+    "TaskMetrics",
     "evaluate_checkpoint",
     "evaluate_stage",
     "val_batches",
@@ -141,8 +156,9 @@ def evaluate_model(
     unknown = [t for t in names if t not in available]
     if unknown:
         raise ValueError(f"eval.tasks {unknown} not found under {data_root}/eval; available: {sorted(available)}")
-    tok = load_tokenizer(Path(data_root) / "tokenizer.json")
-    ctx = spec.text.context_length
+    text = _TextEncoder(
+        model, load_tokenizer(Path(data_root) / "tokenizer.json"), spec.text.context_length, device, cfg
+    )
     was_training = model.training
     model.eval()
     results: dict[str, Any] = {}
@@ -151,19 +167,7 @@ def evaluate_model(
             t0 = time.time()
             task = load_eval_task(data_root, name, image_size=spec.image.image_size)
             img = _encode_batched(model.encode_image, task.images, cfg.batch_size, device)
-            if isinstance(task, ClassificationSet):
-                classifier = zero_shot_classifier(
-                    model, task.classnames, task.templates, tok, ctx, device, cfg.batch_size
-                )
-                logits = (img @ classifier.T).cpu()
-                r = {"type": "classification", "count": len(task.labels), "classes": len(task.classnames)}
-                r.update(classification_metrics(logits, task.labels))
-            else:
-                captions = [c for caps in task.captions for c in caps]
-                owner = torch.tensor([i for i, caps in enumerate(task.captions) for _ in caps])
-                txt = _encode_batched(model.encode_text, tokenize(captions, ctx, tok), cfg.batch_size, device)
-                r = {"type": "retrieval", "images": len(task.captions), "captions": len(captions)}
-                r.update(retrieval_metrics(img.cpu(), txt.cpu(), owner, cfg.retrieval_ks))
+            r = TASK_METRICS[available[name]["type"]].run(task, img, text)
             results[name] = r
             shown = {k: round(v, 4) for k, v in r.items() if isinstance(v, float)}
             logger.info("eval %s (%.1fs): %s", name, time.time() - t0, shown)
@@ -172,20 +176,82 @@ def evaluate_model(
     return results
 
 
+@dataclass(frozen=True)
+class _TextEncoder:
+    """What a task type's metrics need besides the task and its image embeddings: the text side."""
+
+    model: nn.Module
+    tokenizer: Any
+    context_length: int
+    device: torch.device
+    cfg: EvalCfg
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        tokens = tokenize(list(texts), self.context_length, self.tokenizer)
+        return _encode_batched(self.model.encode_text, tokens, self.cfg.batch_size, self.device)
+
+
+def _run_classification(task: ClassificationSet, img: torch.Tensor, text: _TextEncoder) -> dict[str, Any]:
+    classifier = zero_shot_classifier(
+        text.model,
+        task.classnames,
+        task.templates,
+        text.tokenizer,
+        text.context_length,
+        text.device,
+        text.cfg.batch_size,
+    )
+    r: dict[str, Any] = {"type": CLASSIFICATION, "count": len(task.labels), "classes": len(task.classnames)}
+    r.update(classification_metrics((img @ classifier.T).cpu(), task.labels))
+    return r
+
+
+def _run_retrieval(task: RetrievalSet, img: torch.Tensor, text: _TextEncoder) -> dict[str, Any]:
+    captions = [c for caps in task.captions for c in caps]
+    owner = torch.tensor([i for i, caps in enumerate(task.captions) for _ in caps])
+    txt = text.encode(captions)
+    r: dict[str, Any] = {"type": RETRIEVAL, "images": len(task.captions), "captions": len(captions)}
+    r.update(retrieval_metrics(img.cpu(), txt.cpu(), owner, text.cfg.retrieval_ks))
+    return r
+
+
+@dataclass(frozen=True)
+class TaskMetrics:
+    """How one task type (as recorded in eval/tasks.json; readers in data_tools/eval_sets.py) is scored.
+
+    ``run(task, image_embeddings, text)`` returns the task's JSON row (``type`` first); ``summary`` maps
+    each key of the eval JSON's ``summary`` the type contributes to the per-task value it averages
+    (tasks lacking the value are left out; no task of the type = ``None``).
+    """
+
+    run: Callable[[Any, torch.Tensor, _TextEncoder], dict[str, Any]]
+    summary: dict[str, Callable[[dict[str, Any]], float | None]]
+
+
+TASK_METRICS: dict[str, TaskMetrics] = {
+    CLASSIFICATION: TaskMetrics(
+        _run_classification,
+        {"mean_acc1": lambda r: r["acc1"], "mean_mean_per_class_recall": lambda r: r["mean_per_class_recall"]},
+    ),
+    RETRIEVAL: TaskMetrics(
+        _run_retrieval,
+        {
+            "mean_retrieval_R@1": lambda r: (
+                (r["image_to_text_R@1"] + r["text_to_image_R@1"]) / 2 if "image_to_text_R@1" in r else None
+            )
+        },
+    ),
+}
+
+
 def _summary(tasks: dict[str, Any]) -> dict[str, float | None]:
-    cls = [r for r in tasks.values() if r["type"] == "classification"]
-    ret = [r for r in tasks.values() if r["type"] == "retrieval"]
-
-    def mean(xs: list[float]) -> float | None:
-        return sum(xs) / len(xs) if xs else None
-
-    return {
-        "mean_acc1": mean([r["acc1"] for r in cls]),
-        "mean_mean_per_class_recall": mean([r["mean_per_class_recall"] for r in cls]),
-        "mean_retrieval_R@1": mean(
-            [(r["image_to_text_R@1"] + r["text_to_image_R@1"]) / 2 for r in ret if "image_to_text_R@1" in r]
-        ),
-    }
+    out: dict[str, float | None] = {}
+    for kind, metrics in TASK_METRICS.items():
+        rows = [r for r in tasks.values() if r["type"] == kind]
+        for key, value in metrics.summary.items():
+            xs = [x for x in map(value, rows) if x is not None]
+            out[key] = sum(xs) / len(xs) if xs else None
+    return out
 
 
 def evaluate_checkpoint(

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from data_tools.eval_sets import CLASSIFICATION, RETRIEVAL
 from jobs.engine.pipeline import arch_summary, stage_path
 from jobs.engine.report.read import _check_run_dir, _config, _json, _search_part, _stage_dirs, _train_part
 from model.spec import ArchSpec, block_params
@@ -76,7 +77,7 @@ def _retrieval(tasks: dict[str, Any]) -> dict[str, dict[str, float]]:
     return {
         name: {k: v for k, v in r.items() if k.startswith(("image_to_text_R@", "text_to_image_R@"))}
         for name, r in tasks.items()
-        if r.get("type") == "retrieval"
+        if r.get("type") == RETRIEVAL
     }
 
 
@@ -177,7 +178,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         if not ev and tr["finished"]:
             warnings.append(f"stage_{t:02d}/eval/metrics.json is missing: stage {t} was trained but not evaluated")
         tasks = (ev or {}).get("tasks", {})
-        acc1 = {n: r["acc1"] for n, r in sorted(tasks.items()) if r.get("type") == "classification" and "acc1" in r}
+        acc1 = {n: r["acc1"] for n, r in sorted(tasks.items()) if r.get("type") == CLASSIFICATION and "acc1" in r}
         retrieval = _retrieval(tasks)
         i2t = [r["image_to_text_R@1"] for r in retrieval.values() if "image_to_text_R@1" in r]
         t2i = [r["text_to_image_R@1"] for r in retrieval.values() if "text_to_image_R@1" in r]
