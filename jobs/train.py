@@ -1,9 +1,9 @@
 """``python -m jobs train``: train one stage in this process (single, torchrun, or srun tasks) — R13 thin job.
 
-The loop is ``jobs.engine.trainer``; this file parses, sets up logging and the process group, turns
-SIGUSR2 (SLURM's preemption/timeout warning, ``sbatch --signal=USR2@90``) into a checkpoint at the
-next step boundary, and maps failures to exit codes: 0 done, 1 failed (message names the fix),
-2 bad input, 3 preempted (checkpointed; re-run the same command to resume).
+The wiring is ``jobs.engine.trainer`` (its loop: ``jobs.engine.loop``); this file parses, sets up logging
+and the process group, turns SIGUSR2 (SLURM's preemption/timeout warning, ``sbatch --signal=USR2@90``)
+into a checkpoint at the next step boundary, and maps failures to exit codes: 0 done, 1 failed (message
+names the fix), 2 bad input, 3 preempted (checkpointed; re-run the same command to resume).
 """
 
 from __future__ import annotations

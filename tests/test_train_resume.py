@@ -30,6 +30,7 @@ from jobs.engine.checkpoint import (
 )
 from jobs.engine.dist import DistEnv
 from jobs.engine.metrics import read_events
+from jobs.engine.train_state import TrainState
 from jobs.engine.trainer import run_training
 from tests.helpers import stop_at
 
@@ -179,3 +180,54 @@ def test_checkpoint_io_failures_and_pruning(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["step_00000003.pt", "step_00000003.pt.sha256", "step_00000004.pt"]
     shutil.rmtree(tmp_path)
     assert find_resume(tmp_path) is None
+
+
+TRAINING_KEYS = ["format", "version", "step", "samples_seen", "stage", "spec", "model", "optimizer", "scheduler"]
+TRAINING_KEYS += ["scaler", "ema", "rng", "data", "growth_history", "config", "init", "world_size", "torch_version"]
+GROWN_KEYS = ["format", "version", "step", "samples_seen", "stage", "spec", "model", "optimizer", "ema"]
+GROWN_KEYS += ["growth_history", "config", "init"]
+
+
+def _tiny_state(ema_decay: float) -> TrainState:
+    from model import build_model
+    from model.spec import TINY
+
+    tc = load_cfg(None, ["train.steps=4", "train.warmup_steps=1", f"train.ema_decay={ema_decay}"]).train
+    model = build_model(TINY, seed=0)
+    return TrainState.build(TINY, model, tc, torch.device("cpu"), stage=2, config={"train": {}}, growth_history=[])
+
+
+def test_train_state_is_the_one_payload(tmp_path: Path) -> None:
+    """Every writer's payload comes from TrainState.state_dict (jobs/README.md "Checkpoint format"); a training
+    state's round trip through a checkpoint restores weights, optimizer, schedule, EMA, step and samples."""
+    from model.pim import random_inputs
+
+    state = _tiny_state(0.9)
+    images, tokens = random_inputs(state.spec, batch=4)
+    img, txt, scale = state.model(images.float(), tokens)
+    (scale * (img @ txt.T)).logsumexp(dim=1).sum().backward()
+    state.optimizer.step()
+    state.scheduler.step()
+    state.ema.update(state.model)
+    state.step, state.samples_seen = 1, 4
+    data = {"segment_start": 0, "offset": 1, "streams": 1, "per_stream": 4}
+    save_checkpoint(state.state_dict(data, world_size=1), tmp_path / "step.pt")
+    payload = load_checkpoint(tmp_path / "step.pt")
+    assert list(payload) == TRAINING_KEYS and payload["data"] == data and payload["stage"] == 2
+
+    fresh = _tiny_state(0.9)
+    fresh.load_state_dict(payload)
+    assert (fresh.step, fresh.samples_seen) == (1, 4)
+    again = fresh.state_dict(data, world_size=1)
+    for key in ("model", "ema"):
+        for name, tensor in payload[key].items():
+            torch.testing.assert_close(again[key][name], tensor, rtol=0, atol=0, msg=f"{key}.{name}")
+    for pid, moments in payload["optimizer"]["state"].items():
+        for name, tensor in moments.items():
+            torch.testing.assert_close(again["optimizer"]["state"][pid][name], tensor, rtol=0, atol=0)
+    assert again["scheduler"] == payload["scheduler"]
+
+    grown = TrainState(2, state.spec, state.model, {"train": {}}, [{"op": "x"}], init="prev/final.pt")
+    model_only = grown.state_dict()  # search.grow_checkpoint's payload: the --init of the next training
+    assert list(model_only) == GROWN_KEYS and model_only["optimizer"] is None and model_only["ema"] is None
+    assert (model_only["step"], model_only["samples_seen"], model_only["init"]) == (0, 0, "prev/final.pt")

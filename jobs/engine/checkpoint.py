@@ -13,8 +13,9 @@ killed mid-write leaves a torn temp file (``.step_00000100.pt.XXXX.tmp``) that n
 opens; the next save of that name and every prune delete such leftovers. A full disk (ENOSPC,
 EDQUOT) fails the save with a :class:`CheckpointError` naming the path, the free space and the fix;
 the temp file is removed and the previous checkpoints are untouched. The payload is
-plain data (tensors, dicts, lists, numbers, strings; see :func:`build_payload`) and is loaded with
-``torch.load(weights_only=True)``: no pickled objects or namespaces.
+plain data (tensors, dicts, lists, numbers, strings), loaded with ``torch.load(weights_only=True)``:
+no pickled objects or namespaces. This module stores any such dict; what a GrowCLIP checkpoint holds
+is :meth:`jobs.engine.train_state.TrainState.state_dict` (jobs/README.md "Checkpoint format").
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from data_tools.atomic import atomic_open, atomic_write_text, free_space
 
 __all__ = [
     "FORMAT",
+    "VERSION",
     "CheckpointError",
     "save_checkpoint",
     "load_checkpoint",

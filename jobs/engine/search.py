@@ -36,12 +36,13 @@ from typing import Any
 
 from data_tools.atomic import atomic_write_json
 from jobs.config import RunCfg
-from jobs.engine.checkpoint import FORMAT, VERSION, load_checkpoint, prune_checkpoints, save_checkpoint
+from jobs.engine.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from jobs.engine.dist import DistEnv
 from jobs.engine.evaluate import val_batches, validate_model
 from jobs.engine.metrics import MetricsLog, MetricsWriteError
 from jobs.engine.pipeline import cand_dir, data_ratio, previous_spec, read_json, stage_candidates, stage_path
 from jobs.engine.score import SearchScore
+from jobs.engine.train_state import TrainState
 from jobs.engine.trainer import run_training
 from model.search_space import Candidate
 from model.structs import to_dict
@@ -103,23 +104,9 @@ def grow_checkpoint(cfg: RunCfg, run_dir: Path, stage: int, cand: Candidate, out
     grown, record = grow(model, cand.spec, cfg.growth.momentum, seed=cfg.train.seed + stage, source=source)
     rec = record.to_dict()
     rec.update(stage=stage, candidate=cand.name)
-    save_checkpoint(
-        {
-            "format": FORMAT,
-            "version": VERSION,
-            "step": 0,
-            "samples_seen": 0,
-            "stage": stage,
-            "spec": cand.spec.to_dict(),
-            "model": grown.state_dict(),
-            "optimizer": None,
-            "ema": None,
-            "growth_history": [*payload.get("growth_history", []), rec],
-            "config": to_dict(cfg),
-            "init": str(prev_final),
-        },
-        out,
-    )
+    history = [*payload.get("growth_history", []), rec]
+    state = TrainState(stage, cand.spec, grown, to_dict(cfg), history, init=str(prev_final))  # model only: step 0
+    save_checkpoint(state.state_dict(), out)
     return rec
 
 
