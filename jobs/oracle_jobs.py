@@ -19,7 +19,8 @@ from typing import Any
 import submitit
 
 from data_tools.cli_errors import EXIT_FAILED, EXIT_USAGE, fail
-from jobs.config import ConfigError, check_stage, load_cfg
+from jobs.cluster import Cluster, get_cluster, make_executor, record_jobs
+from jobs.config import ConfigError, RunCfg, check_stage, load_cfg
 from jobs.engine.dist import init_distributed
 from jobs.engine.oracle import (
     OracleError,
@@ -79,30 +80,26 @@ class OracleSummaryJob(submitit.helpers.Checkpointable):
         return summarize_oracle(Path(self.run_dir), self.stage)
 
 
-def _submit_slurm(cfg: Any, run_dir: Path, stage: int, job: OracleJob, count: int) -> list[str]:
-    from jobs.submit import _executor, active_jobs, record_jobs
-
-    if active_jobs(run_dir).get((stage, "oracle")):
+def _submit_queued(cfg: RunCfg, run_dir: Path, stage: int, job: OracleJob, count: int, cluster: Cluster) -> list[str]:
+    """The array and its summary (``afterany`` the array); nothing when the stage's oracle is still queued."""
+    if cluster.active(run_dir).get((stage, "oracle")):
         return []
-    array = _executor(cfg, run_dir, "slurm", "train", [])
-    array.update_parameters(name=f"growclip-{cfg.name}-oracle")
-    jobs = array.map_array(job, list(range(count)))
-    master = jobs[0].job_id.split("_")[0]
-    summary = _executor(cfg, run_dir, "slurm", "select", [f"afterany:{master}"])
+    folder = run_dir / "submitit"
+    jobs = make_executor(cfg.cluster, folder, cluster.kind, "oracle", run=cfg.name).map_array(job, list(range(count)))
+    after = cluster.dependency("afterany", [j.job_id for j in jobs])
+    summary = make_executor(cfg.cluster, folder, cluster.kind, "oracle-summary", run=cfg.name, after=after)
     sjob = summary.submit(OracleSummaryJob(stage, str(run_dir)))
-    now = time.time()
+    now, kind = time.time(), cluster.kind
     record_jobs(
         run_dir,
-        [{"stage": stage, "step": "oracle", "job_id": j.job_id, "executor": "slurm", "time": now} for j in jobs]
-        + [{"stage": stage, "step": "oracle-summary", "job_id": sjob.job_id, "executor": "slurm", "time": now}],
+        [{"stage": stage, "step": "oracle", "job_id": j.job_id, "executor": kind, "time": now} for j in jobs]
+        + [{"stage": stage, "step": "oracle-summary", "job_id": sjob.job_id, "executor": kind, "time": now}],
     )
     return [j.job_id for j in jobs] + [sjob.job_id]
 
 
 def cmd_oracle(args: argparse.Namespace) -> int:
     """Submit (slurm) or run (local/debug) the oracle of ``--stage``; print its table when it is done."""
-    from jobs.submit import _executor
-
     setup_logging()
     run_dir = Path(args.run_dir).resolve()
     try:
@@ -114,26 +111,24 @@ def cmd_oracle(args: argparse.Namespace) -> int:
         plan = oracle_plan(run_dir, args.stage)
     except (ConfigError, OracleError) as exc:
         return fail(exc, EXIT_USAGE)
-    kind = args.executor or cfg.cluster.executor
+    cluster = get_cluster(args.executor or cfg.cluster.executor)
     job = OracleJob(str(run_dir / RUN_CONFIG), tuple(args.overrides), args.stage, str(run_dir))
     todo = [
         k
         for k, c in enumerate(plan)
         if read_json(oracle_dir(run_dir, args.stage) / f"cand_{c['index']:02d}" / "result.json") is None
     ]
-    if kind == "slurm" and todo:
-        ids = _submit_slurm(cfg, run_dir, args.stage, job, len(plan))
+    if cluster.queues and todo:
+        ids = _submit_queued(cfg, run_dir, args.stage, job, len(plan), cluster)
         print(f"stage {args.stage} oracle: " + (f"submitted {' '.join(ids)}" if ids else "already queued"))
         if not args.wait:
             return 0
-        from jobs.submit import active_jobs
-
-        while active_jobs(run_dir).get((args.stage, "oracle")) or active_jobs(run_dir).get(
+        while (active := cluster.active(run_dir)).get((args.stage, "oracle")) or active.get(
             (args.stage, "oracle-summary")
         ):
             time.sleep(5)
     elif todo:
-        ex = _executor(cfg, run_dir, kind, "train", [])
+        ex = make_executor(cfg.cluster, run_dir / "submitit", cluster.kind, "oracle", run=cfg.name)
         failed = 0
         for k in todo:
             try:

@@ -1,5 +1,7 @@
 """``python -m jobs submit-train``: submit one stage's training through submitit, requeued on preemption (R13).
 
+The executor is ``jobs.cluster.make_executor`` (job kind ``train``, named ``growclip-train``).
+
 :class:`TrainJob` (a ``submitit.helpers.Checkpointable``) calls ``jobs.engine.trainer.train_stage``. On
 SIGUSR2 (``scancel --signal=USR2``, or ``cluster.signal_delay_s`` before the time limit) the loop checkpoints at
 the next step boundary, then submitit's handler runs :meth:`TrainJob.checkpoint` (the same job again) and ``scontrol
@@ -17,7 +19,8 @@ import submitit
 
 from data_tools.atomic import atomic_write_text
 from data_tools.cli_errors import fail
-from jobs.config import ClusterCfg, ConfigError, check_stage, dump_cfg, load_cfg
+from jobs.cluster import make_executor  # one executor factory for every job (re-exported: tests use this name)
+from jobs.config import ConfigError, check_stage, dump_cfg, load_cfg
 from jobs.engine.data import check_corpus
 from jobs.engine.dist import cleanup_distributed, init_distributed
 from jobs.engine.rundir import RUN_CONFIG, check_run_dir
@@ -26,8 +29,6 @@ from jobs.logs import setup_logging
 from jobs.train import StopFlag
 
 __all__ = ["TrainJob", "make_executor", "cmd_submit_train"]
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -59,31 +60,6 @@ class TrainJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Resubmit the same job; it resumes from the newest verified checkpoint in the run dir."""
         return submitit.helpers.DelayedSubmission(TrainJob(**vars(self)))
-
-
-def make_executor(cc: ClusterCfg, folder: Path, executor: str | None = None) -> submitit.Executor:
-    """A submitit executor for a training job from the ``cluster`` config section."""
-    kind = executor or cc.executor
-    if kind != "slurm":
-        ex = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=kind)
-    else:
-        ex = submitit.AutoExecutor(folder=str(folder / "%j"), slurm_max_num_timeout=cc.max_requeues)
-        extra = {**cc.extra_sbatch, **{k: v for k, v in (("account", cc.account), ("qos", cc.qos)) if v}}
-        # the job imports jobs/ and model/ from this checkout, whatever the job's working directory
-        setup = [f"export PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}}", *cc.setup]
-        part = {"slurm_partition": cc.partition} if cc.partition else {}
-        ex.update_parameters(slurm_signal_delay_s=cc.signal_delay_s, slurm_setup=setup, **part)
-        ex.update_parameters(slurm_additional_parameters=extra)
-    ex.update_parameters(
-        name="growclip-train",
-        timeout_min=cc.train_time_min,
-        nodes=cc.nodes,
-        tasks_per_node=max(cc.gpus_per_node, 1),  # one rank per GPU
-        cpus_per_task=cc.cpus_per_task,
-        mem_gb=cc.mem_gb,
-        **({"gpus_per_node": cc.gpus_per_node} if cc.gpus_per_node else {}),
-    )
-    return ex
 
 
 def cmd_submit_train(args: argparse.Namespace) -> int:

@@ -94,6 +94,45 @@ def test_plan_dry_run(debug_run: tuple[Path, str], tiny_pipeline_config: Path, t
     assert "stage 3 search   submit array [0, 1, 2]" in proc.stdout and "stage 3 candidates: 0:none" in proc.stdout
 
 
+def test_plan_waits_for_a_queued_stage_outside_stages(tiny_pipeline_config: Path, tmp_path: Path) -> None:
+    """--stages 2 while stage 1's training is still queued: stage 2's search waits for that job."""
+    from jobs.config import ConfigError, load_cfg
+    from jobs.engine.pipeline import plan_actions
+
+    cfg = load_cfg(tiny_pipeline_config)
+    queued = {(1, "train"): [{"stage": 1, "step": "train", "job_id": "41"}]}
+    actions = {(a.stage, a.step): a for a in plan_actions(cfg, tmp_path / "run", [2], queued)}
+    assert list(actions) == [(1, "train"), (2, "search"), (2, "select"), (2, "train"), (2, "evaluate")]
+    assert actions[(1, "train")].status == "running" and actions[(1, "train")].running == ["41"]
+    assert actions[(2, "search")].after == [("afterok", 1, "train")] and actions[(2, "search")].indices == [0, 1, 2]
+    assert actions[(2, "select")].after == [("afterany", 2, "search")]
+    with pytest.raises(ConfigError, match="include stage 1 in --stages"):
+        plan_actions(cfg, tmp_path / "run", [2], {})
+
+
+def test_cluster_protocol_without_a_queue(tiny_pipeline_config: Path, tmp_path: Path) -> None:
+    """jobs.cluster: one factory for every job kind; local/debug jobs are never active; SLURM's word on states."""
+    from jobs.cluster import CLUSTERS, get_cluster, job_states, make_executor, record_jobs, resources
+    from jobs.config import load_cfg
+
+    cc = load_cfg(tiny_pipeline_config).cluster
+    assert resources(cc, "oracle") == resources(cc, "train") and resources(cc, "oracle-summary")["cpus_per_task"] == 1
+    ex = make_executor(cc, tmp_path / "submitit", "debug", "oracle", run="demo")
+    assert ex.cluster == "debug" and ex.parameters["name"] == "growclip-demo-oracle"
+    assert make_executor(cc, tmp_path / "submitit", "debug").parameters["name"] == "growclip-train"
+    record_jobs(tmp_path, [{"stage": 1, "step": "train", "job_id": "7", "executor": "debug", "time": 0}])
+    record_jobs(tmp_path, [{"stage": 1, "step": "evaluate", "job_id": "8", "executor": "local", "time": 0}])
+    recs = json.loads((tmp_path / "jobs.json").read_text())["jobs"]
+    assert job_states(recs) == ["debug", "local"]
+    assert get_cluster("debug").active(tmp_path) == {} and not get_cluster("local").queues
+    slurm = CLUSTERS["slurm"]
+    assert slurm.queues and slurm.dependency("afterany", ["12_0", "12_1", "9"]) == ["afterany:12", "afterany:9"]
+    assert slurm.is_active("PENDING") and not slurm.is_active("PENDING", "DependencyNeverSatisfied")
+    assert slurm.is_failed("CANCELLED by 0") and slurm.is_running("COMPLETING") and not slurm.is_failed("COMPLETED")
+    with pytest.raises(ValueError, match="unknown executor 'pbs'"):
+        get_cluster("pbs")
+
+
 def test_select_tolerates_failed_candidates(debug_run: tuple[Path, str], tmp_path: Path) -> None:
     from jobs.config import load_cfg
     from jobs.engine.select import SelectionError, run_select

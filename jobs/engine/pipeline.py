@@ -10,25 +10,31 @@ kept in a database: it is the markers on disk, each written atomically by the jo
     stage_NN/eval/metrics.json             the stage was evaluated
 
 so a resubmission skips finished work and a partial one resumes (the trainer resumes from its
-checkpoints). Plain module: no submitit, no SLURM (STYLE.md R1).
+checkpoints). :func:`plan_actions` turns these markers and the run's queued jobs into what a
+submission does per step (done / already queued / submit) and on which steps each waits (``NEEDS``).
+Plain module: no submitit, no SLURM (STYLE.md R1); ``jobs.submit`` submits the plan.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from data_tools.manifest import load_manifest, stage_entry
-from jobs.config import RunCfg
+from jobs.config import ConfigError, RunCfg
 from model.search_space import Candidate, GrowthSpace, Pruned, enumerate_candidates, scheduled_candidate
 from model.spec import ArchSpec
 
 __all__ = [
     "STEPS",
+    "NEEDS",
     "StageState",
+    "Action",
+    "plan_actions",
     "stage_path",
     "cand_dir",
     "data_ratio",
@@ -41,6 +47,13 @@ __all__ = [
 ]
 
 STEPS = ("search", "select", "train", "evaluate")
+# step -> what it waits for: (dependency type, stage offset, step); stage 1 has no search/select
+NEEDS: dict[str, tuple[tuple[str, int, str], ...]] = {
+    "search": (("afterok", -1, "train"),),  # grows stage t-1's final.pt
+    "select": (("afterany", 0, "search"),),  # failed candidates are tolerated down to search.min_successful
+    "train": (("afterok", 0, "select"),),
+    "evaluate": (("afterok", 0, "train"),),
+}
 
 
 def stage_path(run_dir: Path, stage: int) -> Path:
@@ -172,6 +185,91 @@ def stage_state(cfg: RunCfg, run_dir: Path, stage: int) -> StageState:
         trained=(sd / "train" / "final.pt").exists() and (sd / "train" / "final.pt.sha256").exists(),
         evaluated=(sd / "eval" / "metrics.json").exists(),
     )
+
+
+@dataclass
+class Action:
+    """One step of one stage: done, already queued (ids), or to submit (indices for search)."""
+
+    stage: int
+    step: str
+    status: str  # done | running | submit
+    indices: list[int] = field(default_factory=list)  # search: candidate indices to submit
+    running: list[str] = field(default_factory=list)  # ids of this run's jobs already queued for it
+    after: list[tuple[str, int, str]] = field(default_factory=list)  # (dependency type, stage, step)
+    note: str = ""
+
+
+def _has_step(stage: int, step: str) -> bool:
+    return stage >= 1 and not (stage == 1 and step in ("search", "select"))
+
+
+def plan_actions(
+    cfg: RunCfg,
+    run_dir: Path,
+    stages: Sequence[int],
+    active: Mapping[tuple[int, str], Sequence[Mapping[str, Any]]] | None = None,
+) -> list[Action]:
+    """What a submission of ``stages`` does, from the run dir and this run's queued jobs.
+
+    Args:
+        cfg: the run's config.
+        run_dir: RUN_DIR.
+        stages: the stages to submit.
+        active: (stage, step) -> this run's job records still queued or running (``jobs.cluster.active_jobs``).
+
+    Returns:
+        One :class:`Action` per step of the stages (and per queued step of other stages they wait for),
+        in DAG order.
+
+    Raises:
+        ConfigError: a stage needs an earlier one that is neither finished, queued nor submitted.
+    """
+    active = active or {}
+    actions: dict[tuple[int, str], Action] = {}
+    for t in stages:
+        st = stage_state(cfg, run_dir, t)
+        for step in STEPS:
+            if not _has_step(t, step):
+                continue
+            act = Action(t, step, "done")
+            running = active.get((t, step), [])
+            if not st.done(step):
+                act.running = [r["job_id"] for r in running]
+                if step == "search":
+                    busy = {r.get("index") for r in running}
+                    want = st.search_missing if st.candidates is not None else list(range(max_candidates(cfg.growth)))
+                    act.indices = [k for k in want if k not in busy]
+                    if st.candidates is None:
+                        act.note = f"candidates known once stage {t - 1} is trained: array of {len(want)} (upper bound)"
+                    else:
+                        act.note = f"{st.candidates} candidates, {len(st.results)} scored"
+                    act.status = "submit" if act.indices else "running"
+                else:
+                    act.status = "running" if running else "submit"
+            actions[(t, step)] = act
+    for (t, step), act in list(actions.items()):
+        if act.status == "done":
+            continue
+        for kind, dt, dstep in NEEDS[step]:
+            s = t + dt
+            if not _has_step(s, dstep):
+                continue
+            dep = actions.get((s, dstep))
+            if dep is None:
+                if stage_state(cfg, run_dir, s).done(dstep):
+                    continue
+                running = active.get((s, dstep), [])
+                if not running:
+                    raise ConfigError(
+                        f"stage {t} {step} needs stage {s} {dstep}, which is neither finished nor queued: "
+                        f"include stage {s} in --stages"
+                    )
+                dep = Action(s, dstep, "running", running=[r["job_id"] for r in running])
+                actions[(s, dstep)] = dep
+            if dep.status != "done":
+                act.after.append((kind, s, dstep))
+    return sorted(actions.values(), key=lambda a: (a.stage, STEPS.index(a.step)))
 
 
 def arch_summary(spec: ArchSpec) -> str:

@@ -15,7 +15,9 @@ filesystem, and no event log is parsed beyond its last line. States:
                  stale lock, or only some stages submitted; the detail says which).
 
 SLURM states come from the caller (``queued``: job id → squeue state; ``ended``: job id → sacct
-state), so this module never runs SLURM commands itself (STYLE.md R1: the CLI entry does).
+state), so this module never runs SLURM commands itself (STYLE.md R1: the CLI entry does); which
+state is running or failed is the executor's word (``jobs.cluster``). :func:`candidate_state` is one
+search candidate's line in ``python -m jobs status``.
 """
 
 from __future__ import annotations
@@ -30,13 +32,11 @@ from typing import Any
 
 import yaml
 
-from jobs.engine.pipeline import stage_path
+from jobs.cluster import CLUSTERS
+from jobs.engine.pipeline import cand_dir, read_json, stage_path
 from jobs.runlock import lock_holder_alive
 
-__all__ = ["RunLine", "find_runs", "slurm_job_ids", "run_line", "format_runs"]
-
-RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "RESIZING"}
-FAILED = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED", "CANCELLED"}
+__all__ = ["RunLine", "find_runs", "slurm_job_ids", "run_line", "format_runs", "candidate_state"]
 
 
 @dataclass(frozen=True)
@@ -167,8 +167,9 @@ def run_line(run_dir: Path, queued: Mapping[str, str] | None = None, ended: Mapp
     alive = lock_holder_alive(lock) if lock else False
     jobs = (_read(run_dir / "jobs.json") or {}).get("jobs", [])
     slurm = [j for j in jobs if j.get("executor") == "slurm"]
+    cluster = CLUSTERS["slurm"]
     in_queue = {str(j["job_id"]): queued[str(j["job_id"])] for j in slurm if queued and str(j["job_id"]) in queued}
-    n_run = sum(1 for s in in_queue.values() if s in RUNNING)
+    n_run = sum(1 for s in in_queue.values() if cluster.is_running(s))
 
     state, detail = "incomplete", ""
     if planned and done == planned:
@@ -188,7 +189,7 @@ def run_line(run_dir: Path, queued: Mapping[str, str] | None = None, ended: Mapp
             latest[(j.get("stage"), j.get("step"), j.get("index"))] = j
         for (t, step, index), j in sorted(latest.items(), key=lambda kv: str(kv[0])):
             st = (ended or {}).get(str(j["job_id"]), "")
-            if st.split(" ")[0] in FAILED and isinstance(t, int) and t in steps and steps[t][0] != "evaluated":
+            if cluster.is_failed(st) and isinstance(t, int) and t in steps and steps[t][0] != "evaluated":
                 what = f"{step}" + (f" cand {index}" if index is not None else "")
                 failures.append(f"stage {t} {what}: slurm job {j['job_id']} {st}")
         if failures:
@@ -208,6 +209,24 @@ def run_line(run_dir: Path, queued: Mapping[str, str] | None = None, ended: Mapp
     if state in ("running", "queued") and first_open is not None:
         detail = f"stage {first_open}: {steps[first_open][0]}; " + detail
     return RunLine(name, run_dir, done, planned, state, _last_update(run_dir), detail)
+
+
+def candidate_state(run_dir: Path, stage: int, index: int, result: Mapping[str, Any] | None) -> str:
+    """One candidate in ``status``: its score, its failure, or how far it got (from cand_KK/events.jsonl)."""
+    from jobs.engine.metrics import read_events  # h5py: only when there is a candidate to show
+
+    if result:
+        return f"score {result['score']:.4f}"
+    cdir = cand_dir(run_dir, stage, index)
+    failed = read_json(cdir / "failed.json")
+    if failed:
+        return f"failed: {failed['error']}"
+    last = next(iter(read_events(cdir / "events.jsonl")[-1:]), None)
+    if last is None:
+        return "no result"
+    if last["event"] == "preempted":
+        return f"preempted at step {last['step']} (checkpointed; resumes when requeued or resubmitted)"
+    return f"no result yet (last event: {last['event']})"
 
 
 def _age(seconds: float) -> str:
