@@ -117,11 +117,6 @@ def format_plan(cfg: RunCfg, run_dir: Path, actions: list[Action], executor: str
 
 
 # -------------------------------------------------------------------------------------------- submit
-def _executor(cfg: RunCfg, run_dir: Path, kind: str, step: str, after: list[str]) -> Any:
-    """One step's executor. Kept for tests/test_reliability_slurm.py; new code calls jobs.cluster.make_executor."""
-    return make_executor(cfg.cluster, run_dir / "submitit", kind, step, run=cfg.name, after=after)
-
-
 def _callable(cfg_path: Path, run_dir: Path, stage: int, step: str) -> Any:
     from jobs.stage_jobs import EvalJob, SearchJob, SelectJob
     from jobs.submit_train import TrainJob
@@ -304,9 +299,6 @@ def _run_dir_cfg(run_dir: Path) -> RunCfg:
     if not path.exists():
         raise ConfigError(f"{path} does not exist: {run_dir} is not a submitted run")
     return load_cfg(path)
-
-
-_candidate_state = candidate_state  # tests/test_search_preempt.py imports this name; new code: jobs.engine.runs
 
 
 def cmd_status(args: argparse.Namespace) -> int:

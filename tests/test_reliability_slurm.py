@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 
 from data_tools.atomic import atomic_write_text
+from jobs.cluster import make_executor
 from jobs.config import RunCfg, dump_cfg, load_cfg
 from jobs.engine.dist import DistEnv
 from jobs.engine.metrics import read_events
 from jobs.engine.trainer import run_training
 from jobs.stage_jobs import SearchJob
-from jobs.submit import _executor
 from tests.helpers import release_if_held, sbatch_script, squeue, wait_for
 
 pytestmark = pytest.mark.slurm
@@ -46,7 +46,8 @@ def trained_stage1(tiny_pipeline_config: Path, tmp_path: Path) -> tuple[RunCfg, 
 
 def test_usr2_requeues_a_search_array_task(slurm_cluster, tiny_pipeline_config: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cfg, cfg_path, run_dir = trained_stage1(tiny_pipeline_config, tmp_path)
-    jobs = _executor(cfg, run_dir, "slurm", "search", []).map_array(SearchJob(str(cfg_path), 2, str(run_dir)), [0, 1])
+    executor = make_executor(cfg.cluster, run_dir / "submitit", "slurm", "search", run=cfg.name)
+    jobs = executor.map_array(SearchJob(str(cfg_path), 2, str(run_dir)), [0, 1])
     victim = jobs[0]
     cand = run_dir / "stage_02" / "search" / "cand_00"
     work_events = cand / "work" / "stage_02" / "train" / "events.jsonl"

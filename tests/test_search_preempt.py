@@ -16,9 +16,9 @@ from jobs.config import dump_cfg, load_cfg
 from jobs.engine.dist import DistEnv
 from jobs.engine.metrics import read_events
 from jobs.engine.report import load_run
+from jobs.engine.runs import candidate_state
 from jobs.engine.search import run_search_candidate
 from jobs.engine.trainer import run_training
-from jobs.submit import _candidate_state
 from tests.helpers import stop_at
 
 OVERRIDES = ["search.steps=12", "train.log_every=2"]
@@ -45,7 +45,7 @@ def test_preempted_candidate_resumes_to_the_uninterrupted_score(
     cand = tmp_path / "b" / "stage_02" / "search" / "cand_01"
     assert not (cand / "failed.json").exists() and not (cand / "result.json").exists()
     assert [e["event"] for e in read_events(cand / "events.jsonl")][-1] == "preempted"
-    assert _candidate_state(tmp_path / "b", 2, 1, None).startswith("preempted at step 5 (checkpointed")
+    assert candidate_state(tmp_path / "b", 2, 1, None).startswith("preempted at step 5 (checkpointed")
     row = next(r for r in load_run(tmp_path / "b")["search"] if r["stage"] == 2 and r["index"] == 1)
     assert row["status"] == "preempted at step 5" and row["preemptions"] == 1
 
