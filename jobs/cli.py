@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from data_tools.cli_errors import EXIT_FAILED, EXIT_USAGE, OneLineParser, fail, unexpected
-from jobs.config import ConfigError, dump_cfg, load_cfg
+from jobs.config import EXECUTORS, ConfigError, dump_cfg, load_cfg
 
 __all__ = ["main", "build_parser"]
 
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Submit one stage training as a submitit Checkpointable; print the job id.",
     )
     _add_train_args(p)
-    p.add_argument("--executor", choices=("slurm", "local", "debug"), help="override cluster.executor")
+    p.add_argument("--executor", choices=EXECUTORS, help="override cluster.executor")
     p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
     p.set_defaults(func=_lazy("jobs.submit_train", "cmd_submit_train"))
 
@@ -174,7 +174,7 @@ def _add_submit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, required=True, help="run config YAML, e.g. configs/demo.yaml")
     p.add_argument("--run-dir", type=Path, help="RUN_DIR (default: run_root/name of the config)")
     p.add_argument("--stages", metavar="A-B|A,B", help="stages to run, e.g. 2-3 (default: all of data.stages)")
-    p.add_argument("--executor", choices=("slurm", "local", "debug"), help="override cluster.executor")
+    p.add_argument("--executor", choices=EXECUTORS, help="override cluster.executor")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -261,7 +261,7 @@ def _add_pipeline_verbs(verbs: Any) -> None:
     )
     p.add_argument("--run-dir", type=Path, required=True, help="RUN_DIR of a run whose stage T has been selected")
     p.add_argument("--stage", type=_positive_int, required=True, help="growth stage T (>= 2)")
-    p.add_argument("--executor", choices=("slurm", "local", "debug"), help="override cluster.executor")
+    p.add_argument("--executor", choices=EXECUTORS, help="override cluster.executor")
     p.add_argument("--wait", action="store_true", help="slurm: wait for the oracle and print its table")
     p.add_argument(
         "--set",

@@ -14,8 +14,8 @@ RUN_DIR/jobs.json records every job (stage, step, job_id, index, executor, time)
 and a job's state are asked of the cluster that ran it. Importing this module does not import submitit
 (``jobs.engine.runs`` reads the state vocabulary; STYLE.md R1).
 
-A new executor: a :class:`Cluster` subclass registered in ``CLUSTERS``, its name in
-``ClusterCfg.executor`` (jobs/config.py) and in the ``--executor`` choices (jobs/cli.py).
+A new executor: a :class:`Cluster` subclass registered in ``CLUSTERS`` and its name in the ``Executor``
+Literal of jobs/config.py (``cluster.executor``; the ``--executor`` choices read it).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from data_tools.atomic import atomic_write_json
 from jobs.config import ClusterCfg
-from jobs.engine.pipeline import read_json
+from jobs.engine.rundir import RunDir, read_json
 
 if TYPE_CHECKING:
     import submitit
@@ -284,14 +284,14 @@ def make_executor(
 # ------------------------------------------------------------------------------------------ jobs.json
 def load_jobs(run_dir: Path) -> dict[str, Any]:
     """RUN_DIR/jobs.json (``{"jobs": []}`` before the first submission)."""
-    return read_json(Path(run_dir) / "jobs.json") or {"jobs": []}
+    return read_json(RunDir(run_dir).jobs_json) or {"jobs": []}
 
 
 def record_jobs(run_dir: Path, new: list[dict[str, Any]]) -> None:
     """Append job records (stage, step, job_id, index, executor, time) to RUN_DIR/jobs.json atomically."""
     data = load_jobs(run_dir)
     data["jobs"].extend(new)
-    atomic_write_json(Path(run_dir) / "jobs.json", data)
+    atomic_write_json(RunDir(run_dir).jobs_json, data)
 
 
 def _by_executor(records: Iterable[Mapping[str, Any]]) -> dict[str, list[str]]:

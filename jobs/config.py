@@ -23,6 +23,7 @@ Usage::
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,11 +211,16 @@ class EvalCfg:
         _require(all(k > 0 for k in self.retrieval_ks), f"eval.retrieval_ks={list(self.retrieval_ks)} must be > 0")
 
 
+# where jobs run: one name per jobs.cluster.CLUSTERS entry (the --executor choices read EXECUTORS)
+Executor = Literal["slurm", "local", "debug"]
+EXECUTORS: tuple[str, ...] = typing.get_args(Executor)
+
+
 @dataclass(frozen=True)
 class ClusterCfg:
     """How jobs are launched. SLURM specifics stay here and in slurm/ (STYLE.md R15)."""
 
-    executor: Literal["slurm", "local", "debug"] = "slurm"  # debug: in-process, same code path
+    executor: Executor = "slurm"  # debug: in-process, same code path
     partition: str = ""  # SLURM partition ("" = the cluster's default)
     account: str = ""  # SLURM account ("" = the user's default)
     qos: str = ""  # SLURM QOS ("" = none)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -226,3 +227,18 @@ def test_yaml_merge_keys_load_and_unhashable_keys_are_named(tmp_path: Path) -> N
     assert merged.train.lr == 0.002 and merged.train.steps == 50
     with pytest.raises(ConfigError, match="line 1: a key must be a name, got a list"):
         load_cfg(write(tmp_path, "? [a, b]\n: 1\n"))
+
+
+def test_every_executor_has_a_cluster_and_a_cli_choice() -> None:
+    """One name per executor: the config's Literal, jobs.cluster.CLUSTERS and the --executor choices agree."""
+    from jobs.cli import build_parser
+    from jobs.cluster import CLUSTERS
+    from jobs.config import EXECUTORS
+
+    assert set(CLUSTERS) == set(EXECUTORS)
+    verbs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    choices = {
+        verb: opt.choices for verb, sub in verbs.items() for opt in sub._actions if "--executor" in opt.option_strings
+    }
+    assert {"plan", "submit", "oracle", "submit-train"} <= set(choices)
+    assert all(tuple(c) == EXECUTORS for c in choices.values()), choices
