@@ -26,7 +26,7 @@ from pathlib import Path
 from data_tools.atomic import atomic_write_text
 from data_tools.cli_errors import fail
 from jobs.config import ConfigError, RunCfg, dump_cfg, load_cfg, read_yaml
-from jobs.engine.pipeline import read_json, stage_path
+from jobs.engine.rundir import RunDir, read_json
 from jobs.logs import setup_logging
 from model.spec import ArchSpec
 
@@ -131,13 +131,13 @@ def total_compute(run_dir: Path) -> dict[str, int]:
 
 
 def _finished(cfg: RunCfg, run_dir: Path) -> bool:
-    return (stage_path(run_dir, cfg.data.stages) / "eval" / "metrics.json").exists()
+    return RunDir(run_dir).stage(cfg.data.stages).eval_metrics.exists()
 
 
 def _oracle_finished(cfg: RunCfg, run_dir: Path) -> bool:
     """Every growth stage of ``run_dir`` has an oracle summary without missing candidates."""
     for t in range(2, cfg.data.stages + 1):
-        summary = read_json(stage_path(run_dir, t) / "oracle" / "summary.json")
+        summary = read_json(RunDir(run_dir).stage(t).oracle.summary_json)
         if summary is None or summary["missing"]:
             return False
     return True
@@ -145,7 +145,7 @@ def _oracle_finished(cfg: RunCfg, run_dir: Path) -> bool:
 
 def final_spec(run_dir: Path, stages: int) -> ArchSpec:
     """The architecture of a finished run's last stage."""
-    spec_json = read_json(stage_path(run_dir, stages) / "train" / "spec.json")
+    spec_json = read_json(RunDir(run_dir).stage(stages).train.spec_json)
     if spec_json is None:
         raise RuntimeError(f"{run_dir}: stage {stages} has not trained yet")
     return ArchSpec.from_dict(spec_json)
@@ -155,9 +155,9 @@ def resolve_run(run: RunSpec, root: Path, extra: tuple[str, ...] = ()) -> RunCfg
     """The run's config: base + experiment overrides + seed (+ derived model / steps from its references)."""
     if run.exp.oracle_of:  # the graded run's own config: the oracle trains as that run did
         graded = root / f"{run.exp.oracle_of}_s{run.seed}"
-        if not (graded / "config.yaml").is_file():
+        if not RunDir(graded).config_yaml.is_file():
             raise RuntimeError(f"{graded} has not been submitted: run {run.exp.oracle_of} first")
-        cfg = load_cfg(graded / "config.yaml")
+        cfg = load_cfg(RunDir(graded).config_yaml)
         if not _finished(cfg, graded):
             raise RuntimeError(f"{graded} has not finished (no stage {cfg.data.stages} evaluation): run it first")
         return cfg

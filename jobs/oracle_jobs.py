@@ -25,13 +25,11 @@ from jobs.engine.dist import init_distributed
 from jobs.engine.oracle import (
     OracleError,
     format_oracle,
-    oracle_dir,
     oracle_plan,
     run_oracle_candidate,
     summarize_oracle,
 )
-from jobs.engine.pipeline import read_json
-from jobs.engine.rundir import RUN_CONFIG, check_run_dir
+from jobs.engine.rundir import RunDir, check_run_dir, read_json
 from jobs.logs import setup_logging
 from jobs.train import StopFlag
 
@@ -84,7 +82,7 @@ def _submit_queued(cfg: RunCfg, run_dir: Path, stage: int, job: OracleJob, count
     """The array and its summary (``afterany`` the array); nothing when the stage's oracle is still queued."""
     if cluster.active(run_dir).get((stage, "oracle")):
         return []
-    folder = run_dir / "submitit"
+    folder = RunDir(run_dir).submitit
     jobs = make_executor(cfg.cluster, folder, cluster.kind, "oracle", run=cfg.name).map_array(job, list(range(count)))
     after = cluster.dependency("afterany", [j.job_id for j in jobs])
     summary = make_executor(cfg.cluster, folder, cluster.kind, "oracle-summary", run=cfg.name, after=after)
@@ -103,20 +101,20 @@ def cmd_oracle(args: argparse.Namespace) -> int:
     setup_logging()
     run_dir = Path(args.run_dir).resolve()
     try:
-        if not (run_dir / RUN_CONFIG).is_file():
-            raise ConfigError(f"{run_dir / RUN_CONFIG} does not exist: --run-dir must be a submitted run")
-        cfg = load_cfg(run_dir / RUN_CONFIG, args.overrides)
+        if not RunDir(run_dir).config_yaml.is_file():
+            raise ConfigError(f"{RunDir(run_dir).config_yaml} does not exist: --run-dir must be a submitted run")
+        cfg = load_cfg(RunDir(run_dir).config_yaml, args.overrides)
         check_stage(cfg, args.stage, first=2)
         check_run_dir(run_dir, cfg)  # --set may change launch settings only: the oracle trains as the run did
         plan = oracle_plan(run_dir, args.stage)
     except (ConfigError, OracleError) as exc:
         return fail(exc, EXIT_USAGE)
     cluster = get_cluster(args.executor or cfg.cluster.executor)
-    job = OracleJob(str(run_dir / RUN_CONFIG), tuple(args.overrides), args.stage, str(run_dir))
+    job = OracleJob(str(RunDir(run_dir).config_yaml), tuple(args.overrides), args.stage, str(run_dir))
     todo = [
         k
         for k, c in enumerate(plan)
-        if read_json(oracle_dir(run_dir, args.stage) / f"cand_{c['index']:02d}" / "result.json") is None
+        if read_json(RunDir(run_dir).stage(args.stage).oracle.cand(c["index"]).result_json) is None
     ]
     if cluster.queues and todo:
         ids = _submit_queued(cfg, run_dir, args.stage, job, len(plan), cluster)
@@ -128,7 +126,7 @@ def cmd_oracle(args: argparse.Namespace) -> int:
         ):
             time.sleep(5)
     elif todo:
-        ex = make_executor(cfg.cluster, run_dir / "submitit", cluster.kind, "oracle", run=cfg.name)
+        ex = make_executor(cfg.cluster, RunDir(run_dir).submitit, cluster.kind, "oracle", run=cfg.name)
         failed = 0
         for k in todo:
             try:
@@ -140,17 +138,18 @@ def cmd_oracle(args: argparse.Namespace) -> int:
         if failed:
             summarize_oracle(run_dir, args.stage)
             return fail(
-                f"{failed} of {len(plan)} oracle candidates failed ({oracle_dir(run_dir, args.stage)}); "
+                f"{failed} of {len(plan)} oracle candidates failed ({RunDir(run_dir).stage(args.stage).oracle.path}); "
                 "see their failed.json, then run the oracle again to redo only those",
                 EXIT_FAILED,
             )
     summary = summarize_oracle(run_dir, args.stage)
+    odir = RunDir(run_dir).stage(args.stage).oracle.path
     print(format_oracle(summary))
     return (
         0
         if not summary["missing"]
         else fail(
-            f"{len(summary['missing'])} oracle candidates have no result ({oracle_dir(run_dir, args.stage)}); run the "
+            f"{len(summary['missing'])} oracle candidates have no result ({odir}); run the "
             "oracle again to redo only those",
             EXIT_FAILED,
         )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from data_tools.lock import LockError, exclusive_lock
 from data_tools.lock import holder_alive as lock_holder_alive
+from jobs.engine.rundir import RunDir
 
 __all__ = ["LockError", "run_lock", "lock_holder_alive"]
 
@@ -25,7 +26,7 @@ def run_lock(run_dir: Path, *, break_lock: bool = False) -> contextlib.AbstractC
         LockError: held by a live process, by another host, or stale without ``break_lock``.
     """
     return exclusive_lock(
-        Path(run_dir) / "lock",
+        RunDir(run_dir).lock,
         "jobs submit",
         take_over_stale=break_lock,
         busy="another submitter is working on this run",

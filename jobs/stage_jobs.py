@@ -18,8 +18,7 @@ import submitit
 from data_tools.cli_errors import fail
 from jobs.config import ConfigError, check_stage, load_cfg
 from jobs.engine.dist import init_distributed
-from jobs.engine.pipeline import stage_path
-from jobs.engine.rundir import check_run_dir
+from jobs.engine.rundir import RunDir, check_run_dir
 from jobs.logs import setup_logging
 from jobs.train import EXIT_PREEMPTED, StopFlag
 
@@ -57,8 +56,8 @@ def _select(config: str, stage: int, run_dir: str) -> dict[str, Any]:
 def _evaluate(config: str, stage: int, run_dir: str) -> dict[str, Any]:
     from jobs.engine.evaluate import evaluate_stage
 
-    cfg, sd = load_cfg(Path(config)), stage_path(Path(run_dir), stage)
-    final, out = sd / "train" / "final.pt", sd / "eval" / "metrics.json"
+    cfg, sd = load_cfg(Path(config)), RunDir(run_dir).stage(stage)
+    final, out = sd.final, sd.eval_metrics
     return evaluate_stage(final, cfg, stage, out, init_distributed().device)["summary"]
 
 

@@ -47,8 +47,8 @@ from jobs.cluster import queue_states as queue_states
 from jobs.config import ConfigError, RunCfg, dump_cfg, load_cfg
 from jobs.engine.data import check_corpus
 from jobs.engine.oracle import oracle_status
-from jobs.engine.pipeline import STEPS, Action, max_candidates, plan_actions, read_json, stage_candidates, stage_state
-from jobs.engine.rundir import RUN_CONFIG, check_run_dir
+from jobs.engine.pipeline import STEPS, Action, max_candidates, plan_actions, stage_candidates, stage_state
+from jobs.engine.rundir import RunDir, check_run_dir, read_json
 from jobs.engine.runs import candidate_state
 from jobs.runlock import LockError, lock_holder_alive, run_lock
 
@@ -128,7 +128,7 @@ def _callable(cfg_path: Path, run_dir: Path, stage: int, step: str) -> Any:
         return SelectJob(c, stage, r)
     if step == "evaluate":
         return EvalJob(c, stage, r)
-    init = str(run_dir / f"stage_{stage:02d}" / "selected.pt") if stage > 1 else None
+    init = str(RunDir(run_dir).stage(stage).selected_pt) if stage > 1 else None
     return TrainJob(c, (), stage, r, init, evaluate=False)
 
 
@@ -144,7 +144,7 @@ def submit_chained(
         if a.status != "submit":
             continue
         after = [c for how, s, d in a.after for c in cluster.dependency(how, ids.get((s, d), []))]
-        ex = make_executor(cfg.cluster, run_dir / "submitit", cluster.kind, a.step, run=cfg.name, after=after)
+        ex = make_executor(cfg.cluster, RunDir(run_dir).submitit, cluster.kind, a.step, run=cfg.name, after=after)
         fn = _callable(cfg_path, run_dir, a.stage, a.step)
         jobs = ex.map_array(fn, a.indices) if a.step == "search" else [ex.submit(fn)]
         now = time.time()
@@ -173,7 +173,7 @@ def run_local(cfg: RunCfg, cfg_path: Path, run_dir: Path, stages: list[int], kin
             if a.status == "done":
                 print(f"stage {t} {a.step}: done (skipped)", flush=True)
                 continue
-            ex = make_executor(cfg.cluster, run_dir / "submitit", kind, a.step, run=cfg.name)
+            ex = make_executor(cfg.cluster, RunDir(run_dir).submitit, kind, a.step, run=cfg.name)
             fn = _callable(cfg_path, run_dir, t, a.step)
             t0 = time.time()
             if a.step == "search":
@@ -241,7 +241,7 @@ def _prepare(args: argparse.Namespace) -> tuple[RunCfg, Path, Path, list[int], s
     stages = parse_stages(args.stages, cfg.data.stages)
     check_corpus(cfg.data.root, cfg.data.stages, cfg.model.text.vocab_size)
     check_run_dir(run_dir, cfg)  # the run dir's config is this one (launch settings may change)
-    return cfg, run_dir, run_dir / RUN_CONFIG, stages, kind
+    return cfg, run_dir, RunDir(run_dir).config_yaml, stages, kind
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -269,7 +269,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             atomic_write_text(cfg_path, text)
             actions = plan_actions(cfg, run_dir, stages, cluster.active(run_dir))
             atomic_write_json(
-                run_dir / "plan.json",
+                RunDir(run_dir).plan_json,
                 {"executor": kind, "stages": stages, "time": time.time(), "actions": [vars(a) for a in actions]},
             )
             if cluster.queues:
@@ -295,7 +295,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _run_dir_cfg(run_dir: Path) -> RunCfg:
-    path = Path(run_dir) / RUN_CONFIG
+    path = RunDir(run_dir).config_yaml
     if not path.exists():
         raise ConfigError(f"{path} does not exist: {run_dir} is not a submitted run")
     return load_cfg(path)
@@ -319,7 +319,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         ]
         return " ".join(mine[-8:])
 
-    lock = read_json(run_dir / "lock")
+    lock = read_json(RunDir(run_dir).lock)
     if lock:
         alive = lock_holder_alive(lock)
         print(f"lock: pid {lock['pid']} on {lock['host']} ({'alive' if alive else 'stale' if alive is False else '?'})")
@@ -333,7 +333,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             parts.append(f"{step}={'done' if st.done(step) else 'todo'}" + (f" [{jobs}]" if jobs else ""))
         print(f"stage {t}: " + "  ".join(parts))
         if t > 1 and st.candidates:
-            cands = read_json(run_dir / f"stage_{t:02d}" / "search" / "candidates.json") or {"candidates": []}
+            cands = read_json(RunDir(run_dir).stage(t).candidates_json) or {"candidates": []}
             for k, c in enumerate(cands["candidates"]):
                 print(f"    cand {k:02d} {c['name']:<24} {candidate_state(run_dir, t, k, st.results.get(k))}")
         if st.selected:
@@ -350,7 +350,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     live = cancel_jobs(load_jobs(run_dir)["jobs"])
     if live:
         print(f"cancelled {' '.join(live)}")
-    lock = read_json(run_dir / "lock")
+    lock = read_json(RunDir(run_dir).lock)
     if lock and lock_holder_alive(lock) and lock.get("pid") != os.getpid():
         os.kill(int(lock["pid"]), signal.SIGTERM)  # a local/debug run: its driver process
         print(f"stopped the local submitter pid {lock['pid']}")

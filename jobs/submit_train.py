@@ -23,7 +23,7 @@ from jobs.cluster import make_executor  # one executor factory for every job (re
 from jobs.config import ConfigError, check_stage, dump_cfg, load_cfg
 from jobs.engine.data import check_corpus
 from jobs.engine.dist import cleanup_distributed, init_distributed
-from jobs.engine.rundir import RUN_CONFIG, check_run_dir
+from jobs.engine.rundir import RunDir, check_run_dir
 from jobs.engine.trainer import train_stage
 from jobs.logs import setup_logging
 from jobs.train import StopFlag
@@ -75,10 +75,10 @@ def cmd_submit_train(args: argparse.Namespace) -> int:
         return fail(exc, 2)
     # the resolved config is frozen in RUN_DIR/config.yaml: a queued or requeued job reads it, never the user's
     # file again (an edit meanwhile would change, or break, a job already submitted)
-    atomic_write_text(run_dir / RUN_CONFIG, dump_cfg(cfg))
+    atomic_write_text(RunDir(run_dir).config_yaml, dump_cfg(cfg))
     init = str(Path(args.init).resolve()) if args.init else None
-    job_fn = TrainJob(str(run_dir / RUN_CONFIG), (), args.stage, str(run_dir), init)
-    job = make_executor(cfg.cluster, run_dir / "submitit", args.executor).submit(job_fn)
+    job_fn = TrainJob(str(RunDir(run_dir).config_yaml), (), args.stage, str(run_dir), init)
+    job = make_executor(cfg.cluster, RunDir(run_dir).submitit, args.executor).submit(job_fn)
     print(job.job_id, flush=True)
     if args.wait:
         print(job.result())

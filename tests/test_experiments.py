@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from jobs.config import ConfigError, load_cfg
-from jobs.engine.pipeline import stage_path
 from jobs.engine.report import load_run
+from jobs.engine.rundir import RunDir
 from jobs.experiments import SUITE, RunSpec, load_suite, resolve_run, total_compute
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,15 +63,16 @@ def test_bad_suites_are_refused(tmp_path: Path) -> None:
 
 def _fake_reference(run_dir: Path, specs: list[dict], samples: list[int], search_flops: int) -> None:
     for t, (spec, n) in enumerate(zip(specs, samples, strict=True), 1):
-        train = stage_path(run_dir, t) / "train"
+        train = RunDir(run_dir).stage(t).train.path
         train.mkdir(parents=True)
         (train / "spec.json").write_text(json.dumps(spec))
         (train / "events.jsonl").write_text(json.dumps({"event": "end", "samples": n, "step": n // 64}) + "\n")
-    (stage_path(run_dir, len(specs)) / "eval").mkdir()
-    (stage_path(run_dir, len(specs)) / "eval" / "metrics.json").write_text("{}")
-    cand = stage_path(run_dir, 2) / "search" / "cand_00"
-    cand.mkdir(parents=True)
-    (cand / "result.json").write_text(json.dumps({"train_flops": search_flops}))
+    metrics = RunDir(run_dir).stage(len(specs)).eval_metrics
+    metrics.parent.mkdir()
+    metrics.write_text("{}")
+    cand = RunDir(run_dir).stage(2).cand(0)
+    cand.path.mkdir(parents=True)
+    cand.result_json.write_text(json.dumps({"train_flops": search_flops}))
 
 
 def test_derived_runs_take_the_final_architecture_and_the_same_compute(tmp_path: Path) -> None:

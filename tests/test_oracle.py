@@ -138,14 +138,15 @@ def test_a_preempted_oracle_candidate_resumes_to_the_same_result(graded_run: Pat
     from jobs.config import load_cfg
     from jobs.engine.dist import DistEnv
     from jobs.engine.metrics import read_events
-    from jobs.engine.oracle import oracle_dir, oracle_plan, run_oracle_candidate
+    from jobs.engine.oracle import oracle_plan, run_oracle_candidate
+    from jobs.engine.rundir import RunDir
     from tests.helpers import stop_at
 
     cfg = load_cfg(graded_run / "config.yaml")
     plan = oracle_plan(graded_run, 2)
     selected = json.loads((graded_run / "stage_02" / "selected.json").read_text())
     k = next(i for i, c in enumerate(plan) if c["index"] != selected["winner"]["index"])
-    cdir = oracle_dir(graded_run, 2) / f"cand_{plan[k]['index']:02d}"
+    cdir = RunDir(graded_run).stage(2).oracle.cand(plan[k]["index"]).path
     reference = json.loads((cdir / "result.json").read_text()) if (cdir / "result.json").exists() else None
     shutil.rmtree(cdir, ignore_errors=True)
     first = run_oracle_candidate(cfg, 2, k, graded_run, DistEnv(), should_stop=stop_at(3))

@@ -37,14 +37,13 @@ from typing import Any
 from data_tools.atomic import atomic_write_json
 from jobs.config import RunCfg
 from jobs.engine.dist import DistEnv
-from jobs.engine.pipeline import cand_dir, read_json, stage_path
+from jobs.engine.rundir import RunDir, read_json
 
 __all__ = [
     "ORACLE_FORMAT",
     "OracleError",
     "format_oracle",
     "kendall_tau",
-    "oracle_dir",
     "oracle_plan",
     "oracle_status",
     "run_oracle_candidate",
@@ -58,11 +57,6 @@ ORACLE_FORMAT = "growclip-oracle"
 
 class OracleError(RuntimeError):
     """The stage is not ready for its oracle (no search results or no selection yet)."""
-
-
-def oracle_dir(run_dir: Path, stage: int) -> Path:
-    """RUN_DIR/stage_NN/oracle."""
-    return stage_path(run_dir, stage) / "oracle"
 
 
 def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float | None:
@@ -94,18 +88,18 @@ def oracle_plan(run_dir: Path, stage: int) -> list[dict[str, Any]]:
     Raises:
         OracleError: the stage's search has not been selected yet (the oracle grades a finished search).
     """
-    sd = stage_path(run_dir, stage)
-    selected = read_json(sd / "selected.json")
+    sd = RunDir(run_dir).stage(stage)
+    selected = read_json(sd.selected_json)
     if selected is None:
         raise OracleError(
-            f"stage {stage} has no selected.json ({sd}); the oracle grades a finished search: run the stage's "
+            f"stage {stage} has no selected.json ({sd.path}); the oracle grades a finished search: run the stage's "
             "search and select first (python -m jobs submit ...)"
         )
     rows = []
     for row in selected["table"]:
         if row["status"] != "done":
             continue
-        res = read_json(cand_dir(run_dir, stage, row["index"]) / "result.json")
+        res = read_json(sd.cand(row["index"]).result_json)
         if res is None:  # selected.json lists it as done: its result cannot vanish unless deleted by hand
             raise OracleError(f"stage {stage} candidate {row['index']}: result.json is missing; re-run the search")
         rows.append({"index": row["index"], "name": row["name"], "grown": res["grown"], "search_score": row["score"]})
@@ -114,9 +108,8 @@ def oracle_plan(run_dir: Path, stage: int) -> list[dict[str, Any]]:
 
 def _stage_training(run_dir: Path, stage: int) -> tuple[Path | None, dict[str, Any] | None]:
     """The stage's own final.pt and eval metrics, when they exist."""
-    sd = stage_path(run_dir, stage)
-    final = sd / "train" / "final.pt"
-    return (final if final.exists() else None), read_json(sd / "eval" / "metrics.json")
+    sd = RunDir(run_dir).stage(stage)
+    return (sd.final if sd.final.exists() else None), read_json(sd.eval_metrics)
 
 
 def run_oracle_candidate(
@@ -142,19 +135,20 @@ def run_oracle_candidate(
     if index >= len(plan):
         return {"status": "absent", "index": index}
     cand = plan[index]
-    out = oracle_dir(run_dir, stage) / f"cand_{cand['index']:02d}"
-    done = read_json(out / "result.json")
+    sd = RunDir(run_dir).stage(stage)
+    out = sd.oracle.cand(cand["index"])
+    done = read_json(out.result_json)
     if done is not None:
         logger.info("stage %d oracle candidate %s already done", stage, cand["name"])
         return done
-    selected = read_json(stage_path(run_dir, stage) / "selected.json") or {}
+    selected = read_json(sd.selected_json) or {}
     chosen = selected.get("winner", {}).get("index") == cand["index"]
     t0 = time.time()
     try:
         final, metrics = _stage_training(run_dir, stage) if chosen else (None, None)
         reused = final is not None
         if final is None:
-            result = run_training(cfg, stage, out / "work", env, init=Path(cand["grown"]), should_stop=should_stop)
+            result = run_training(cfg, stage, out.work, env, init=Path(cand["grown"]), should_stop=should_stop)
             if result.status == "preempted":
                 logger.info("stage %d oracle candidate %s: preempted at step %d", stage, cand["name"], result.step)
                 return {"status": "preempted", "stage": stage, "index": cand["index"], "step": result.step}
@@ -199,13 +193,13 @@ def run_oracle_candidate(
         }
     except Exception as exc:
         if env.is_main:
-            out.mkdir(parents=True, exist_ok=True)
+            out.path.mkdir(parents=True, exist_ok=True)
             error = f"{type(exc).__name__}: {exc}"
-            atomic_write_json(out / "failed.json", {"error": error, "traceback": traceback.format_exc()})
+            atomic_write_json(out.failed_json, {"error": error, "traceback": traceback.format_exc()})
         raise
     if env.is_main:
-        atomic_write_json(out / "result.json", res)
-        (out / "failed.json").unlink(missing_ok=True)
+        atomic_write_json(out.result_json, res)
+        out.failed_json.unlink(missing_ok=True)
     logger.info(
         "stage=%d oracle %s%s: val_loss %.4f mean_acc1 %.3f (%.0f s)",
         stage,
@@ -222,11 +216,12 @@ def summarize_oracle(run_dir: Path, stage: int) -> dict[str, Any]:
     """Write and return ``oracle/summary.json`` from the candidates' results (missing ones listed)."""
     run_dir = Path(run_dir)
     plan = oracle_plan(run_dir, stage)
-    selected = read_json(stage_path(run_dir, stage) / "selected.json") or {}
+    sd = RunDir(run_dir).stage(stage)
+    selected = read_json(sd.selected_json) or {}
     ranks = {r["index"]: r.get("rank") for r in selected.get("table", [])}
     rows, missing = [], []
     for cand in plan:
-        res = read_json(oracle_dir(run_dir, stage) / f"cand_{cand['index']:02d}" / "result.json")
+        res = read_json(sd.oracle.cand(cand["index"]).result_json)
         if res is None:
             missing.append(cand["name"])
             continue
@@ -262,7 +257,7 @@ def summarize_oracle(run_dir: Path, stage: int) -> dict[str, Any]:
         "best_mean_acc1": max(rows, key=lambda r: r["mean_acc1"] or 0.0)["name"] if rows else None,
         "best_val_loss": min(rows, key=lambda r: r["val_loss"])["name"] if rows else None,
     }
-    atomic_write_json(oracle_dir(run_dir, stage) / "summary.json", summary)
+    atomic_write_json(sd.oracle.summary_json, summary)
     tau = summary["kendall_tau"]
     logger.info(
         "stage=%d oracle: %d/%d candidates, kendall tau val_loss %s mean_acc1 %s, regret %s (chosen %s, best %s)",
@@ -311,15 +306,15 @@ def oracle_status(run_dir: Path, stage: int) -> str | None:
         plan = oracle_plan(run_dir, stage)
     except OracleError:
         return None
-    odir = oracle_dir(run_dir, stage)
-    done = [c for c in plan if (odir / f"cand_{c['index']:02d}" / "result.json").exists()]
-    failed = [c["name"] for c in plan if (odir / f"cand_{c['index']:02d}" / "failed.json").exists()]
-    if not done and not failed and not odir.exists():
+    odir = RunDir(run_dir).stage(stage).oracle
+    done = [c for c in plan if odir.cand(c["index"]).result_json.exists()]
+    failed = [c["name"] for c in plan if odir.cand(c["index"]).failed_json.exists()]
+    if not done and not failed and not odir.path.exists():
         return f"oracle: not run (python -m jobs oracle --run-dir {run_dir} --stage {stage})"
     line = f"oracle: {len(done)}/{len(plan)} candidates trained fully" + (
         f", failed: {', '.join(failed)}" if failed else ""
     )
-    summary = read_json(odir / "summary.json")
+    summary = read_json(odir.summary_json)
     if summary is not None and len(done) == len(plan):
         tau = summary["kendall_tau"]
 

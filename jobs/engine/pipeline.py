@@ -26,6 +26,7 @@ from typing import Any
 
 from data_tools.manifest import load_manifest, stage_entry
 from jobs.config import ConfigError, RunCfg
+from jobs.engine.rundir import RunDir, read_json
 from model.search_space import Candidate, GrowthSpace, Pruned, enumerate_candidates, scheduled_candidate
 from model.spec import ArchSpec
 
@@ -35,14 +36,11 @@ __all__ = [
     "StageState",
     "Action",
     "plan_actions",
-    "stage_path",
-    "cand_dir",
     "data_ratio",
     "previous_spec",
     "stage_candidates",
     "max_candidates",
     "stage_state",
-    "read_json",
     "arch_summary",
 ]
 
@@ -54,24 +52,6 @@ NEEDS: dict[str, tuple[tuple[str, int, str], ...]] = {
     "train": (("afterok", 0, "select"),),
     "evaluate": (("afterok", 0, "train"),),
 }
-
-
-def stage_path(run_dir: Path, stage: int) -> Path:
-    """RUN_DIR/stage_NN."""
-    return Path(run_dir) / f"stage_{stage:02d}"
-
-
-def cand_dir(run_dir: Path, stage: int, index: int) -> Path:
-    """RUN_DIR/stage_NN/search/cand_KK."""
-    return stage_path(run_dir, stage) / "search" / f"cand_{index:02d}"
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON file written atomically, or None when it is not there (yet)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        return None
 
 
 def data_ratio(data_root: Path, stage: int) -> float:
@@ -97,10 +77,10 @@ def data_ratio(data_root: Path, stage: int) -> float:
 
 def previous_spec(run_dir: Path, stage: int) -> ArchSpec | None:
     """A_{t-1}: the ArchSpec trained at stage t-1, once its final.pt exists (None before)."""
-    train_dir = stage_path(run_dir, stage - 1) / "train"
-    if not (train_dir / "final.pt").exists() or not (train_dir / "spec.json").exists():
+    train = RunDir(run_dir).stage(stage - 1).train
+    if not train.final.exists() or not train.spec_json.exists():
         return None
-    return ArchSpec.from_dict(json.loads((train_dir / "spec.json").read_text()))
+    return ArchSpec.from_dict(json.loads(train.spec_json.read_text()))
 
 
 def stage_candidates(cfg: RunCfg, run_dir: Path, stage: int) -> tuple[list[Candidate], list[Pruned]] | None:
@@ -163,27 +143,27 @@ class StageState:
 
 def stage_state(cfg: RunCfg, run_dir: Path, stage: int) -> StageState:
     """Read a stage's markers (cheap: JSON files and existence checks)."""
-    sd = stage_path(run_dir, stage)
+    sd = RunDir(run_dir).stage(stage)
     count: int | None = 0
     results: dict[int, dict[str, Any]] = {}
     if stage > 1:
-        cands = read_json(sd / "search" / "candidates.json")
+        cands = read_json(sd.candidates_json)
         if cands is None:
             found = stage_candidates(cfg, run_dir, stage)
             count = None if found is None else len(found[0])
         else:
             count = len(cands["candidates"])
         for k in range(count if count is not None else max_candidates(cfg.growth)):
-            res = read_json(cand_dir(run_dir, stage, k) / "result.json")
+            res = read_json(sd.cand(k).result_json)
             if res is not None:
                 results[k] = res
     return StageState(
         stage=stage,
         candidates=count,
         results=results,
-        selected=read_json(sd / "selected.json") if stage > 1 else None,
-        trained=(sd / "train" / "final.pt").exists() and (sd / "train" / "final.pt.sha256").exists(),
-        evaluated=(sd / "eval" / "metrics.json").exists(),
+        selected=read_json(sd.selected_json) if stage > 1 else None,
+        trained=sd.train.final.exists() and sd.train.final_sha256.exists(),
+        evaluated=sd.eval_metrics.exists(),
     )
 
 

@@ -1,4 +1,11 @@
-"""A run directory belongs to one resolved config (issue #14: jobs own their run dir).
+"""The run directory as a typed value (issue #16), and the rule that it belongs to one resolved config (issue #14).
+
+Layout (jobs/README.md): :class:`RunDir` → :class:`StageDir` (``stage_NN/``) → :class:`CandDir`
+(``search/cand_KK/``, and ``oracle/cand_KK/`` under :class:`OracleDir`) and :class:`TrainDir`
+(``train/``). Every reader and writer of a run dir names its files through these classes, never by
+f-string; the typed records of its JSON files are in :mod:`jobs.engine.records`.
+
+Config ownership: a run directory belongs to one resolved config.
 
 ``RUN_DIR/config.yaml`` is the run's config (``submit`` writes it); a run dir trained stage by stage with
 ``train`` has it in ``stage_NN/train/config.yaml``, which the training writes once every check has passed
@@ -11,24 +18,235 @@ config said "already trained" and exited 0, ignoring the new values.
 
 from __future__ import annotations
 
-from dataclasses import replace
+import json
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from jobs.config import ConfigError, EvalCfg, RunCfg, config_differences, load_cfg
 
-__all__ = ["RUN_CONFIG", "check_eval_output", "check_run_dir", "run_config_path"]
+__all__ = [
+    "RUN_CONFIG",
+    "CandDir",
+    "OracleDir",
+    "RunDir",
+    "StageDir",
+    "TrainDir",
+    "check_eval_output",
+    "check_run_dir",
+    "read_json",
+    "run_config_path",
+]
 
 RUN_CONFIG = "config.yaml"
+_STAGE_DIR = re.compile(r"^stage_(\d{2,})$")
+_CAND_DIR = re.compile(r"^cand_(\d{2,})$")
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON file written atomically, or None when it is not there (yet)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _numbered(parent: Path, pattern: re.Pattern[str]) -> list[tuple[int, Path]]:
+    """The sub-directories of ``parent`` named like ``pattern`` (one number group), sorted by number."""
+    found = []
+    for p in parent.iterdir() if parent.is_dir() else ():
+        m = pattern.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+@dataclass(frozen=True)
+class CandDir:
+    """One candidate: RUN_DIR/stage_NN/search/cand_KK (a search task) or stage_NN/oracle/cand_KK (its full training)."""
+
+    path: Path
+    index: int
+
+    @property
+    def result_json(self) -> Path:
+        return self.path / "result.json"  # written last: the candidate is done
+
+    @property
+    def failed_json(self) -> Path:
+        return self.path / "failed.json"  # the last attempt failed (removed once a later one succeeds)
+
+    @property
+    def spec_json(self) -> Path:
+        return self.path / "spec.json"
+
+    @property
+    def growth_json(self) -> Path:
+        return self.path / "growth.json"
+
+    @property
+    def grown(self) -> Path:
+        return self.path / "grown.pt"  # the PIM-grown start (search only)
+
+    @property
+    def events(self) -> Path:
+        return self.path / "events.jsonl"
+
+    @property
+    def work(self) -> Path:
+        return self.path / "work"  # the candidate's training: a run dir of its own
+
+    def work_train(self, stage: int) -> TrainDir:
+        """The candidate's training of ``stage`` (``work/stage_NN/train``)."""
+        return RunDir(self.work).stage(stage).train
+
+
+@dataclass(frozen=True)
+class TrainDir:
+    """A stage's training: RUN_DIR/stage_NN/train (``jobs.engine.loop.TrainDirs`` is where the loop writes)."""
+
+    path: Path
+
+    @property
+    def final(self) -> Path:
+        return self.path / "final.pt"
+
+    @property
+    def final_sha256(self) -> Path:
+        return self.path / "final.pt.sha256"  # written after final.pt: the training finished and verifies
+
+    @property
+    def spec_json(self) -> Path:
+        return self.path / "spec.json"
+
+    @property
+    def config_yaml(self) -> Path:
+        return self.path / RUN_CONFIG
+
+    @property
+    def events(self) -> Path:
+        return self.path / "events.jsonl"
+
+    @property
+    def metrics_h5(self) -> Path:
+        return self.path / "metrics.h5"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+
+@dataclass(frozen=True)
+class OracleDir:
+    """The search's grading: RUN_DIR/stage_NN/oracle (jobs/README.md "Grading the search")."""
+
+    path: Path
+
+    def cand(self, index: int) -> CandDir:
+        return CandDir(self.path / f"cand_{index:02d}", index)
+
+    @property
+    def summary_json(self) -> Path:
+        return self.path / "summary.json"
+
+
+@dataclass(frozen=True)
+class StageDir:
+    """One stage: RUN_DIR/stage_NN."""
+
+    path: Path
+    stage: int
+
+    @property
+    def search(self) -> Path:
+        return self.path / "search"
+
+    @property
+    def candidates_json(self) -> Path:
+        return self.search / "candidates.json"
+
+    def cand(self, index: int) -> CandDir:
+        return CandDir(self.search / f"cand_{index:02d}", index)
+
+    def cands(self) -> list[CandDir]:
+        """The candidate directories present on disk, by index."""
+        return [CandDir(p, k) for k, p in _numbered(self.search, _CAND_DIR)]
+
+    @property
+    def selected_json(self) -> Path:
+        return self.path / "selected.json"
+
+    @property
+    def selected_pt(self) -> Path:
+        return self.path / "selected.pt"  # the winner's grown checkpoint: the stage's ``--init``
+
+    @property
+    def train(self) -> TrainDir:
+        return TrainDir(self.path / "train")
+
+    @property
+    def final(self) -> Path:
+        return self.train.final
+
+    @property
+    def eval_metrics(self) -> Path:
+        return self.path / "eval" / "metrics.json"
+
+    @property
+    def oracle(self) -> OracleDir:
+        return OracleDir(self.path / "oracle")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """RUN_DIR: ``RunDir(path).stage(2).cand(3).result_json``."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def config_yaml(self) -> Path:
+        return self.path / RUN_CONFIG
+
+    @property
+    def jobs_json(self) -> Path:
+        return self.path / "jobs.json"
+
+    @property
+    def plan_json(self) -> Path:
+        return self.path / "plan.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.path / "lock"
+
+    @property
+    def submitit(self) -> Path:
+        return self.path / "submitit"
+
+    def stage(self, stage: int) -> StageDir:
+        return StageDir(self.path / f"stage_{stage:02d}", stage)
+
+    def stages(self) -> dict[int, StageDir]:
+        """The stage directories present on disk (``stage_NN/``), by stage."""
+        return {t: StageDir(p, t) for t, p in _numbered(self.path, _STAGE_DIR)}
+
+    def looks_like_run(self) -> bool:
+        """A directory holding a run's markers (config.yaml, plan.json, jobs.json) or stage directories."""
+        markers = (self.config_yaml, self.plan_json, self.jobs_json)
+        return self.path.is_dir() and (any(m.exists() for m in markers) or bool(self.stages()))
 
 
 def run_config_path(run_dir: Path) -> Path | None:
     """The file holding the run's config: RUN_DIR/config.yaml, else (runs trained stage by stage before this
     rule) the newest stage's ``train/config.yaml``; None for a new run dir."""
-    run_dir = Path(run_dir)
-    main = run_dir / RUN_CONFIG
-    if main.is_file():
-        return main
-    stages = sorted(run_dir.glob(f"stage_*/train/{RUN_CONFIG}"))
+    rd = RunDir(run_dir)
+    if rd.config_yaml.is_file():
+        return rd.config_yaml
+    stages = [s.train.config_yaml for s in rd.stages().values() if s.train.config_yaml.exists()]
     return stages[-1] if stages else None
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from jobs.cluster import CLUSTERS
-from jobs.engine.pipeline import cand_dir, read_json, stage_path
+from jobs.engine.rundir import RunDir, read_json
 from jobs.runlock import lock_holder_alive
 
 __all__ = ["RunLine", "find_runs", "slurm_job_ids", "run_line", "format_runs", "candidate_state"]
@@ -52,12 +52,6 @@ class RunLine:
     detail: str
 
 
-def _is_run_dir(path: Path) -> bool:
-    return path.is_dir() and (
-        any((path / m).exists() for m in ("config.yaml", "plan.json", "jobs.json")) or any(path.glob("stage_[0-9]*"))
-    )
-
-
 def find_runs(root: Path) -> list[Path]:
     """The run dirs directly under ``root`` (or ``root`` itself when it is one), sorted by name.
 
@@ -67,9 +61,9 @@ def find_runs(root: Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{root} is not a directory; pass RUN_ROOT (run_root of the configs, e.g. runs)")
-    if _is_run_dir(root):
+    if RunDir(root).looks_like_run():
         return [root]
-    return sorted(p for p in root.iterdir() if _is_run_dir(p))
+    return sorted(p for p in root.iterdir() if RunDir(p).looks_like_run())
 
 
 def _read(path: Path) -> Any:
@@ -85,7 +79,7 @@ def _read(path: Path) -> Any:
 
 def slurm_job_ids(run_dir: Path) -> list[str]:
     """This run's SLURM job ids as recorded in RUN_DIR/jobs.json (array tasks as ``JOB_TASK``)."""
-    jobs = (_read(Path(run_dir) / "jobs.json") or {}).get("jobs", [])
+    jobs = (_read(RunDir(run_dir).jobs_json) or {}).get("jobs", [])
     return [str(j["job_id"]) for j in jobs if j.get("executor") == "slurm" and "job_id" in j]
 
 
@@ -121,23 +115,24 @@ def _last_step(events: Path) -> str:
 
 def _stage_step(run_dir: Path, t: int) -> tuple[str, str | None]:
     """(what is done of stage t in words, failure or None) from its markers."""
-    sd = stage_path(run_dir, t)
-    if not sd.is_dir():
-        later = any(p.name[6:].isdigit() and int(p.name[6:]) > t for p in run_dir.glob("stage_[0-9]*"))
+    rd = RunDir(run_dir)
+    sd = rd.stage(t)
+    if not sd.path.is_dir():
+        later = any(s > t for s in rd.stages())
         return ("missing (later stages exist)" if later else "not started"), None
-    if (sd / "eval" / "metrics.json").exists():
+    if sd.eval_metrics.exists():
         return "evaluated", None
-    if (sd / "train" / "final.pt").exists():
+    if sd.final.exists():
         return "trained, not evaluated", None
-    if (sd / "train" / "events.jsonl").exists():
-        return f"training stopped at {_last_step(sd / 'train' / 'events.jsonl') or 'start'}", None
-    if (sd / "selected.json").exists():  # candidate failures before it were tolerated by select
+    if sd.train.events.exists():
+        return f"training stopped at {_last_step(sd.train.events) or 'start'}", None
+    if sd.selected_json.exists():  # candidate failures before it were tolerated by select
         return "selected, training not started", None
-    for cd in sorted((sd / "search").glob("cand_*")):
-        if (cd / "failed.json").exists() and not (cd / "result.json").exists():
-            err = (_read(cd / "failed.json") or {}).get("error", "?")
-            return "search failed", f"stage {t} {cd.name} failed: {err}"
-    if (sd / "search").exists():
+    for cd in sd.cands():
+        if cd.failed_json.exists() and not cd.result_json.exists():
+            err = (_read(cd.failed_json) or {}).get("error", "?")
+            return "search failed", f"stage {t} {cd.path.name} failed: {err}"
+    if sd.search.exists():
         return "searching", None
     return "not started", None
 
@@ -151,9 +146,10 @@ def run_line(run_dir: Path, queued: Mapping[str, str] | None = None, ended: Mapp
         ended: job id → sacct state of jobs that left the queue (optional).
     """
     run_dir = Path(run_dir)
-    cfg = _read(run_dir / "config.yaml") or {}
-    plan = _read(run_dir / "plan.json") or {}
-    stage_dirs = sorted(int(p.name[6:]) for p in run_dir.glob("stage_[0-9]*") if p.name[6:].isdigit())
+    rd = RunDir(run_dir)
+    cfg = _read(rd.config_yaml) or {}
+    plan = _read(rd.plan_json) or {}
+    stage_dirs = list(rd.stages())
     planned = int((cfg.get("data") or {}).get("stages") or 0) or max([*plan.get("stages", []), *stage_dirs, 0])
     name = str(cfg.get("name") or run_dir.name)
     if name != run_dir.name:
@@ -161,11 +157,11 @@ def run_line(run_dir: Path, queued: Mapping[str, str] | None = None, ended: Mapp
     steps = {t: _stage_step(run_dir, t) for t in range(1, planned + 1)}
     done = sum(1 for what, _ in steps.values() if what == "evaluated")
     first_open = next((t for t in steps if steps[t][0] != "evaluated"), None)
-    lock = _read(run_dir / "lock")
+    lock = _read(rd.lock)
     if not (isinstance(lock, dict) and "pid" in lock):
         lock = None  # no lock, or an empty/garbled one (its creator died while writing it)
     alive = lock_holder_alive(lock) if lock else False
-    jobs = (_read(run_dir / "jobs.json") or {}).get("jobs", [])
+    jobs = (_read(rd.jobs_json) or {}).get("jobs", [])
     slurm = [j for j in jobs if j.get("executor") == "slurm"]
     cluster = CLUSTERS["slurm"]
     in_queue = {str(j["job_id"]): queued[str(j["job_id"])] for j in slurm if queued and str(j["job_id"]) in queued}
@@ -202,7 +198,7 @@ def run_line(run_dir: Path, queued: Mapping[str, str] | None = None, ended: Mapp
                 detail = f"stage {first_open}: {steps[first_open][0]}; nothing active"
             if lock is not None:
                 detail += f"; stale lock (pid {lock.get('pid')} gone: --break-lock)"
-            elif (run_dir / "lock").exists():
+            elif rd.lock.exists():
                 detail += "; unreadable lock file (--break-lock)"
             if slurm and queued is None:
                 detail += "; squeue not reachable: queued/running unknown"
@@ -217,11 +213,11 @@ def candidate_state(run_dir: Path, stage: int, index: int, result: Mapping[str, 
 
     if result:
         return f"score {result['score']:.4f}"
-    cdir = cand_dir(run_dir, stage, index)
-    failed = read_json(cdir / "failed.json")
+    cd = RunDir(run_dir).stage(stage).cand(index)
+    failed = read_json(cd.failed_json)
     if failed:
         return f"failed: {failed['error']}"
-    last = next(iter(read_events(cdir / "events.jsonl")[-1:]), None)
+    last = next(iter(read_events(cd.events)[-1:]), None)
     if last is None:
         return "no result"
     if last["event"] == "preempted":

@@ -40,7 +40,8 @@ from jobs.engine.checkpoint import load_checkpoint, prune_checkpoints, save_chec
 from jobs.engine.dist import DistEnv
 from jobs.engine.evaluate import val_batches, validate_model
 from jobs.engine.metrics import MetricsLog, MetricsWriteError
-from jobs.engine.pipeline import cand_dir, data_ratio, previous_spec, read_json, stage_candidates, stage_path
+from jobs.engine.pipeline import data_ratio, previous_spec, stage_candidates
+from jobs.engine.rundir import RunDir, read_json
 from jobs.engine.score import SearchScore
 from jobs.engine.train_state import TrainState
 from jobs.engine.trainer import run_training
@@ -88,7 +89,7 @@ def grow_checkpoint(cfg: RunCfg, run_dir: Path, stage: int, cand: Candidate, out
     from model.clip import build_model
     from model.pim import grow
 
-    prev_final = stage_path(run_dir, stage - 1) / "train" / "final.pt"
+    prev_final = RunDir(run_dir).stage(stage - 1).final
     payload = load_checkpoint(prev_final)
     prev = previous_spec(run_dir, stage)
     model = build_model(prev, seed=cfg.train.seed)
@@ -145,9 +146,9 @@ def run_search_candidate(
     run_dir = Path(run_dir)
     found = stage_candidates(cfg, run_dir, stage)
     if found is None:
-        raise RuntimeError(f"stage {stage - 1} is not trained yet ({stage_path(run_dir, stage - 1)}/train/final.pt)")
+        raise RuntimeError(f"stage {stage - 1} is not trained yet ({RunDir(run_dir).stage(stage - 1).final})")
     kept, pruned = found
-    cands_json = stage_path(run_dir, stage) / "search" / "candidates.json"
+    cands_json = RunDir(run_dir).stage(stage).candidates_json
     if env.is_main and not cands_json.exists():
         atomic_write_json(
             cands_json,
@@ -163,22 +164,22 @@ def run_search_candidate(
         logger.info("stage %d has %d candidates: array task %d has nothing to do", stage, len(kept), index)
         return {"status": "absent", "index": index}
     cand = kept[index]
-    out = cand_dir(run_dir, stage, index)
-    done = read_json(out / "result.json")
+    cd = RunDir(run_dir).stage(stage).cand(index)
+    done = read_json(cd.result_json)
     if done is not None:
         logger.info("stage %d candidate %d (%s) already scored: %s", stage, index, cand.name, done["score"])
         return done
-    out.mkdir(parents=True, exist_ok=True)
-    events = MetricsLog(out, enabled=env.is_main)
+    cd.path.mkdir(parents=True, exist_ok=True)
+    events = MetricsLog(cd.path, enabled=env.is_main)
     t0 = time.time()
     try:
-        atomic_write_json(out / "spec.json", {"name": cand.name, "spec": cand.spec.to_dict()})
+        atomic_write_json(cd.spec_json, {"name": cand.name, "spec": cand.spec.to_dict()})
         events.event("start", stage=stage, index=index, name=cand.name, cost=cand.cost, cost_ratio=cand.cost_ratio)
-        grown = out / "grown.pt"
-        record = read_json(out / "growth.json")
+        grown = cd.grown
+        record = read_json(cd.growth_json)
         if record is None or not grown.exists():
             record = grow_checkpoint(cfg, run_dir, stage, cand, grown)
-            atomic_write_json(out / "growth.json", record)
+            atomic_write_json(cd.growth_json, record)
         events.event(
             "grown", params_before=record["params_before"], params_after=record["params_after"], error=record["error"]
         )
@@ -200,7 +201,7 @@ def run_search_candidate(
             logger.info("stage %d has a single candidate (%s): scored without search training", stage, cand.name)
             payload, steps = load_checkpoint(grown), 0
         else:
-            result = run_training(search_cfg(cfg), stage, out / "work", env, init=grown, should_stop=should_stop)
+            result = run_training(search_cfg(cfg), stage, cd.work, env, init=grown, should_stop=should_stop)
             if result.status == "preempted":
                 return preempted(result.step, result.last_checkpoint)
             before_scoring()
@@ -242,7 +243,7 @@ def run_search_candidate(
         if env.is_main:
             try:  # best effort: on a full disk these fail too, and the original error is the one to report
                 atomic_write_json(
-                    out / "failed.json",
+                    cd.failed_json,
                     {
                         "stage": stage,
                         "index": index,
@@ -257,8 +258,8 @@ def run_search_candidate(
                 logger.warning("stage %d candidate %d: failure not recorded on disk (%s)", stage, index, again)
         raise
     if env.is_main:
-        atomic_write_json(out / "result.json", res)
-        (out / "failed.json").unlink(missing_ok=True)  # an earlier attempt's failure is history now
+        atomic_write_json(cd.result_json, res)
+        cd.failed_json.unlink(missing_ok=True)  # an earlier attempt's failure is history now
         events.event("scored", **{k: res[k] for k in ("val_loss", "proxy_acc1", "score", "train_flops")})
     logger.info(
         "stage=%d candidate %d %s: params %.3fM val_loss %.4f proxy_acc1 %.3f score %.4f (%.0f s)",

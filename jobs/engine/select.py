@@ -18,7 +18,8 @@ from typing import Any
 from data_tools.atomic import atomic_write_json
 from jobs.config import RunCfg
 from jobs.engine.checkpoint import load_checkpoint, save_checkpoint
-from jobs.engine.pipeline import cand_dir, read_json, stage_candidates, stage_path
+from jobs.engine.pipeline import stage_candidates
+from jobs.engine.rundir import RunDir, read_json
 from jobs.engine.score import SearchScore
 
 __all__ = ["SelectionError", "run_select", "growth_lines"]
@@ -52,9 +53,9 @@ def run_select(cfg: RunCfg, stage: int, run_dir: Path) -> dict[str, Any]:
         SelectionError: stage t-1 not trained, or fewer than ``search.min_successful`` results.
     """
     run_dir = Path(run_dir)
-    sd = stage_path(run_dir, stage)
-    done = read_json(sd / "selected.json")
-    if done is not None and (sd / "selected.pt").exists():
+    sd = RunDir(run_dir).stage(stage)
+    done = read_json(sd.selected_json)
+    if done is not None and sd.selected_pt.exists():
         logger.info("stage %d already selected: %s", stage, done["winner"]["name"])
         return done
     found = stage_candidates(cfg, run_dir, stage)
@@ -63,9 +64,9 @@ def run_select(cfg: RunCfg, stage: int, run_dir: Path) -> dict[str, Any]:
     kept, _ = found
     rows: list[dict[str, Any]] = []
     for k, cand in enumerate(kept):
-        res = read_json(cand_dir(run_dir, stage, k) / "result.json")
+        res = read_json(sd.cand(k).result_json)
         if res is None:
-            failed = read_json(cand_dir(run_dir, stage, k) / "failed.json")
+            failed = read_json(sd.cand(k).failed_json)
             why = failed["error"] if failed else "no result (task killed, still running or never started)"
             rows.append({"index": k, "name": cand.name, "status": "failed", "params": cand.spec.params(), "error": why})
             continue
@@ -90,21 +91,21 @@ def run_select(cfg: RunCfg, stage: int, run_dir: Path) -> dict[str, Any]:
         second = ok[1]
         describe = SearchScore.describe
         reason = f"{win['name']} has the lowest score {describe(win)}; runner-up {second['name']} {describe(second)}"
-    result = read_json(cand_dir(run_dir, stage, win["index"]) / "result.json")
+    result = read_json(sd.cand(win["index"]).result_json)
     assert result is not None
     grown = load_checkpoint(Path(result["grown"]))
-    save_checkpoint(grown, sd / "selected.pt")
+    save_checkpoint(grown, sd.selected_pt)
     selected = {
         "stage": stage,
         "winner": {"index": win["index"], "name": win["name"], "spec": result["spec"], "score": win["score"]},
         "reason": reason,
         "table": sorted(rows, key=lambda r: r["index"]),
         "growth": result["growth"],
-        "init": str(sd / "selected.pt"),
+        "init": str(sd.selected_pt),
         "failed": [r["index"] for r in rows if r["status"] != "done"],
         "score_formula": SearchScore.FORMULA,
     }
-    atomic_write_json(sd / "selected.json", selected)
+    atomic_write_json(sd.selected_json, selected)
     logger.info("stage=%d selected %s: %s", stage, win["name"], reason)
     for line in growth_lines(stage, result["growth"]):
         logger.info(line)

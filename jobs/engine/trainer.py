@@ -49,7 +49,7 @@ from jobs.engine.loop import (
     wrap_model,
 )
 from jobs.engine.metrics import MetricsLog
-from jobs.engine.rundir import check_run_dir
+from jobs.engine.rundir import RUN_CONFIG, RunDir, check_run_dir
 from jobs.engine.train_state import TrainState, lr_factor, seed_everything
 from model.spec import ArchSpec
 from model.structs import to_dict
@@ -59,7 +59,6 @@ __all__ = [
     "NonFiniteLossError",
     "TrainingOOMError",
     "UsageError",
-    "stage_dir",
     "lr_factor",
     "run_training",
     "train_stage",
@@ -72,11 +71,6 @@ ResumeMode = str  # "latest", "none", or a checkpoint path
 
 class UsageError(ValueError):
     """Bad input to a training (incompatible resume/init, batch sizes, tokenizer): exit code 2."""
-
-
-def stage_dir(run_dir: Path, stage: int) -> Path:
-    """RUN_DIR/stage_NN."""
-    return Path(run_dir) / f"stage_{stage:02d}"
 
 
 def _batching(cfg: TrainCfg, env: DistEnv) -> Batching:
@@ -267,7 +261,7 @@ def run_training(
     from model.clip import build_model
 
     tc = cfg.train
-    dirs = TrainDirs(stage_dir(run_dir, stage) / "train")
+    dirs = TrainDirs(RunDir(run_dir).stage(stage).train.path)
     metrics = MetricsLog(dirs.train, enabled=env.is_main)
     done = _already_done(dirs, stage) if resume == "latest" else None
     if done is not None:
@@ -299,7 +293,7 @@ def run_training(
         position = _data_position(payload["data"], batching)
     if env.is_main:  # every check has passed: the stage's config now claims the run dir (jobs/engine/rundir.py)
         dirs.train.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(dirs.train / "config.yaml", dump_cfg(cfg))
+        atomic_write_text(dirs.train / RUN_CONFIG, dump_cfg(cfg))
         atomic_write_json(dirs.train / "spec.json", spec.to_dict())
     if payload is not None:
         metrics.truncate_after(state.step)
@@ -369,7 +363,7 @@ def train_stage(
     """
     check_run_dir(run_dir, cfg)
     result = run_training(cfg, stage, run_dir, env, init=init, resume=resume, should_stop=should_stop)
-    out = stage_dir(run_dir, stage) / "eval" / "metrics.json"
+    out = RunDir(run_dir).stage(stage).eval_metrics
     if evaluate and result.final is not None and env.is_main and not out.exists():
         metrics = evaluate_stage(result.final, cfg, stage, out, env.device)
         MetricsLog(result.train_dir).event("eval", path=str(out), summary=metrics["summary"])

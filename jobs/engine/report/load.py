@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from data_tools.eval_sets import CLASSIFICATION, RETRIEVAL
-from jobs.engine.pipeline import arch_summary, stage_path
-from jobs.engine.report.read import _check_run_dir, _config, _json, _search_part, _stage_dirs, _train_part
+from jobs.engine.pipeline import arch_summary
+from jobs.engine.report.read import _check_run_dir, _config, _json, _search_part, _train_part
+from jobs.engine.rundir import RunDir
 from model.spec import ArchSpec, block_params
 
 REPORT_FORMAT = "growclip-report"
@@ -126,8 +127,9 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     _check_run_dir(run_dir)
     warnings: list[str] = []
     cfg = _config(run_dir, warnings)
-    plan = _json(run_dir / "plan.json", run_dir, warnings) or {}
-    found = _stage_dirs(run_dir)
+    rd = RunDir(run_dir)
+    plan = _json(rd.plan_json, run_dir, warnings) or {}
+    found = rd.stages()
     planned = int((cfg.get("data") or {}).get("stages") or 0) or max([*plan.get("stages", []), *found, 0])
     compute = _compute_model(cfg)
     stages, search_rows, growth, kernels, curve, oracles = [], [], [], {}, [], []
@@ -135,19 +137,19 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     prev: dict[str, Any] | None = None
     last_found = max(found, default=0)
     for t in range(1, max(planned, last_found) + 1):
-        sd = stage_path(run_dir, t)
+        sd = rd.stage(t)
         row: dict[str, Any] = {"stage": t, "status": "not started", "chosen": None, "arch": None, "spec": None}
-        if not sd.is_dir():
+        if not sd.path.is_dir():
             if t < last_found:
                 row["status"] = "missing"
                 warnings.append(f"stage_{t:02d}/ is missing although later stages exist (deleted or moved?)")
             stages.append(row)
             prev = None
             continue
-        tr = _train_part(sd / "train", run_dir, warnings)
-        cands = _search_part(sd, t, run_dir, warnings) if t > 1 else []
-        sel = _json(sd / "selected.json", run_dir, warnings) if t > 1 else None
-        ev = _json(sd / "eval" / "metrics.json", run_dir, warnings)
+        tr = _train_part(sd.train, run_dir, warnings)
+        cands = _search_part(sd, run_dir, warnings) if t > 1 else []
+        sel = _json(sd.selected_json, run_dir, warnings) if t > 1 else None
+        ev = _json(sd.eval_metrics, run_dir, warnings)
         spec_json = tr["spec"] or (sel["winner"]["spec"] if sel else None)
         if spec_json is None and t == 1 and isinstance(cfg.get("model"), dict):
             spec_json = cfg["model"]
@@ -222,7 +224,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         )
         stages.append(row)
         search_rows += cands
-        oracle = _json(sd / "oracle" / "summary.json", run_dir, warnings) if t > 1 else None
+        oracle = _json(sd.oracle.summary_json, run_dir, warnings) if t > 1 else None
         if oracle is not None:
             oracles.append(oracle)
         if tr["kernels"]:
@@ -233,7 +235,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
             )
         record = (sel or {}).get("growth")
         if record is None and win is not None:
-            record = _json(sd / "search" / f"cand_{win['index']:02d}" / "growth.json", run_dir, warnings)
+            record = _json(sd.cand(win["index"]).growth_json, run_dir, warnings)
         if t > 1 and record:
             growth.append(
                 {

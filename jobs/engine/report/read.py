@@ -10,17 +10,14 @@ line in ``warnings``, never an exception; only a path that is not a run dir rais
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from jobs.engine.metrics import read_events
+from jobs.engine.rundir import RunDir, StageDir, TrainDir
 from model.spec import ArchSpec
-
-_STAGE_DIR = re.compile(r"^stage_(\d{2,})$")
-_CAND_DIR = re.compile(r"^cand_(\d{2,})$")
 
 
 class ReportError(ValueError):
@@ -66,7 +63,8 @@ def _events(path: Path, run_dir: Path, warnings: list[str]) -> list[dict[str, An
 
 def _config(run_dir: Path, warnings: list[str]) -> dict[str, Any]:
     """RUN_DIR/config.yaml as plain YAML (a run from an older schema still loads), else a stage's copy."""
-    candidates = [run_dir / "config.yaml"] + sorted(run_dir.glob("stage_*/train/config.yaml"))
+    rd = RunDir(run_dir)
+    candidates = [rd.config_yaml] + [s.train.config_yaml for s in rd.stages().values()]
     for path in candidates:
         if path.exists():
             try:
@@ -80,24 +78,16 @@ def _config(run_dir: Path, warnings: list[str]) -> dict[str, Any]:
     return {}
 
 
-def _stage_dirs(run_dir: Path) -> dict[int, Path]:
-    out = {}
-    for p in run_dir.iterdir() if run_dir.is_dir() else ():
-        m = _STAGE_DIR.match(p.name)
-        if m and p.is_dir():
-            out[int(m.group(1))] = p
-    return out
-
-
 def _check_run_dir(run_dir: Path) -> None:
     if not run_dir.exists():
         raise ReportError(f"{run_dir} does not exist; pass RUN_DIR = RUN_ROOT/<run> (`python -m jobs runs RUN_ROOT`)")
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir} is a file, not a run dir; pass RUN_DIR = RUN_ROOT/<run>")
-    markers = ("config.yaml", "plan.json", "jobs.json")
-    if any((run_dir / m).exists() for m in markers) or _stage_dirs(run_dir):
+    if RunDir(run_dir).looks_like_run():
         return
-    inner = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and ((p / "config.yaml").exists() or _stage_dirs(p)))
+    inner = sorted(
+        p.name for p in run_dir.iterdir() if p.is_dir() and (RunDir(p).config_yaml.exists() or RunDir(p).stages())
+    )
     if inner:
         raise ReportError(
             f"{run_dir} is a RUN_ROOT holding runs ({', '.join(inner[:6])}{', ...' if len(inner) > 6 else ''}), not "
@@ -126,14 +116,14 @@ def _wall_seconds(events: list[dict[str, Any]]) -> float | None:
     return total + (seg_last - seg_start)
 
 
-def _train_part(train_dir: Path, run_dir: Path, warnings: list[str]) -> dict[str, Any]:
-    events = _events(train_dir / "events.jsonl", run_dir, warnings)
+def _train_part(train: TrainDir, run_dir: Path, warnings: list[str]) -> dict[str, Any]:
+    events = _events(train.events, run_dir, warnings)
     steps = [e for e in events if e.get("event") == "train" and isinstance(e.get("loss"), int | float)]
     start = next((e for e in events if e.get("event") == "start"), None)
     ends = [e for e in events if e.get("event") == "end"]
     evals = [e for e in events if e.get("event") == "eval"]
     end = ends[-1] if ends else None
-    spec_json = _json(train_dir / "spec.json", run_dir, warnings) or (start or {}).get("spec")
+    spec_json = _json(train.spec_json, run_dir, warnings) or (start or {}).get("spec")
     samples = int(end["samples"]) if end else (int(steps[-1].get("samples", 0)) if steps else 0)
     eval_s = None
     if end and evals and isinstance(evals[-1].get("time"), int | float):
@@ -142,7 +132,7 @@ def _train_part(train_dir: Path, run_dir: Path, warnings: list[str]) -> dict[str
         "events": bool(events),
         "spec": spec_json,
         "start": start,
-        "finished": end is not None and (train_dir / "final.pt").exists(),
+        "finished": end is not None and train.final.exists(),
         "steps_done": int(end["step"]) if end else (int(steps[-1].get("step", 0)) if steps else 0),
         "steps_planned": int(start["steps"]) if start and "steps" in start else None,
         "samples": samples,
@@ -161,24 +151,24 @@ def _first_loss(events_path: Path, run_dir: Path, warnings: list[str]) -> tuple[
     return (float(steps[0]["loss"]), float(steps[-1]["loss"])) if steps else (None, None)
 
 
-def _search_part(sd: Path, t: int, run_dir: Path, warnings: list[str]) -> list[dict[str, Any]]:
+def _search_part(sd: StageDir, run_dir: Path, warnings: list[str]) -> list[dict[str, Any]]:
     """One row per candidate of stage t: listed in candidates.json and/or present as cand_KK/."""
-    search = sd / "search"
-    listed = (_json(search / "candidates.json", run_dir, warnings) or {}).get("candidates", [])
-    present = {int(m.group(1)) for p in search.glob("cand_*") if (m := _CAND_DIR.match(p.name)) and p.is_dir()}
-    sel = _json(sd / "selected.json", run_dir, warnings)
+    t = sd.stage
+    listed = (_json(sd.candidates_json, run_dir, warnings) or {}).get("candidates", [])
+    present = {cd.index for cd in sd.cands()}
+    sel = _json(sd.selected_json, run_dir, warnings)
     ranks = {r["index"]: r.get("rank") for r in (sel or {}).get("table", [])}
     winner = sel["winner"]["index"] if sel else None
     rows = []
     for k in sorted(set(range(len(listed))) | present):
-        cd = search / f"cand_{k:02d}"
-        res = _json(cd / "result.json", run_dir, warnings)
-        failed = _json(cd / "failed.json", run_dir, warnings)
-        spec_json = _json(cd / "spec.json", run_dir, warnings)
-        growth = _json(cd / "growth.json", run_dir, warnings) or (res or {}).get("growth")
+        cd = sd.cand(k)
+        res = _json(cd.result_json, run_dir, warnings)
+        failed = _json(cd.failed_json, run_dir, warnings)
+        spec_json = _json(cd.spec_json, run_dir, warnings)
+        growth = _json(cd.growth_json, run_dir, warnings) or (res or {}).get("growth")
         name = (res or failed or spec_json or (listed[k] if k < len(listed) else {})).get("name", "?")
-        cand_events = _events(cd / "events.jsonl", run_dir, warnings)
-        first, last = _first_loss(cd / "work" / f"stage_{t:02d}" / "train" / "events.jsonl", run_dir, warnings)
+        cand_events = _events(cd.events, run_dir, warnings)
+        first, last = _first_loss(cd.work_train(t).events, run_dir, warnings)
         preempted = [e for e in cand_events if e.get("event") == "preempted"]
         if res:
             status = "done"
@@ -187,7 +177,7 @@ def _search_part(sd: Path, t: int, run_dir: Path, warnings: list[str]) -> list[d
         elif cand_events and cand_events[-1].get("event") == "preempted":
             status = f"preempted at step {cand_events[-1].get('step')}"
         else:
-            status = "running or killed" if cd.exists() else "not started"
+            status = "running or killed" if cd.path.exists() else "not started"
         row: dict[str, Any] = {
             "stage": t,
             "index": k,
