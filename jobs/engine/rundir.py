@@ -25,10 +25,26 @@ from pathlib import Path
 from typing import Any
 
 from jobs.config import ConfigError, EvalCfg, RunCfg, config_differences, load_cfg
+from jobs.engine.records import (  # the typed records of the files below (re-exported: one module for a run dir)
+    CandidateResult,
+    CandidateStatus,
+    EvalMetrics,
+    FailedRecord,
+    Selection,
+    candidate_status,
+    read_record,
+)
 
 __all__ = [
     "RUN_CONFIG",
     "CandDir",
+    "CandidateResult",
+    "CandidateStatus",
+    "EvalMetrics",
+    "FailedRecord",
+    "Selection",
+    "candidate_status",
+    "read_record",
     "OracleDir",
     "RunDir",
     "StageDir",

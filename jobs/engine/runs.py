@@ -33,7 +33,8 @@ from typing import Any
 import yaml
 
 from jobs.cluster import CLUSTERS
-from jobs.engine.rundir import RunDir, read_json
+from jobs.engine.records import candidate_status
+from jobs.engine.rundir import RunDir
 from jobs.runlock import lock_holder_alive
 
 __all__ = ["RunLine", "find_runs", "slurm_job_ids", "run_line", "format_runs", "candidate_state"]
@@ -209,20 +210,16 @@ def run_line(run_dir: Path, queued: Mapping[str, str] | None = None, ended: Mapp
 
 def candidate_state(run_dir: Path, stage: int, index: int, result: Mapping[str, Any] | None) -> str:
     """One candidate in ``status``: its score, its failure, or how far it got (from cand_KK/events.jsonl)."""
-    from jobs.engine.metrics import read_events  # h5py: only when there is a candidate to show
-
     if result:
         return f"score {result['score']:.4f}"
-    cd = RunDir(run_dir).stage(stage).cand(index)
-    failed = read_json(cd.failed_json)
-    if failed:
-        return f"failed: {failed['error']}"
-    last = next(iter(read_events(cd.events)[-1:]), None)
-    if last is None:
+    st = candidate_status(RunDir(run_dir).stage(stage).cand(index))
+    if st.state == "failed":
+        return f"failed: {st.error}"
+    if st.state == "preempted":
+        return f"preempted at step {st.step} (checkpointed; resumes when requeued or resubmitted)"
+    if st.last_event is None:
         return "no result"
-    if last["event"] == "preempted":
-        return f"preempted at step {last['step']} (checkpointed; resumes when requeued or resubmitted)"
-    return f"no result yet (last event: {last['event']})"
+    return f"no result yet (last event: {st.last_event})"
 
 
 def _age(seconds: float) -> str:

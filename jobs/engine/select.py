@@ -19,6 +19,7 @@ from data_tools.atomic import atomic_write_json
 from jobs.config import RunCfg
 from jobs.engine.checkpoint import load_checkpoint, save_checkpoint
 from jobs.engine.pipeline import stage_candidates
+from jobs.engine.records import CandidateResult, Selection, candidate_status, read_record
 from jobs.engine.rundir import RunDir, read_json
 from jobs.engine.score import SearchScore
 
@@ -56,7 +57,7 @@ def run_select(cfg: RunCfg, stage: int, run_dir: Path) -> dict[str, Any]:
     sd = RunDir(run_dir).stage(stage)
     done = read_json(sd.selected_json)
     if done is not None and sd.selected_pt.exists():
-        logger.info("stage %d already selected: %s", stage, done["winner"]["name"])
+        logger.info("stage %d already selected: %s", stage, read_record(Selection, sd.selected_json).winner.name)
         return done
     found = stage_candidates(cfg, run_dir, stage)
     if found is None:
@@ -64,15 +65,23 @@ def run_select(cfg: RunCfg, stage: int, run_dir: Path) -> dict[str, Any]:
     kept, _ = found
     rows: list[dict[str, Any]] = []
     for k, cand in enumerate(kept):
-        res = read_json(sd.cand(k).result_json)
+        res = read_record(CandidateResult, sd.cand(k).result_json)
         if res is None:
-            failed = read_json(sd.cand(k).failed_json)
-            why = failed["error"] if failed else "no result (task killed, still running or never started)"
+            status = candidate_status(sd.cand(k))
+            why = (
+                status.error if status.state == "failed" else "no result (task killed, still running or never started)"
+            )
             rows.append({"index": k, "name": cand.name, "status": "failed", "params": cand.spec.params(), "error": why})
             continue
         keys = (*SearchScore.INPUTS, *SearchScore.keys())
         rows.append(
-            {"index": k, "name": cand.name, "status": "done", "params": res["params"], **{x: res[x] for x in keys}}
+            {
+                "index": k,
+                "name": cand.name,
+                "status": "done",
+                "params": res.params,
+                **{x: getattr(res, x) for x in keys},
+            }
         )
     ok = sorted((r for r in rows if r["status"] == "done"), key=lambda r: (r["score"], r["params"], r["index"]))
     needed = min(cfg.search.min_successful, len(rows))  # a single-candidate stage needs only it
@@ -91,22 +100,22 @@ def run_select(cfg: RunCfg, stage: int, run_dir: Path) -> dict[str, Any]:
         second = ok[1]
         describe = SearchScore.describe
         reason = f"{win['name']} has the lowest score {describe(win)}; runner-up {second['name']} {describe(second)}"
-    result = read_json(sd.cand(win["index"]).result_json)
-    assert result is not None
-    grown = load_checkpoint(Path(result["grown"]))
+    result = read_record(CandidateResult, sd.cand(win["index"]).result_json)
+    assert result is not None and result.grown is not None
+    grown = load_checkpoint(Path(result.grown))
     save_checkpoint(grown, sd.selected_pt)
     selected = {
         "stage": stage,
-        "winner": {"index": win["index"], "name": win["name"], "spec": result["spec"], "score": win["score"]},
+        "winner": {"index": win["index"], "name": win["name"], "spec": result.spec, "score": win["score"]},
         "reason": reason,
         "table": sorted(rows, key=lambda r: r["index"]),
-        "growth": result["growth"],
+        "growth": result.growth,
         "init": str(sd.selected_pt),
         "failed": [r["index"] for r in rows if r["status"] != "done"],
         "score_formula": SearchScore.FORMULA,
     }
     atomic_write_json(sd.selected_json, selected)
     logger.info("stage=%d selected %s: %s", stage, win["name"], reason)
-    for line in growth_lines(stage, result["growth"]):
+    for line in growth_lines(stage, result.growth or {}):
         logger.info(line)
     return selected

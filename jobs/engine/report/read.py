@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from jobs.engine.metrics import read_events
+from jobs.engine.records import classify_candidate
 from jobs.engine.rundir import RunDir, StageDir, TrainDir
 from model.spec import ArchSpec
 
@@ -170,14 +171,8 @@ def _search_part(sd: StageDir, run_dir: Path, warnings: list[str]) -> list[dict[
         cand_events = _events(cd.events, run_dir, warnings)
         first, last = _first_loss(cd.work_train(t).events, run_dir, warnings)
         preempted = [e for e in cand_events if e.get("event") == "preempted"]
-        if res:
-            status = "done"
-        elif failed:
-            status = "failed"
-        elif cand_events and cand_events[-1].get("event") == "preempted":
-            status = f"preempted at step {cand_events[-1].get('step')}"
-        else:
-            status = "running or killed" if cd.path.exists() else "not started"
+        st = classify_candidate(cd.path.exists(), res, failed, cand_events)
+        status = {"preempted": f"preempted at step {st.step}", "running": "running or killed"}.get(st.state, st.state)
         row: dict[str, Any] = {
             "stage": t,
             "index": k,

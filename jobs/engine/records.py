@@ -1,0 +1,166 @@
+"""Typed records of a run dir's JSON files (issue #16), and the one candidate status.
+
+Each record is a frozen dataclass read with the strict loader (``model.structs.from_dict``: an unknown key is
+an error naming it), so a field lists every key its file has ever held, and every field has a default: a file
+written before a key was added still loads. The writers keep writing plain dicts (``search``, ``select``,
+``evaluate``); these records are how the readers see them. Paths come from :mod:`jobs.engine.rundir`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from model.structs import from_dict
+
+__all__ = [
+    "CandidateResult",
+    "CandidateStatus",
+    "EvalMetrics",
+    "FailedRecord",
+    "Selection",
+    "SelectionWinner",
+    "candidate_status",
+    "classify_candidate",
+    "read_record",
+]
+
+R = TypeVar("R")
+Number = int | float
+
+
+def read_record(cls: type[R], path: Path) -> R | None:
+    """The record ``cls`` of JSON file ``path``, or None when the file is not there (yet).
+
+    Raises:
+        ConfigError: the file holds a key ``cls`` does not know, or a value of the wrong type.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    return from_dict(cls, data, path=str(path))
+
+
+@dataclass(frozen=True)
+class CandidateResult:
+    """``stage_NN/search/cand_KK/result.json``: a search candidate trained and scored (``jobs.engine.search``)."""
+
+    format: str | None = None  # "growclip-search-result"
+    status: str = "done"
+    stage: int | None = None
+    index: int | None = None
+    name: str | None = None
+    spec: dict[str, Any] | None = None  # ArchSpec.to_dict()
+    cost: Number | None = None  # params or FLOPs per growth.budget
+    cost_ratio: float | None = None
+    params: int | None = None
+    flops_per_sample: int | None = None
+    steps: int | None = None  # search training steps (0: scored as grown)
+    samples: int | None = None
+    train_flops: int | None = None
+    val_loss: float | None = None  # validate_model: held-out InfoNCE ...
+    val_loss_se: float | None = None  # ... its standard error (results written since it was recorded)
+    proxy_acc1: float | None = None
+    val_samples: int | None = None
+    score: float | None = None  # SearchScore: the sum of the terms
+    term_val_loss: float | None = None
+    term_zeroshot: float | None = None
+    term_cost: float | None = None
+    growth: dict[str, Any] | None = None  # GrowthRecord.to_dict() + stage, candidate
+    grown: str | None = None  # cand_KK/grown.pt
+    seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class FailedRecord:
+    """``cand_KK/failed.json`` of a search (all keys) or an oracle candidate (error, traceback)."""
+
+    stage: int | None = None
+    index: int | None = None
+    name: str | None = None
+    error: str = "?"
+    traceback: str | None = None
+    time: float | None = None
+
+
+@dataclass(frozen=True)
+class SelectionWinner:
+    index: int = 0
+    name: str = ""
+    spec: dict[str, Any] | None = None
+    score: float | None = None
+
+
+@dataclass(frozen=True)
+class Selection:
+    """``stage_NN/selected.json``: the search's winner, the reason and the table (``jobs.engine.select``)."""
+
+    stage: int | None = None
+    winner: SelectionWinner = SelectionWinner()
+    reason: str = ""
+    table: tuple[dict[str, Any], ...] = ()  # one row per candidate: index, name, status, params, score terms, rank
+    growth: dict[str, Any] | None = None
+    init: str | None = None  # stage_NN/selected.pt
+    failed: tuple[int, ...] = ()
+    score_formula: str | None = None
+
+
+@dataclass(frozen=True)
+class EvalMetrics:
+    """``stage_NN/eval/metrics.json`` (``jobs.engine.evaluate``: its module docstring lists the nested keys)."""
+
+    format: str | None = None
+    version: int | None = None
+    checkpoint: str | None = None
+    step: int | None = None
+    samples_seen: int | None = None  # absent from evaluations written before it was recorded
+    stage: int | None = None
+    weights: str | None = None
+    spec: dict[str, Any] | None = None
+    tasks: dict[str, dict[str, Any]] | None = None
+    summary: dict[str, Any] | None = None
+    heldout: dict[str, Any] | None = None  # a stage's evaluation: val_loss, val_loss_se, proxy_acc1, val_samples
+
+
+CandState = Literal["done", "failed", "preempted", "running", "not started"]
+
+
+@dataclass(frozen=True)
+class CandidateStatus:
+    """Where one candidate stands: ``done`` (result.json), ``failed`` (failed.json, no result), ``preempted``
+    (its last event; checkpointed), ``running`` (started: running, or killed without a trace), ``not started``."""
+
+    state: CandState
+    error: str | None = None  # failed: the error
+    step: int | None = None  # preempted: the step it checkpointed at
+    last_event: str | None = None  # running: the last event it logged (None: none yet)
+
+
+def classify_candidate(
+    exists: bool, result: object | None, failed: dict[str, Any] | None, events: list[dict[str, Any]]
+) -> CandidateStatus:
+    """The status from what was read of a candidate (``report`` reads its files tolerantly, then calls this)."""
+    if result:
+        return CandidateStatus("done")
+    if failed:
+        return CandidateStatus("failed", error=failed.get("error", "?"))
+    last = events[-1] if events else None
+    if last is not None and last.get("event") == "preempted":
+        return CandidateStatus("preempted", step=last.get("step"))
+    if exists:
+        return CandidateStatus("running", last_event=last.get("event") if last else None)
+    return CandidateStatus("not started")
+
+
+def candidate_status(cand: Any) -> CandidateStatus:
+    """The status of candidate ``cand`` (a :class:`jobs.engine.rundir.CandDir`) from its files."""
+    from jobs.engine.metrics import read_events  # h5py: only when a candidate is looked at
+
+    try:
+        failed = json.loads(cand.failed_json.read_text())
+    except FileNotFoundError:
+        failed = None
+    return classify_candidate(cand.path.exists(), cand.result_json.exists(), failed, read_events(cand.events))
