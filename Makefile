@@ -7,7 +7,7 @@
 #   make slurm-down   stop exactly the daemons slurm-up started
 #   make slurm-status show the local cluster's daemons, nodes and queue
 #   make fuzz         the randomised reliability tests with fresh random seeds (FUZZ_ROUNDS, default 20)
-#   make experiments  the issue-#8 experiment suite (~1.6 h on 2 CPU cores), then docs/results.md
+#   make experiments  the experiment suite, 23 runs (2 h 16 min on 2 CPU cores, measured 2026-12-01), then docs/results.md
 #   make check-configs validate every config under configs/
 #   make data-sources install the Debian packages of the offline corpus (root; else say which)
 SHELL := /bin/bash
