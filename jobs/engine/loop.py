@@ -36,6 +36,7 @@ from jobs.engine.checkpoint import checkpoint_name, prune_checkpoints
 from jobs.engine.data import BatchStream
 from jobs.engine.dist import DistEnv
 from jobs.engine.metrics import MetricsLog
+from jobs.engine.rundir import TrainDir
 from jobs.engine.train_state import TrainState
 
 if TYPE_CHECKING:
@@ -45,7 +46,6 @@ __all__ = [
     "Batching",
     "Forward",
     "NonFiniteLossError",
-    "TrainDirs",
     "TrainResult",
     "TrainingOOMError",
     "train_steps",
@@ -62,21 +62,6 @@ class NonFiniteLossError(RuntimeError):
 
 class TrainingOOMError(RuntimeError):
     """Out of memory; the message names the batch size to lower."""
-
-
-@dataclass(frozen=True)
-class TrainDirs:
-    """Where one stage's training writes: RUN_DIR/stage_NN/train (jobs/README.md "Run-dir layout")."""
-
-    train: Path
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.train / "checkpoints"
-
-    @property
-    def final(self) -> Path:
-        return self.train / "final.pt"
 
 
 @dataclass(frozen=True)
@@ -221,7 +206,7 @@ def train_steps(
     tc: TrainCfg,
     batching: Batching,
     env: DistEnv,
-    dirs: TrainDirs,
+    dirs: TrainDir,
     metrics: MetricsLog,
     save: Callable[[Path], Path],
     *,
@@ -267,7 +252,7 @@ def train_steps(
                 last_checkpoint = save(dirs.checkpoints / checkpoint_name(state.step))
                 metrics.event("preempted", step=state.step, checkpoint=str(last_checkpoint))
                 logger.warning("stop requested: checkpointed step %d to %s", state.step, last_checkpoint)
-                return TrainResult("preempted", state.step, dirs.train, None, last_checkpoint)
+                return TrainResult("preempted", state.step, dirs.path, None, last_checkpoint)
             try:
                 loss_val = _forward_backward(fwd, stream, tc.precision, env, batching.grad_accum)
                 if not math.isfinite(loss_val):
@@ -315,7 +300,7 @@ def train_steps(
         logger.info(
             "stage %d finished: %d steps, %d samples -> %s", state.stage, state.step, state.samples_seen, dirs.final
         )
-        return TrainResult("completed", state.step, dirs.train, dirs.final, dirs.final)
+        return TrainResult("completed", state.step, dirs.path, dirs.final, dirs.final)
     finally:
         if bar is not None:
             bar.close()

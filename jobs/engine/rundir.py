@@ -120,7 +120,7 @@ class CandDir:
 
 @dataclass(frozen=True)
 class TrainDir:
-    """A stage's training: RUN_DIR/stage_NN/train (``jobs.engine.loop.TrainDirs`` is where the loop writes)."""
+    """A stage's training: RUN_DIR/stage_NN/train."""
 
     path: Path
 

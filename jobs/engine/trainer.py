@@ -41,7 +41,6 @@ from jobs.engine.evaluate import evaluate_stage
 from jobs.engine.loop import (
     Batching,
     NonFiniteLossError,
-    TrainDirs,
     TrainingOOMError,
     TrainResult,
     train_steps,
@@ -49,7 +48,7 @@ from jobs.engine.loop import (
     wrap_model,
 )
 from jobs.engine.metrics import MetricsLog
-from jobs.engine.rundir import RUN_CONFIG, RunDir, check_run_dir
+from jobs.engine.rundir import RunDir, TrainDir, check_run_dir
 from jobs.engine.train_state import TrainState, lr_factor, seed_everything
 from model.spec import ArchSpec
 from model.structs import to_dict
@@ -110,7 +109,7 @@ def _check_optimizer_state(payload: dict[str, Any], path: Path | None, optimizer
     )
 
 
-def _already_done(dirs: TrainDirs, stage: int) -> TrainResult | None:
+def _already_done(dirs: TrainDir, stage: int) -> TrainResult | None:
     """The stage's verified ``final.pt`` as an ``already_done`` result, else None."""
     if not dirs.final.exists():
         return None
@@ -120,7 +119,7 @@ def _already_done(dirs: TrainDirs, stage: int) -> TrainResult | None:
         logger.warning("final checkpoint unusable, resuming from the step checkpoints: %s", exc)
         return None
     logger.info("stage %d already trained: %s (step %d)", stage, dirs.final, done["step"])
-    return TrainResult("already_done", int(done["step"]), dirs.train, dirs.final, dirs.final)
+    return TrainResult("already_done", int(done["step"]), dirs.path, dirs.final, dirs.final)
 
 
 def _resolve_start(
@@ -261,8 +260,8 @@ def run_training(
     from model.clip import build_model
 
     tc = cfg.train
-    dirs = TrainDirs(RunDir(run_dir).stage(stage).train.path)
-    metrics = MetricsLog(dirs.train, enabled=env.is_main)
+    dirs = RunDir(run_dir).stage(stage).train
+    metrics = MetricsLog(dirs.path, enabled=env.is_main)
     done = _already_done(dirs, stage) if resume == "latest" else None
     if done is not None:
         return done
@@ -292,9 +291,9 @@ def run_training(
         state.load_state_dict(payload)
         position = _data_position(payload["data"], batching)
     if env.is_main:  # every check has passed: the stage's config now claims the run dir (jobs/engine/rundir.py)
-        dirs.train.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(dirs.train / RUN_CONFIG, dump_cfg(cfg))
-        atomic_write_json(dirs.train / "spec.json", spec.to_dict())
+        dirs.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(dirs.config_yaml, dump_cfg(cfg))
+        atomic_write_json(dirs.spec_json, spec.to_dict())
     if payload is not None:
         metrics.truncate_after(state.step)
         metrics.event("resume", step=state.step, checkpoint=str(resume_path), world_size=env.world_size)
