@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from data_tools.atomic import atomic_write_json
 from jobs.config import ClusterCfg
-from jobs.engine.rundir import RunDir, read_json
+from jobs.engine.rundir import JobRecord, JobsLedger, RunDir, read_json, read_record
+from model.structs import from_dict
 
 if TYPE_CHECKING:
     import submitit
@@ -118,14 +119,14 @@ class Cluster:
         """A final state that means the job did not finish its work."""
         return False
 
-    def active(self, run_dir: Path) -> dict[tuple[int, str], list[dict[str, Any]]]:
+    def active(self, run_dir: Path) -> dict[tuple[int, str], list[JobRecord]]:
         """(stage, step) -> this run's jobs on this executor that are queued or running and will still run."""
-        recs = [r for r in load_jobs(run_dir)["jobs"] if r.get("executor") == self.kind]
-        states = self.queued([r["job_id"] for r in recs])
-        out: dict[tuple[int, str], list[dict[str, Any]]] = {}
+        recs = [r for r in load_jobs(run_dir) if r.executor == self.kind]
+        states = self.queued([r.job_id for r in recs])
+        out: dict[tuple[int, str], list[JobRecord]] = {}
         for r in recs:
-            if self.is_active(*states.get(r["job_id"], ("", ""))):
-                out.setdefault((r["stage"], r["step"]), []).append(r)
+            if self.is_active(*states.get(r.job_id, ("", ""))):
+                out.setdefault((r.stage, r.step), []).append(r)
         return out
 
     def describe(self, job_ids: Sequence[str]) -> dict[str, str]:
@@ -282,31 +283,38 @@ def make_executor(
 
 
 # ------------------------------------------------------------------------------------------ jobs.json
-def load_jobs(run_dir: Path) -> dict[str, Any]:
-    """RUN_DIR/jobs.json (``{"jobs": []}`` before the first submission)."""
-    return read_json(RunDir(run_dir).jobs_json) or {"jobs": []}
+def load_jobs(run_dir: Path) -> list[JobRecord]:
+    """The job records of RUN_DIR/jobs.json, in submission order (none before the first submission)."""
+    ledger = read_record(JobsLedger, RunDir(run_dir).jobs_json)
+    return list(ledger.jobs) if ledger is not None else []
 
 
 def record_jobs(run_dir: Path, new: list[dict[str, Any]]) -> None:
-    """Append job records (stage, step, job_id, index, executor, time) to RUN_DIR/jobs.json atomically."""
-    data = load_jobs(run_dir)
+    """Append job records (stage, step, job_id, index, executor, time) to RUN_DIR/jobs.json atomically.
+
+    Each record is validated as a :class:`JobRecord` first, so the ledger only ever gains complete entries.
+    """
+    path = RunDir(run_dir).jobs_json
+    for rec in new:
+        from_dict(JobRecord, rec, path=str(path))
+    data = read_json(path) or {"jobs": []}
     data["jobs"].extend(new)
-    atomic_write_json(RunDir(run_dir).jobs_json, data)
+    atomic_write_json(path, data)
 
 
-def _by_executor(records: Iterable[Mapping[str, Any]]) -> dict[str, list[str]]:
+def _by_executor(records: Iterable[JobRecord]) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
     for r in records:
-        groups.setdefault(r.get("executor", "?"), []).append(r["job_id"])
+        groups.setdefault(r.executor, []).append(r.job_id)
     return groups
 
 
-def job_states(records: Sequence[Mapping[str, Any]]) -> list[str]:
+def job_states(records: Sequence[JobRecord]) -> list[str]:
     """The state ``status`` shows for each job record, in order (one queue query per executor)."""
     states = {kind: CLUSTERS[kind].describe(ids) for kind, ids in _by_executor(records).items() if kind in CLUSTERS}
-    return [states.get(r.get("executor", "?"), {}).get(r["job_id"], r.get("executor", "?")) for r in records]
+    return [states.get(r.executor, {}).get(r.job_id, r.executor) for r in records]
 
 
-def cancel_jobs(records: Iterable[Mapping[str, Any]]) -> list[str]:
+def cancel_jobs(records: Iterable[JobRecord]) -> list[str]:
     """Cancel the recorded jobs still queued or running, each on its executor; returns their ids."""
     return [j for kind, ids in _by_executor(records).items() if kind in CLUSTERS for j in CLUSTERS[kind].cancel(ids)]

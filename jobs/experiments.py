@@ -26,7 +26,7 @@ from pathlib import Path
 from data_tools.atomic import atomic_write_text
 from data_tools.cli_errors import fail
 from jobs.config import ConfigError, RunCfg, dump_cfg, load_cfg, read_yaml
-from jobs.engine.rundir import RunDir, read_json
+from jobs.engine.rundir import OracleSummary, RunDir, read_json, read_record
 from jobs.logs import setup_logging
 from model.spec import ArchSpec
 
@@ -137,8 +137,8 @@ def _finished(cfg: RunCfg, run_dir: Path) -> bool:
 def _oracle_finished(cfg: RunCfg, run_dir: Path) -> bool:
     """Every growth stage of ``run_dir`` has an oracle summary without missing candidates."""
     for t in range(2, cfg.data.stages + 1):
-        summary = read_json(RunDir(run_dir).stage(t).oracle.summary_json)
-        if summary is None or summary["missing"]:
+        summary = read_record(OracleSummary, RunDir(run_dir).stage(t).oracle.summary_json)
+        if summary is None or summary.missing:
             return False
     return True
 

@@ -48,7 +48,7 @@ from jobs.config import ConfigError, RunCfg, dump_cfg, load_cfg
 from jobs.engine.data import check_corpus
 from jobs.engine.oracle import oracle_status
 from jobs.engine.pipeline import STEPS, Action, max_candidates, plan_actions, stage_candidates, stage_state
-from jobs.engine.rundir import RunDir, check_run_dir, read_json
+from jobs.engine.rundir import CandidateList, RunDir, check_run_dir, read_json, read_record
 from jobs.engine.runs import candidate_state
 from jobs.runlock import LockError, lock_holder_alive, run_lock
 
@@ -308,15 +308,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         cfg = _run_dir_cfg(run_dir)
     except ConfigError as exc:
         return fail(exc, 2)
-    recs = load_jobs(run_dir)["jobs"]
+    recs = load_jobs(run_dir)
     states = job_states(recs)
 
     def jobs_of(stage: int, steps: tuple[str, ...]) -> str:
-        mine = [
-            f"{r['job_id']}:{s}"
-            for r, s in zip(recs, states, strict=True)
-            if r["stage"] == stage and r["step"] in steps
-        ]
+        mine = [f"{r.job_id}:{s}" for r, s in zip(recs, states, strict=True) if r.stage == stage and r.step in steps]
         return " ".join(mine[-8:])
 
     lock = read_json(RunDir(run_dir).lock)
@@ -333,9 +329,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             parts.append(f"{step}={'done' if st.done(step) else 'todo'}" + (f" [{jobs}]" if jobs else ""))
         print(f"stage {t}: " + "  ".join(parts))
         if t > 1 and st.candidates:
-            cands = read_json(RunDir(run_dir).stage(t).candidates_json) or {"candidates": []}
-            for k, c in enumerate(cands["candidates"]):
-                print(f"    cand {k:02d} {c['name']:<24} {candidate_state(run_dir, t, k, st.results.get(k))}")
+            cands = read_record(CandidateList, RunDir(run_dir).stage(t).candidates_json) or CandidateList()
+            for k, c in enumerate(cands.candidates):
+                print(f"    cand {k:02d} {c.name:<24} {candidate_state(run_dir, t, k, st.results.get(k))}")
         if st.selected:
             print(f"    winner {st.selected['winner']['name']}: {st.selected['reason']}")
             line = oracle_status(run_dir, t)
@@ -347,7 +343,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     """Cancel this run's queued/running jobs (ids from RUN_DIR/jobs.json) — nothing else."""
     run_dir = Path(args.run_dir).resolve()
-    live = cancel_jobs(load_jobs(run_dir)["jobs"])
+    live = cancel_jobs(load_jobs(run_dir))
     if live:
         print(f"cancelled {' '.join(live)}")
     lock = read_json(RunDir(run_dir).lock)

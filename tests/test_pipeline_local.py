@@ -112,8 +112,8 @@ def test_plan_waits_for_a_queued_stage_outside_stages(tiny_pipeline_config: Path
 
 def test_cluster_protocol_without_a_queue(tiny_pipeline_config: Path, tmp_path: Path) -> None:
     """jobs.cluster: one factory for every job kind; local/debug jobs are never active; SLURM's word on states."""
-    from jobs.cluster import CLUSTERS, get_cluster, job_states, make_executor, record_jobs, resources
-    from jobs.config import load_cfg
+    from jobs.cluster import CLUSTERS, get_cluster, job_states, load_jobs, make_executor, record_jobs, resources
+    from jobs.config import ConfigError, load_cfg
 
     cc = load_cfg(tiny_pipeline_config).cluster
     assert resources(cc, "oracle") == resources(cc, "train") and resources(cc, "oracle-summary")["cpus_per_task"] == 1
@@ -122,8 +122,11 @@ def test_cluster_protocol_without_a_queue(tiny_pipeline_config: Path, tmp_path: 
     assert make_executor(cc, tmp_path / "submitit", "debug").parameters["name"] == "growclip-train"
     record_jobs(tmp_path, [{"stage": 1, "step": "train", "job_id": "7", "executor": "debug", "time": 0}])
     record_jobs(tmp_path, [{"stage": 1, "step": "evaluate", "job_id": "8", "executor": "local", "time": 0}])
-    recs = json.loads((tmp_path / "jobs.json").read_text())["jobs"]
-    assert job_states(recs) == ["debug", "local"]
+    recs = load_jobs(tmp_path)
+    assert [r.job_id for r in recs] == ["7", "8"] and job_states(recs) == ["debug", "local"]
+    with pytest.raises(ConfigError, match="job_id"):  # the ledger only gains complete records
+        record_jobs(tmp_path, [{"stage": 1, "step": "train", "executor": "local"}])
+    assert len(load_jobs(tmp_path)) == 2
     assert get_cluster("debug").active(tmp_path) == {} and not get_cluster("local").queues
     slurm = CLUSTERS["slurm"]
     assert slurm.queues and slurm.dependency("afterany", ["12_0", "12_1", "9"]) == ["afterany:12", "afterany:9"]

@@ -32,6 +32,7 @@ import h5py
 import numpy as np
 
 from data_tools.atomic import atomic_write_text, free_space
+from jobs.engine.rundir import EVENTS, METRICS_H5
 
 __all__ = ["SERIES", "MetricsLog", "MetricsWriteError", "read_events"]
 
@@ -117,8 +118,8 @@ class MetricsLog:
     """
 
     def __init__(self, train_dir: Path, enabled: bool = True) -> None:
-        self.events_path = train_dir / "events.jsonl"
-        self.h5_path = train_dir / "metrics.h5"
+        self.events_path = train_dir / EVENTS
+        self.h5_path = train_dir / METRICS_H5
         self.enabled = enabled
         self._h5_broken, self._records_since_broken = False, 0
 

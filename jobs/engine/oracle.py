@@ -37,7 +37,7 @@ from typing import Any
 from data_tools.atomic import atomic_write_json
 from jobs.config import RunCfg
 from jobs.engine.dist import DistEnv
-from jobs.engine.rundir import RunDir, read_json
+from jobs.engine.rundir import OracleSummary, RunDir, read_json, read_record
 
 __all__ = [
     "ORACLE_FORMAT",
@@ -314,15 +314,15 @@ def oracle_status(run_dir: Path, stage: int) -> str | None:
     line = f"oracle: {len(done)}/{len(plan)} candidates trained fully" + (
         f", failed: {', '.join(failed)}" if failed else ""
     )
-    summary = read_json(odir.summary_json)
+    summary = read_record(OracleSummary, odir.summary_json)
     if summary is not None and len(done) == len(plan):
-        tau = summary["kendall_tau"]
+        tau = summary.kendall_tau or {}
 
         def num(x: float | None) -> str:
             return "-" if x is None else f"{x:+.2f}"
 
         line += (
-            f"; kendall tau val_loss {num(tau['val_loss'])}, mean_acc1 {num(tau['mean_acc1'])}; regret "
-            f"{'-' if summary['regret_mean_acc1'] is None else format(summary['regret_mean_acc1'], '.3f')}"
+            f"; kendall tau val_loss {num(tau.get('val_loss'))}, mean_acc1 {num(tau.get('mean_acc1'))}; regret "
+            f"{'-' if summary.regret_mean_acc1 is None else format(summary.regret_mean_acc1, '.3f')}"
         )
     return line

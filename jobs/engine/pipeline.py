@@ -26,7 +26,7 @@ from typing import Any
 
 from data_tools.manifest import load_manifest, stage_entry
 from jobs.config import ConfigError, RunCfg
-from jobs.engine.rundir import RunDir, read_json
+from jobs.engine.rundir import CandidateList, RunDir, read_json, read_record
 from model.search_space import Candidate, GrowthSpace, Pruned, enumerate_candidates, scheduled_candidate
 from model.spec import ArchSpec
 
@@ -147,12 +147,12 @@ def stage_state(cfg: RunCfg, run_dir: Path, stage: int) -> StageState:
     count: int | None = 0
     results: dict[int, dict[str, Any]] = {}
     if stage > 1:
-        cands = read_json(sd.candidates_json)
+        cands = read_record(CandidateList, sd.candidates_json)
         if cands is None:
             found = stage_candidates(cfg, run_dir, stage)
             count = None if found is None else len(found[0])
         else:
-            count = len(cands["candidates"])
+            count = len(cands.candidates)
         for k in range(count if count is not None else max_candidates(cfg.growth)):
             res = read_json(sd.cand(k).result_json)
             if res is not None:
@@ -215,9 +215,9 @@ def plan_actions(
             act = Action(t, step, "done")
             running = active.get((t, step), [])
             if not st.done(step):
-                act.running = [r["job_id"] for r in running]
+                act.running = [r.job_id for r in running]
                 if step == "search":
-                    busy = {r.get("index") for r in running}
+                    busy = {r.index for r in running}
                     want = st.search_missing if st.candidates is not None else list(range(max_candidates(cfg.growth)))
                     act.indices = [k for k in want if k not in busy]
                     if st.candidates is None:

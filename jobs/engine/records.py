@@ -16,10 +16,14 @@ from typing import Any, Literal, TypeVar
 from model.structs import from_dict
 
 __all__ = [
+    "CandidateList",
     "CandidateResult",
     "CandidateStatus",
     "EvalMetrics",
     "FailedRecord",
+    "JobRecord",
+    "JobsLedger",
+    "OracleSummary",
     "Selection",
     "SelectionWinner",
     "candidate_status",
@@ -42,6 +46,33 @@ def read_record(cls: type[R], path: Path) -> R | None:
     except FileNotFoundError:
         return None
     return from_dict(cls, data, path=str(path))
+
+
+@dataclass(frozen=True)
+class CandidateEntry:
+    """One kept candidate of ``candidates.json`` (``model.search_space.Candidate.to_dict()``)."""
+
+    name: str = ""
+    spec: dict[str, Any] | None = None
+    cost: Number | None = None
+    cost_ratio: float | None = None
+
+
+@dataclass(frozen=True)
+class PrunedEntry:
+    name: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class CandidateList:
+    """``stage_NN/search/candidates.json``: the stage's growth candidates, written once by the first search task."""
+
+    stage: int | None = None
+    data_ratio: float | None = None
+    budget: str | None = None
+    candidates: tuple[CandidateEntry, ...] = ()
+    pruned: tuple[PrunedEntry, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,6 +154,47 @@ class EvalMetrics:
     tasks: dict[str, dict[str, Any]] | None = None
     summary: dict[str, Any] | None = None
     heldout: dict[str, Any] | None = None  # a stage's evaluation: val_loss, val_loss_se, proxy_acc1, val_samples
+
+
+@dataclass(frozen=True)
+class OracleSummary:
+    """``stage_NN/oracle/summary.json`` (``jobs.engine.oracle.summarize_oracle``): rows keyed like the oracle's
+    results, Kendall tau of the search ranking against full training's, and the regret of the search's pick."""
+
+    format: str | None = None  # "growclip-oracle"
+    stage: int | None = None
+    chosen: str | None = None
+    candidates: tuple[dict[str, Any], ...] = ()
+    missing: tuple[str, ...] = ()
+    kendall_tau: dict[str, float | None] | None = None  # val_loss, mean_acc1
+    regret_mean_acc1: float | None = None
+    best_mean_acc1: str | None = None
+    best_val_loss: str | None = None
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One submitted job in ``RUN_DIR/jobs.json`` (``jobs.cluster.record_jobs``)."""
+
+    stage: int = 0
+    step: str = ""
+    job_id: str = ""
+    executor: str = "?"
+    index: int | None = None  # an array task's candidate
+    time: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.stage < 1 or not self.step or not self.job_id:
+            raise ValueError(
+                f"a job record needs stage >= 1, step and job_id (got {self.stage}, {self.step!r}, {self.job_id!r})"
+            )
+
+
+@dataclass(frozen=True)
+class JobsLedger:
+    """``RUN_DIR/jobs.json``: every job this run dir submitted, in order (appended atomically)."""
+
+    jobs: tuple[JobRecord, ...] = ()
 
 
 CandState = Literal["done", "failed", "preempted", "running", "not started"]

@@ -26,22 +26,32 @@ from typing import Any
 
 from jobs.config import ConfigError, EvalCfg, RunCfg, config_differences, load_cfg
 from jobs.engine.records import (  # the typed records of the files below (re-exported: one module for a run dir)
+    CandidateList,
     CandidateResult,
     CandidateStatus,
     EvalMetrics,
     FailedRecord,
+    JobRecord,
+    JobsLedger,
+    OracleSummary,
     Selection,
     candidate_status,
     read_record,
 )
 
 __all__ = [
+    "EVENTS",
+    "METRICS_H5",
     "RUN_CONFIG",
     "CandDir",
+    "CandidateList",
     "CandidateResult",
     "CandidateStatus",
     "EvalMetrics",
     "FailedRecord",
+    "JobRecord",
+    "JobsLedger",
+    "OracleSummary",
     "Selection",
     "candidate_status",
     "read_record",
@@ -56,6 +66,8 @@ __all__ = [
 ]
 
 RUN_CONFIG = "config.yaml"
+EVENTS = "events.jsonl"  # a training's or search candidate's event log (jobs.engine.metrics.MetricsLog)
+METRICS_H5 = "metrics.h5"  # its step series
 _STAGE_DIR = re.compile(r"^stage_(\d{2,})$")
 _CAND_DIR = re.compile(r"^cand_(\d{2,})$")
 
@@ -107,7 +119,7 @@ class CandDir:
 
     @property
     def events(self) -> Path:
-        return self.path / "events.jsonl"
+        return self.path / EVENTS
 
     @property
     def work(self) -> Path:
@@ -142,11 +154,11 @@ class TrainDir:
 
     @property
     def events(self) -> Path:
-        return self.path / "events.jsonl"
+        return self.path / EVENTS
 
     @property
     def metrics_h5(self) -> Path:
-        return self.path / "metrics.h5"
+        return self.path / METRICS_H5
 
     @property
     def checkpoints(self) -> Path:
