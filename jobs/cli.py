@@ -248,7 +248,10 @@ def _add_pipeline_verbs(verbs: Any) -> None:
         "Skips a candidate whose result.json exists; an index beyond the stage's candidates exits 0.",
     )
     _add_stage_args(p)
-    p.add_argument("--index", type=int, required=True, help="candidate index K (array task id)")
+    p.add_argument(
+        "--index", type=int, required=True, help="array task id: candidate K in round 1, the K-th survivor later"
+    )
+    p.add_argument("--round", type=_positive_int, default=1, help="search round (search.rounds > 1; default 1)")
     p.set_defaults(func=_lazy("jobs.stage_jobs", "cmd_search_candidate"))
 
     p = verbs.add_parser(
@@ -280,6 +283,9 @@ def _add_pipeline_verbs(verbs: Any) -> None:
         "search.min_successful finished.",
     )
     _add_stage_args(p)
+    p.add_argument(
+        "--round", type=_positive_int, help="rank this search round (default: the last: write selected.json)"
+    )
     p.set_defaults(func=_lazy("jobs.stage_jobs", "cmd_select"))
 
 

@@ -117,10 +117,19 @@ class SearchCfg:
     paper's.
     """
 
-    steps: int = 100  # optimizer steps each candidate trains on the new stage (with replay)
-    batch_size: int = 64  # global batch size of a candidate's training
-    lr: float = 5.0e-4  # peak learning rate of a candidate's training
-    warmup_steps: int = 10  # linear warmup steps of a candidate's training
+    # how a candidate trains: "own" = a short training of its own (search.batch_size/lr/warmup_steps, schedule
+    # over search.steps; the winner's training restarts from its grown weights); "train" = the first steps of the
+    # stage's own training (train.* optimizer, batch and schedule over train.steps): the winner's training continues
+    # from its last search checkpoint, so its search steps count toward train.steps (issue #17)
+    trajectory: Literal["own", "train"] = "own"
+    steps: int = 100  # optimizer steps each candidate trains in round 1 on the new stage (with replay)
+    # successive halving: after each round the best ceil(keep x n) candidates train on; round r trains to
+    # steps / keep^(r-1) steps in all (each round its own array, ranked in between by `select`). 1 = one round
+    rounds: int = 1
+    keep: float = 0.5  # fraction of a round's candidates that train in the next round (at least one)
+    batch_size: int = 64  # global batch size of a candidate's training ("own"), and of its held-out scoring
+    lr: float = 5.0e-4  # peak learning rate of a candidate's training ("own")
+    warmup_steps: int = 10  # linear warmup steps of a candidate's training ("own")
     val_samples: int = 512  # held-out samples of the new stage used to score a candidate
     zeroshot_weight: float = 1.0  # weight of the zero-shot top-1 proxy in the score (0 = loss only)
     cost_weight: float = 0.1  # weight of the log cost ratio: growth must pay for itself
@@ -134,6 +143,21 @@ class SearchCfg:
         _require(
             self.warmup_steps <= self.steps, f"search.warmup_steps={self.warmup_steps} > search.steps={self.steps}"
         )
+        _positive("search", rounds=self.rounds)
+        _require(0.0 < self.keep < 1.0, f"search.keep={self.keep} must be in (0, 1): the fraction kept per round")
+        _require(
+            self.rounds == 1 or self.trajectory == "train",
+            f"search.rounds={self.rounds} needs search.trajectory=train (a short training of its own has a schedule "
+            "per length: its rounds could not resume one another); set search.trajectory=train or search.rounds=1",
+        )
+
+    def round_steps(self, r: int) -> int:
+        """The optimizer steps a candidate has trained in all at the end of round ``r`` (1-based)."""
+        return max(1, round(self.steps / self.keep ** (r - 1)))
+
+    def survivors(self, n: int) -> int:
+        """How many of a round's ``n`` candidates train in the next round."""
+        return max(1, math.ceil(n * self.keep - 1e-9))
 
 
 @dataclass(frozen=True)
@@ -279,6 +303,12 @@ class RunCfg:
             ctx >= MIN_CONTEXT_LENGTH,
             f"model.text.context_length={ctx} leaves no room for the tokenizer's start and end tokens; "
             f"set it to at least {MIN_CONTEXT_LENGTH} (CLIP uses 77)",
+        )
+        last = self.search.round_steps(self.search.rounds)
+        _require(
+            self.search.trajectory == "own" or last < self.train.steps,
+            f"search.trajectory=train: the last search round ends at step {last} (search.steps / search.keep^"
+            f"(rounds-1)), which must be below train.steps={self.train.steps}; lower search.steps or search.rounds",
         )
         spec = self.model
         for i, entry in enumerate(self.growth.schedule):  # every scheduled growth must give a valid spec

@@ -26,7 +26,13 @@ __all__ = ["SearchJob", "SelectJob", "EvalJob", "cmd_search_candidate", "cmd_sel
 
 
 def _search(
-    config: str, stage: int, run_dir: str, index: int, stop: StopFlag | None = None, on_usr2_scoring: Any = None
+    config: str,
+    stage: int,
+    run_dir: str,
+    index: int,
+    stop: StopFlag | None = None,
+    on_usr2_scoring: Any = None,
+    round: int = 1,
 ) -> dict[str, Any]:
     """One candidate; with ``stop`` (installed on SIGUSR2) its training checkpoints on the signal, and once the
     training is over SIGUSR2 goes to ``on_usr2_scoring`` instead (requeue at once: nothing left to save)."""
@@ -38,7 +44,7 @@ def _search(
         kw["should_stop"] = stop.is_set
     if on_usr2_scoring is not None:
         kw["before_scoring"] = lambda: signal.signal(signal.SIGUSR2, on_usr2_scoring)
-    return run_search_candidate(cfg, stage, index, Path(run_dir), init_distributed(), **kw)
+    return run_search_candidate(cfg, stage, index, Path(run_dir), init_distributed(), round=round, **kw)
 
 
 def _exit_preempted(signum: int, frame: Any) -> None:
@@ -47,10 +53,10 @@ def _exit_preempted(signum: int, frame: Any) -> None:
     raise SystemExit(EXIT_PREEMPTED)
 
 
-def _select(config: str, stage: int, run_dir: str) -> dict[str, Any]:
+def _select(config: str, stage: int, run_dir: str, round: int | None = None) -> dict[str, Any]:
     from jobs.engine.select import run_select
 
-    return run_select(load_cfg(Path(config)), stage, Path(run_dir))
+    return run_select(load_cfg(Path(config)), stage, Path(run_dir), round)
 
 
 def _evaluate(config: str, stage: int, run_dir: str) -> dict[str, Any]:
@@ -62,10 +68,10 @@ def _evaluate(config: str, stage: int, run_dir: str) -> dict[str, Any]:
 
 
 class SearchJob(submitit.helpers.Checkpointable):
-    """One array task: ``SearchJob(config, stage, run_dir)(index)``."""
+    """One array task of search round ``round``: ``SearchJob(config, stage, run_dir, round)(index)``."""
 
-    def __init__(self, config: str, stage: int, run_dir: str) -> None:
-        self.config, self.stage, self.run_dir = config, stage, run_dir
+    def __init__(self, config: str, stage: int, run_dir: str, round: int = 1) -> None:
+        self.config, self.stage, self.run_dir, self.round = config, stage, run_dir, round
 
     def __call__(self, index: int) -> dict[str, Any]:
         setup_logging()
@@ -73,7 +79,8 @@ class SearchJob(submitit.helpers.Checkpointable):
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
         signal.signal(signal.SIGUSR2, stop.set)  # first: a checkpoint at the next step boundary
         try:
-            out = _search(self.config, self.stage, self.run_dir, index, stop, requeue if callable(requeue) else None)
+            scoring = requeue if callable(requeue) else None
+            out = _search(self.config, self.stage, self.run_dir, index, stop, scoring, getattr(self, "round", 1))
         finally:
             if requeue is not None:  # None: installed outside Python, cannot be put back
                 signal.signal(signal.SIGUSR2, requeue)
@@ -88,14 +95,14 @@ class SearchJob(submitit.helpers.Checkpointable):
 
 
 class SelectJob(submitit.helpers.Checkpointable):
-    """Rank the stage's candidates and write selected.json."""
+    """Rank search round ``round`` (None: the last) of the stage: round_RR.json, or selected.json at the last."""
 
-    def __init__(self, config: str, stage: int, run_dir: str) -> None:
-        self.config, self.stage, self.run_dir = config, stage, run_dir
+    def __init__(self, config: str, stage: int, run_dir: str, round: int | None = None) -> None:
+        self.config, self.stage, self.run_dir, self.round = config, stage, run_dir, round
 
     def __call__(self) -> dict[str, Any]:
         setup_logging()
-        return _select(self.config, self.stage, self.run_dir)
+        return _select(self.config, self.stage, self.run_dir, getattr(self, "round", None))
 
 
 class EvalJob(submitit.helpers.Checkpointable):
@@ -111,7 +118,19 @@ class EvalJob(submitit.helpers.Checkpointable):
 
 def _run(fn: Any, *args: Any) -> int:
     setup_logging()
-    keep = ("status", "index", "name", "step", "score", "val_loss", "proxy_acc1", "winner", "reason")
+    keep = (
+        "status",
+        "index",
+        "name",
+        "step",
+        "round",
+        "score",
+        "val_loss",
+        "proxy_acc1",
+        "winner",
+        "survivors",
+        "reason",
+    )
     try:
         out = fn(*args)  # one JSON line on stdout: the gist of result.json / selected.json
         print(json.dumps({k: (v["name"] if k == "winner" else v) for k, v in out.items() if k in keep}))
@@ -143,11 +162,11 @@ def cmd_search_candidate(args: argparse.Namespace) -> int:
         return rc
     stop = StopFlag()
     signal.signal(signal.SIGUSR2, stop.set)  # SLURM's warning (sbatch --signal=B:USR2@90): checkpoint, exit 3
-    return _run(_search, str(args.config), args.stage, str(args.run_dir), args.index, stop, _exit_preempted)
+    return _run(_search, str(args.config), args.stage, str(args.run_dir), args.index, stop, _exit_preempted, args.round)
 
 
 def cmd_select(args: argparse.Namespace) -> int:
     """Rank a stage's candidates; write selected.json and selected.pt."""
     if (rc := _stage_args_error(args)) is not None:
         return rc
-    return _run(_select, str(args.config), args.stage, str(args.run_dir))
+    return _run(_select, str(args.config), args.stage, str(args.run_dir), args.round)

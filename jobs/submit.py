@@ -83,22 +83,26 @@ def format_plan(cfg: RunCfg, run_dir: Path, actions: list[Action], executor: str
     lines = [f"run dir {run_dir}  executor {executor}  data {cfg.data.root}"]
     for a in actions:
         res = resources(cfg.cluster, a.step)
-        deps = ",".join(f"{k}:<stage{s}.{d}>" for k, s, d in a.after)
+        multi = cfg.search.rounds > 1
+        deps = ",".join(
+            f"{k}:<stage{s}.{d}{f'.round{r}' if multi and d in ('search', 'select') else ''}>" for k, s, d, r in a.after
+        )
         if a.status == "done":
-            lines.append(f"stage {a.stage} {a.step:<8} done (skipped)")
+            lines.append(f"stage {a.stage} {a.label:<8} done (skipped)")
             continue
         if a.status == "running":
-            lines.append(f"stage {a.stage} {a.step:<8} already queued: {' '.join(a.running)}")
+            lines.append(f"stage {a.stage} {a.label:<8} already queued: {' '.join(a.running)}")
             continue
         what = f"array {a.indices} (parallelism {cfg.cluster.array_parallelism})" if a.step == "search" else "job"
         lines.append(
-            f"stage {a.stage} {a.step:<8} submit {what} {a.note}".rstrip()
+            f"stage {a.stage} {a.label:<8} submit {what} {a.note}".rstrip()
             + f"\n    resources {res}"
             + (f"\n    dependency {deps}" if deps else "")
         )
         arr = f"--array={','.join(map(str, a.indices))}%{cfg.cluster.array_parallelism} " if a.step == "search" else ""
         dep = f"--dependency={deps} " if deps else ""
-        lines.append(f"    sbatch {arr}{dep}slurm/{SBATCH[a.step]} RUN_DIR/config.yaml {a.stage}")
+        rnd = f" RUN_DIR {a.round}" if a.step in ("search", "select") and cfg.search.rounds > 1 else ""
+        lines.append(f"    sbatch {arr}{dep}slurm/{SBATCH[a.step]} RUN_DIR/config.yaml {a.stage}{rnd}")
     for t in sorted({a.stage for a in actions if a.stage > 1}):
         if (line := oracle_status(run_dir, t)) is not None:  # grading the search is a separate verb
             lines.append(f"stage {t} {line}")
@@ -117,15 +121,15 @@ def format_plan(cfg: RunCfg, run_dir: Path, actions: list[Action], executor: str
 
 
 # -------------------------------------------------------------------------------------------- submit
-def _callable(cfg_path: Path, run_dir: Path, stage: int, step: str) -> Any:
+def _callable(cfg_path: Path, run_dir: Path, stage: int, step: str, round: int = 1) -> Any:
     from jobs.stage_jobs import EvalJob, SearchJob, SelectJob
     from jobs.submit_train import TrainJob
 
     c, r = str(cfg_path), str(run_dir)
     if step == "search":
-        return SearchJob(c, stage, r)
+        return SearchJob(c, stage, r, round)
     if step == "select":
-        return SelectJob(c, stage, r)
+        return SelectJob(c, stage, r, round)
     if step == "evaluate":
         return EvalJob(c, stage, r)
     init = str(RunDir(run_dir).stage(stage).selected_pt) if stage > 1 else None
@@ -137,30 +141,45 @@ def submit_chained(
 ) -> list[dict[str, Any]]:
     """Submit every missing step of ``stages`` at once, chained by dependencies; returns the new records."""
     actions = plan_actions(cfg, run_dir, stages, cluster.active(run_dir))
-    ids: dict[tuple[int, str], list[str]] = {}
+    ids: dict[tuple[int, str, int], list[str]] = {}
     new: list[dict[str, Any]] = []
     for a in actions:
-        ids[(a.stage, a.step)] = list(a.running)
+        ids[a.key] = list(a.running)
         if a.status != "submit":
             continue
-        after = [c for how, s, d in a.after for c in cluster.dependency(how, ids.get((s, d), []))]
+        after = [c for how, s, d, r in a.after for c in cluster.dependency(how, ids.get((s, d, r), []))]
         ex = make_executor(cfg.cluster, RunDir(run_dir).submitit, cluster.kind, a.step, run=cfg.name, after=after)
-        fn = _callable(cfg_path, run_dir, a.stage, a.step)
+        fn = _callable(cfg_path, run_dir, a.stage, a.step, a.round)
         jobs = ex.map_array(fn, a.indices) if a.step == "search" else [ex.submit(fn)]
         now = time.time()
         for k, job in enumerate(jobs):
             rec = {"stage": a.stage, "step": a.step, "job_id": job.job_id, "executor": cluster.kind, "time": now}
             if a.step == "search":
                 rec["index"] = a.indices[k]
+            if a.round > 1:
+                rec["round"] = a.round
             new.append(rec)
-            ids[(a.stage, a.step)].append(job.job_id)
+            ids[a.key].append(job.job_id)
         print(
-            f"stage {a.stage} {a.step}: submitted {' '.join(j.job_id for j in jobs)}"
+            f"stage {a.stage} {a.label}: submitted {' '.join(j.job_id for j in jobs)}"
             + (f" after {','.join(after)}" if after else ""),
             flush=True,
         )
         record_jobs(run_dir, new[-len(jobs) :])
     return new
+
+
+def _next_local(cfg: RunCfg, run_dir: Path, t: int, ran: set[tuple[int, str, int]], first: bool) -> Action | None:
+    """The next step of stage ``t`` to run locally, re-planned from the run dir (a later search round's members
+    are known only once the round before is ranked); each step runs at most once per submission."""
+    todo = None
+    for a in plan_actions(cfg, run_dir, [t]):
+        if a.status == "done":
+            if first:
+                print(f"stage {t} {a.label}: done (skipped)", flush=True)
+        elif todo is None and a.key not in ran:
+            todo = a
+    return todo
 
 
 def run_local(cfg: RunCfg, cfg_path: Path, run_dir: Path, stages: list[int], kind: str) -> int:
@@ -169,58 +188,54 @@ def run_local(cfg: RunCfg, cfg_path: Path, run_dir: Path, stages: list[int], kin
         f"{REPO}{os.pathsep}{os.environ['PYTHONPATH']}" if os.environ.get("PYTHONPATH") else str(REPO)
     )
     for t in stages:
-        for a in plan_actions(cfg, run_dir, [t]):
-            if a.status == "done":
-                print(f"stage {t} {a.step}: done (skipped)", flush=True)
-                continue
+        ran: set[tuple[int, str, int]] = set()
+        while (a := _next_local(cfg, run_dir, t, ran, first=not ran)) is not None:
+            ran.add(a.key)
             ex = make_executor(cfg.cluster, RunDir(run_dir).submitit, kind, a.step, run=cfg.name)
-            fn = _callable(cfg_path, run_dir, t, a.step)
+            fn = _callable(cfg_path, run_dir, t, a.step, a.round)
             t0 = time.time()
+            extra = {"round": a.round} if a.round > 1 else {}
             if a.step == "search":
                 failed = 0
                 par = cfg.cluster.array_parallelism
                 for i in range(0, len(a.indices), par):
                     chunk = a.indices[i : i + par]
                     jobs = ex.map_array(fn, chunk)
-                    record_jobs(
-                        run_dir,
-                        [
-                            {
-                                "stage": t,
-                                "step": "search",
-                                "index": k,
-                                "job_id": j.job_id,
-                                "executor": kind,
-                                "time": time.time(),
-                            }
-                            for k, j in zip(chunk, jobs, strict=True)
-                        ],
-                    )
+                    now = time.time()
+                    recs = [
+                        {"stage": t, "step": "search", "index": k, "job_id": j.job_id, "executor": kind, "time": now}
+                        for k, j in zip(chunk, jobs, strict=True)
+                    ]
+                    record_jobs(run_dir, [{**rec, **extra} for rec in recs])
                     for k, job in zip(chunk, jobs, strict=True):
                         try:
                             job.result()
                         except Exception as exc:  # tolerated: select enforces search.min_successful
                             failed += 1
                             print(
-                                f"stage {t} candidate {k} failed: {str(exc).strip().splitlines()[-1]}", file=sys.stderr
+                                f"stage {t} {a.label} task {k} failed: {str(exc).strip().splitlines()[-1]}",
+                                file=sys.stderr,
                             )
                 ok, secs = len(a.indices) - failed, time.time() - t0
-                print(f"stage {t} search: {ok}/{len(a.indices)} candidates finished ({secs:.0f} s)", flush=True)
+                print(f"stage {t} {a.label}: {ok}/{len(a.indices)} candidates finished ({secs:.0f} s)", flush=True)
                 continue
             job = ex.submit(fn)
+            now = time.time()
             record_jobs(
-                run_dir, [{"stage": t, "step": a.step, "job_id": job.job_id, "executor": kind, "time": time.time()}]
+                run_dir, [{"stage": t, "step": a.step, "job_id": job.job_id, "executor": kind, "time": now, **extra}]
             )
             try:
                 out = job.result()
             except Exception as exc:
                 last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
                 return fail(
-                    f"stage {t} {a.step} failed: {last} (job {job.job_id}); its log and traceback are in "
+                    f"stage {t} {a.label} failed: {last} (job {job.job_id}); its log and traceback are in "
                     f"{run_dir / 'submitit' / str(job.job_id)}; fix the cause, then re-run the same submit",
                     1,
                 )
-            if a.step == "select":
+            if a.step == "select" and "winner" not in out:  # a round's ranking
+                print(f"stage {t} {a.label}: {out['reason']}", flush=True)
+            elif a.step == "select":
                 print(f"stage {t} select: {out['winner']['name']} — {out['reason']}", flush=True)
                 from jobs.engine.select import growth_lines
 
@@ -311,8 +326,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     recs = load_jobs(run_dir)
     states = job_states(recs)
 
-    def jobs_of(stage: int, steps: tuple[str, ...]) -> str:
-        mine = [f"{r.job_id}:{s}" for r, s in zip(recs, states, strict=True) if r.stage == stage and r.step in steps]
+    def jobs_of(stage: int, steps: tuple[str, ...], rnd: int | None = None) -> str:
+        mine = [
+            f"{r.job_id}:{s}"
+            for r, s in zip(recs, states, strict=True)
+            if r.stage == stage and r.step in steps and rnd in (None, r.round)
+        ]
         return " ".join(mine[-8:])
 
     lock = read_json(RunDir(run_dir).lock)
@@ -325,8 +344,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         for step in STEPS:
             if t == 1 and step in ("search", "select"):
                 continue
-            jobs = jobs_of(t, (step,))
-            parts.append(f"{step}={'done' if st.done(step) else 'todo'}" + (f" [{jobs}]" if jobs else ""))
+            rounds = range(1, cfg.search.rounds + 1) if step in ("search", "select") and t > 1 else (None,)
+            for r in rounds:
+                jobs = jobs_of(t, (step,), r)
+                name = step if r is None or cfg.search.rounds == 1 else f"{step}{r}"
+                parts.append(f"{name}={'done' if st.done(step, r or 1) else 'todo'}" + (f" [{jobs}]" if jobs else ""))
         print(f"stage {t}: " + "  ".join(parts))
         if t > 1 and st.candidates:
             cands = read_record(CandidateList, RunDir(run_dir).stage(t).candidates_json) or CandidateList()

@@ -16,6 +16,7 @@ cd "$GROWCLIP_REPO"
 CONFIG=${1:?usage: sbatch slurm/<job>.sbatch CONFIG STAGE RUN_DIR}
 STAGE=${2:?stage number}
 RUN_DIR=${3:-${RUN_ROOT:?set RUN_ROOT or pass RUN_DIR}/$(basename "$(dirname "$CONFIG")")}
+ROUND=${4:-}  # search and select: the search round (search.rounds > 1); empty = round 1 / the last
 # Lustre: stripe checkpoint dirs over 4 OSTs before the first write (large sequential files):
 #   lfs setstripe -c 4 "$RUN_DIR/stage_$(printf %02d "$STAGE")/train/checkpoints"
 if command -v lfs >/dev/null 2>&1; then

@@ -98,14 +98,15 @@ def test_plan_waits_for_a_queued_stage_outside_stages(tiny_pipeline_config: Path
     """--stages 2 while stage 1's training is still queued: stage 2's search waits for that job."""
     from jobs.config import ConfigError, load_cfg
     from jobs.engine.pipeline import plan_actions
+    from jobs.engine.records import JobRecord
 
     cfg = load_cfg(tiny_pipeline_config)
-    queued = {(1, "train"): [{"stage": 1, "step": "train", "job_id": "41"}]}
+    queued = {(1, "train"): [JobRecord(stage=1, step="train", job_id="41")]}
     actions = {(a.stage, a.step): a for a in plan_actions(cfg, tmp_path / "run", [2], queued)}
     assert list(actions) == [(1, "train"), (2, "search"), (2, "select"), (2, "train"), (2, "evaluate")]
     assert actions[(1, "train")].status == "running" and actions[(1, "train")].running == ["41"]
-    assert actions[(2, "search")].after == [("afterok", 1, "train")] and actions[(2, "search")].indices == [0, 1, 2]
-    assert actions[(2, "select")].after == [("afterany", 2, "search")]
+    assert actions[(2, "search")].after == [("afterok", 1, "train", 1)] and actions[(2, "search")].indices == [0, 1, 2]
+    assert actions[(2, "select")].after == [("afterany", 2, "search", 1)]
     with pytest.raises(ConfigError, match="include stage 1 in --stages"):
         plan_actions(cfg, tmp_path / "run", [2], {})
 

@@ -68,7 +68,7 @@ class TrainingOOMError(RuntimeError):
 class TrainResult:
     """What a training ended with."""
 
-    status: Literal["completed", "preempted", "already_done"]
+    status: Literal["completed", "preempted", "stopped", "already_done"]  # stopped: at ``stop_at`` (a search round)
     step: int  # optimizer steps done
     train_dir: Path
     final: Path | None  # final.pt when completed
@@ -213,6 +213,7 @@ def train_steps(
     should_stop: Callable[[], bool] = lambda: False,
     last_checkpoint: Path | None = None,
     progress: bool | None = None,
+    stop_at: int | None = None,
 ) -> TrainResult:
     """Run optimizer steps from ``state.step`` to ``tc.steps``; checkpoint every ``tc.checkpoint_every``.
 
@@ -229,6 +230,8 @@ def train_steps(
         should_stop: polled at every step boundary; True = checkpoint now and return "preempted".
         last_checkpoint: the checkpoint resumed from (named by a non-finite loss message).
         progress: tqdm bar (default: when stderr is a TTY, rank 0 only).
+        stop_at: end at this step (below ``tc.steps``) with a checkpoint and status "stopped": the schedule stays
+            the one over ``tc.steps``, so a later call resumes the same trajectory (a search round, issue #17).
 
     Raises:
         NonFiniteLossError: NaN/inf loss (names the step and the last good checkpoint).
@@ -245,8 +248,9 @@ def train_steps(
     target_mix = {str(s): round(w, 4) for s, w in stream.mix.items()}
     t_last, samples_last = time.time(), state.samples_seen
     state.model.train()
+    end = tc.steps if stop_at is None else min(stop_at, tc.steps)
     try:
-        while state.step < tc.steps:
+        while state.step < end:
             stream.begin_step(state.step)
             if _stop_requested(should_stop, env):
                 last_checkpoint = save(dirs.checkpoints / checkpoint_name(state.step))
@@ -295,6 +299,14 @@ def train_steps(
                 if env.is_main:
                     for gone in prune_checkpoints(dirs.checkpoints, tc.keep_checkpoints):
                         logger.debug("pruned %s", gone)
+        if end < tc.steps:
+            if last_checkpoint is None or last_checkpoint.name != checkpoint_name(state.step):
+                last_checkpoint = save(dirs.checkpoints / checkpoint_name(state.step))
+                if env.is_main:
+                    prune_checkpoints(dirs.checkpoints, tc.keep_checkpoints)
+            metrics.event("stopped", step=state.step, samples=state.samples_seen, checkpoint=str(last_checkpoint))
+            logger.info("stage %d: stopped at step %d of %d -> %s", state.stage, state.step, tc.steps, last_checkpoint)
+            return TrainResult("stopped", state.step, dirs.path, None, last_checkpoint)
         save(dirs.final)
         metrics.event("end", step=state.step, samples=state.samples_seen, final=str(dirs.final))
         logger.info(

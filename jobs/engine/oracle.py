@@ -237,7 +237,10 @@ def summarize_oracle(run_dir: Path, stage: int) -> dict[str, Any]:
                 **{k: res[k] for k in ("params", "train_flops", "steps", "seconds")},
             }
         )
-    search = [r["search_score"] for r in rows]
+    # the search's ranking: its rank (with rounds a candidate dropped early ranks below every survivor, whatever
+    # its score); the score where a selection predates ranks
+    ranked = all(r["search_rank"] is not None for r in rows)
+    search = [r["search_rank"] if ranked else r["search_score"] for r in rows]
     acc = [r["mean_acc1"] for r in rows if r["mean_acc1"] is not None]
     chosen = next((r for r in rows if r["chosen"]), None)
     summary = {

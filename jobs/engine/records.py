@@ -24,6 +24,7 @@ __all__ = [
     "JobRecord",
     "JobsLedger",
     "OracleSummary",
+    "RoundRanking",
     "Selection",
     "SelectionWinner",
     "candidate_status",
@@ -103,6 +104,9 @@ class CandidateResult:
     growth: dict[str, Any] | None = None  # GrowthRecord.to_dict() + stage, candidate
     grown: str | None = None  # cand_KK/grown.pt
     seconds: float | None = None
+    round: int = 1  # the search round this result ends (successive halving, issue #17)
+    checkpoint: str | None = None  # search.trajectory=train: the training state at the round's end
+    history: tuple[dict[str, Any], ...] = ()  # earlier rounds: round, steps, val_loss, val_loss_se, proxy_acc1, score
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,9 @@ class Selection:
     init: str | None = None  # stage_NN/selected.pt
     failed: tuple[int, ...] = ()
     score_formula: str | None = None
+    rounds: int = 1  # search rounds ranked (1 before issue #17)
+    continues: bool = False  # selected.pt is the winner's search training state: the stage's training continues it
+    start_step: int = 0  # ... at this step (its search steps count toward train.steps)
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,19 @@ class EvalMetrics:
     tasks: dict[str, dict[str, Any]] | None = None
     summary: dict[str, Any] | None = None
     heldout: dict[str, Any] | None = None  # a stage's evaluation: val_loss, val_loss_se, proxy_acc1, val_samples
+
+
+@dataclass(frozen=True)
+class RoundRanking:
+    """``stage_NN/search/round_RR.json``: the ranking after search round r < rounds (``jobs.engine.select``); its
+    ``survivors`` (candidate indices, best first) train in round r + 1, array task i taking ``survivors[i]``."""
+
+    stage: int = 0
+    round: int = 1
+    steps: int = 0  # the steps every survivor had trained at the end of the round
+    survivors: tuple[int, ...] = ()
+    table: tuple[dict[str, Any], ...] = ()  # the round's candidates: index, name, status, score terms, rank
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -180,8 +200,9 @@ class JobRecord:
     step: str = ""
     job_id: str = ""
     executor: str = "?"
-    index: int | None = None  # an array task's candidate
+    index: int | None = None  # an array task's index (the candidate in round 1, a survivor's position later)
     time: float | None = None
+    round: int = 1  # search and select: the search round
 
     def __post_init__(self) -> None:
         if self.stage < 1 or not self.step or not self.job_id:

@@ -34,6 +34,7 @@ from jobs.engine.records import (  # the typed records of the files below (re-ex
     JobRecord,
     JobsLedger,
     OracleSummary,
+    RoundRanking,
     Selection,
     candidate_status,
     read_record,
@@ -52,6 +53,7 @@ __all__ = [
     "JobRecord",
     "JobsLedger",
     "OracleSummary",
+    "RoundRanking",
     "Selection",
     "candidate_status",
     "read_record",
@@ -197,6 +199,9 @@ class StageDir:
     def cand(self, index: int) -> CandDir:
         return CandDir(self.search / f"cand_{index:02d}", index)
 
+    def round_json(self, r: int) -> Path:
+        return self.search / f"round_{r:02d}.json"  # the ranking after search round r < search.rounds
+
     def cands(self) -> list[CandDir]:
         """The candidate directories present on disk, by index."""
         return [CandDir(p, k) for k, p in _numbered(self.search, _CAND_DIR)]
@@ -207,7 +212,7 @@ class StageDir:
 
     @property
     def selected_pt(self) -> Path:
-        return self.path / "selected.pt"  # the winner's grown checkpoint: the stage's ``--init``
+        return self.path / "selected.pt"  # the winner's grown weights or search state: the stage's ``--init``
 
     @property
     def train(self) -> TrainDir:

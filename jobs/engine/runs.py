@@ -211,7 +211,8 @@ def run_line(run_dir: Path, queued: Mapping[str, str] | None = None, ended: Mapp
 def candidate_state(run_dir: Path, stage: int, index: int, result: Mapping[str, Any] | None) -> str:
     """One candidate in ``status``: its score, its failure, or how far it got (from cand_KK/events.jsonl)."""
     if result:
-        return f"score {result['score']:.4f}"
+        at = f" (round {result['round']}, {result['steps']} steps)" if result.get("round", 1) > 1 else ""
+        return f"score {result['score']:.4f}{at}"
     st = candidate_status(RunDir(run_dir).stage(stage).cand(index))
     if st.state == "failed":
         return f"failed: {st.error}"

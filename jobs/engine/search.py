@@ -41,6 +41,7 @@ from jobs.engine.dist import DistEnv
 from jobs.engine.evaluate import val_batches, validate_model
 from jobs.engine.metrics import MetricsLog, MetricsWriteError
 from jobs.engine.pipeline import data_ratio, previous_spec, stage_candidates
+from jobs.engine.records import CandidateResult, RoundRanking, read_record
 from jobs.engine.rundir import RunDir, read_json
 from jobs.engine.score import SearchScore
 from jobs.engine.train_state import TrainState
@@ -51,6 +52,7 @@ from model.structs import to_dict
 __all__ = [
     "RESULT_FORMAT",
     "search_cfg",
+    "prefix_cfg",
     "grow_checkpoint",
     "run_search_candidate",
 ]
@@ -78,6 +80,18 @@ def search_cfg(cfg: RunCfg) -> RunCfg:
         ema_decay=0.0,
     )
     return replace(cfg, train=train)
+
+
+def prefix_cfg(cfg: RunCfg) -> RunCfg:
+    """The run config of a candidate's rounds under ``search.trajectory=train``: the stage's own training (same
+    optimizer, batch, data order and schedule over ``train.steps``), keeping only its newest checkpoint."""
+    return replace(cfg, train=replace(cfg.train, keep_checkpoints=1))
+
+
+def _round_brief(res: CandidateResult) -> dict[str, Any]:
+    """What ``history`` keeps of an earlier round's result."""
+    keys = ("round", "steps", "samples", "train_flops", "val_loss", "val_loss_se", "proxy_acc1", *SearchScore.keys())
+    return {k: getattr(res, k) for k in keys}
 
 
 def grow_checkpoint(cfg: RunCfg, run_dir: Path, stage: int, cand: Candidate, out: Path) -> dict[str, Any]:
@@ -119,10 +133,15 @@ def run_search_candidate(
     env: DistEnv,
     should_stop: Callable[[], bool] = lambda: False,
     before_scoring: Callable[[], None] = lambda: None,
+    round: int = 1,
 ) -> dict[str, Any]:
     """Grow, train and score candidate ``index`` of stage ``stage``; write and return its result.
 
     Args:
+        index: the array task: candidate ``index`` in round 1, the ``index``-th survivor of round
+            ``round - 1`` (``search/round_RR.json``) in a later round.
+        round: the search round (successive halving, ``search.rounds``): the candidate trains on to
+            ``search.round_steps(round)`` steps, resuming its previous round's checkpoint.
         should_stop: polled at step boundaries of the candidate's training (preemption): when it turns
             True the training checkpoints and the call returns ``{"status": "preempted", "step": N}``.
 
@@ -160,21 +179,36 @@ def run_search_candidate(
                 "pruned": [p.to_dict() for p in pruned],
             },
         )
-    if index >= len(kept):
-        logger.info("stage %d has %d candidates: array task %d has nothing to do", stage, len(kept), index)
+    members = list(range(len(kept)))
+    if round > 1:
+        ranking = read_record(RoundRanking, RunDir(run_dir).stage(stage).round_json(round - 1))
+        if ranking is None:
+            raise RuntimeError(f"stage {stage} search round {round - 1} is not ranked yet (select --round {round - 1})")
+        members = list(ranking.survivors)
+    if index >= len(members):
+        logger.info("stage %d round %d has %d candidates: array task %d has nothing to do", stage, round,
+                    len(members), index)  # fmt: skip
         return {"status": "absent", "index": index}
+    task, index = index, members[index]
     cand = kept[index]
     cd = RunDir(run_dir).stage(stage).cand(index)
-    done = read_json(cd.result_json)
-    if done is not None:
-        logger.info("stage %d candidate %d (%s) already scored: %s", stage, index, cand.name, done["score"])
-        return done
+    done = read_record(CandidateResult, cd.result_json)
+    if done is not None and done.round >= round:
+        logger.info("stage %d candidate %d (%s) already scored in round %d: %s", stage, index, cand.name, done.round,
+                    done.score)  # fmt: skip
+        return read_json(cd.result_json) or {}
+    if round > 1 and done is None:
+        raise RuntimeError(f"stage {stage} candidate {index} survived round {round - 1} but has no result of it")
+    if task != index:
+        logger.info("stage %d round %d: array task %d is candidate %d (%s)", stage, round, task, index, cand.name)
     cd.path.mkdir(parents=True, exist_ok=True)
     events = MetricsLog(cd.path, enabled=env.is_main)
     t0 = time.time()
     try:
         atomic_write_json(cd.spec_json, {"name": cand.name, "spec": cand.spec.to_dict()})
-        events.event("start", stage=stage, index=index, name=cand.name, cost=cand.cost, cost_ratio=cand.cost_ratio)
+        events.event(
+            "start", stage=stage, index=index, name=cand.name, cost=cand.cost, cost_ratio=cand.cost_ratio, round=round
+        )
         grown = cd.grown
         record = read_json(cd.growth_json)
         if record is None or not grown.exists():
@@ -192,6 +226,7 @@ def run_search_candidate(
             )  # fmt: skip
             return {"status": "preempted", "stage": stage, "index": index, "name": cand.name, "step": step}
 
+        checkpoint: Path | None = None
         if len(kept) == 1:
             # nothing to choose (a fixed schedule, or a space holding only "none"): no search training;
             # the grown weights are scored as they are, which records the loss just after growth
@@ -200,6 +235,20 @@ def run_search_candidate(
                 return preempted(0, grown)
             logger.info("stage %d has a single candidate (%s): scored without search training", stage, cand.name)
             payload, steps = load_checkpoint(grown), 0
+        elif cfg.search.trajectory == "train":  # the first steps of the stage's own training (issue #17)
+            target = cfg.search.round_steps(round)
+            result = run_training(
+                prefix_cfg(cfg), stage, cd.work, env, init=grown, should_stop=should_stop, stop_at=target
+            )
+            if result.status == "preempted":
+                return preempted(result.step, result.last_checkpoint)
+            before_scoring()
+            if should_stop():  # the signal came after the round's last step: the requeued task scores
+                return preempted(result.step, result.last_checkpoint)
+            if result.status != "stopped" or result.last_checkpoint is None:
+                raise RuntimeError(f"candidate training ended at step {result.step} ({result.status}), not {target}")
+            checkpoint = result.last_checkpoint
+            payload, steps = load_checkpoint(checkpoint), result.step
         else:
             result = run_training(search_cfg(cfg), stage, cd.work, env, init=grown, should_stop=should_stop)
             if result.status == "preempted":
@@ -237,7 +286,10 @@ def run_search_candidate(
             **SearchScore.of(cfg.search)(val["val_loss"], val["proxy_acc1"], cand.cost_ratio),
             "growth": record,
             "grown": str(grown),
-            "seconds": time.time() - t0,
+            "seconds": time.time() - t0 + ((done.seconds or 0.0) if done is not None else 0.0),  # all rounds
+            "round": round,
+            "checkpoint": str(checkpoint) if checkpoint is not None else None,
+            "history": [*done.history, _round_brief(done)] if done is not None else [],
         }
     except Exception as exc:
         if env.is_main:

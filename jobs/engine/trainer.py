@@ -123,9 +123,10 @@ def _already_done(dirs: TrainDir, stage: int) -> TrainResult | None:
 
 
 def _resolve_start(
-    ckpt_dir: Path, resume: ResumeMode, init: Path | None
+    ckpt_dir: Path, resume: ResumeMode, init: Path | None, continue_init: bool = False
 ) -> tuple[dict[str, Any] | None, Path | None, dict[str, Any] | None]:
-    """(resume payload, its path, init payload). A resumable checkpoint wins over --init."""
+    """(resume payload, its path, init payload). A resumable checkpoint wins over --init; with ``continue_init`` a
+    training state given as ``init`` (a search winner's checkpoint, issue #17) is resumed, not only its weights."""
     payload, path = None, None
     if resume == "latest":
         found = find_resume(ckpt_dir)
@@ -157,6 +158,9 @@ def _resolve_start(
             logger.info("resuming from %s: --init %s is ignored (it only seeds a fresh start)", path, init)
         else:
             init_payload = load_checkpoint(Path(init))
+            if continue_init and init_payload.get("optimizer") is not None:
+                logger.info("continuing the training state of %s at step %d", init, init_payload["step"])
+                return init_payload, Path(init), None
     return payload, path, init_payload
 
 
@@ -233,6 +237,8 @@ def run_training(
     resume: ResumeMode = "latest",
     should_stop: Callable[[], bool] = lambda: False,
     progress: bool | None = None,
+    stop_at: int | None = None,
+    continue_init: bool = False,
 ) -> TrainResult:
     """Train the stage's model for ``cfg.train.steps`` steps, resuming from the run dir if possible.
 
@@ -247,6 +253,10 @@ def run_training(
             refuses when checkpoints exist) or the path of a checkpoint.
         should_stop: polled at every step boundary; True = checkpoint now and return "preempted".
         progress: tqdm bar (default: when stderr is a TTY, rank 0 only).
+        stop_at: stop at this step with a checkpoint (status "stopped"); the schedule is still the one over
+            ``cfg.train.steps``, so a later call continues the same trajectory (a search round).
+        continue_init: when ``init`` is a training state (optimizer, schedule, data position), continue it
+            instead of starting afresh from its weights (the stage's training of a search winner).
 
     Returns:
         :class:`TrainResult`.
@@ -266,7 +276,7 @@ def run_training(
     if done is not None:
         return done
 
-    payload, resume_path, init_payload = _resolve_start(dirs.checkpoints, resume, init)
+    payload, resume_path, init_payload = _resolve_start(dirs.checkpoints, resume, init, continue_init)
     source = payload or init_payload
     spec = ArchSpec.from_dict(source["spec"]) if source is not None else cfg.model
     check_corpus(cfg.data.root, stage, spec.text.vocab_size)
@@ -294,12 +304,13 @@ def run_training(
         dirs.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(dirs.config_yaml, dump_cfg(cfg))
         atomic_write_json(dirs.spec_json, spec.to_dict())
-    if payload is not None:
+    continued = payload is not None and init is not None and resume_path == Path(init)
+    if payload is not None and not continued:
         metrics.truncate_after(state.step)
         metrics.event("resume", step=state.step, checkpoint=str(resume_path), world_size=env.world_size)
         logger.info("resumed from %s at step %d (%d samples seen)", resume_path, state.step, state.samples_seen)
-    else:
-        metrics.truncate_after(0)
+    else:  # a fresh start, or the first start of a training that continues a search winner's state
+        metrics.truncate_after(state.step)
         metrics.event(
             "start",
             stage=stage,
@@ -309,6 +320,7 @@ def run_training(
             init=init_name,
             params=spec.params(),
             kernels=kernels,
+            **({"continued_at": state.step, "samples": state.samples_seen} if continued else {}),
         )
 
     fwd = wrap_model(state.model, env, tc.compile)
@@ -339,6 +351,7 @@ def run_training(
             should_stop=should_stop,
             last_checkpoint=resume_path,
             progress=progress,
+            stop_at=stop_at,
         )
     finally:
         stream.close()
@@ -361,7 +374,12 @@ def train_stage(
     (:func:`jobs.engine.rundir.check_run_dir` raises ``ConfigError`` otherwise).
     """
     check_run_dir(run_dir, cfg)
-    result = run_training(cfg, stage, run_dir, env, init=init, resume=resume, should_stop=should_stop)
+    # the stage's selected.pt is taken as it is: a search winner's training state (search.trajectory=train)
+    # continues, a grown model starts afresh
+    own = init is not None and Path(init).resolve() == RunDir(run_dir).stage(stage).selected_pt.resolve()
+    result = run_training(
+        cfg, stage, run_dir, env, init=init, resume=resume, should_stop=should_stop, continue_init=own
+    )
     out = RunDir(run_dir).stage(stage).eval_metrics
     if evaluate and result.final is not None and env.is_main and not out.exists():
         metrics = evaluate_stage(result.final, cfg, stage, out, env.device)

@@ -20,6 +20,8 @@ def _num(x: Any, kind: str = "f4") -> str:
     """A number as a table cell: ``-`` for None/NaN, else in ``kind``'s format (``int`` and others: ``str``)."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
+    if kind == "f2":
+        return f"{x:.2f}"
     if kind == "f3":
         return f"{x:.3f}"
     if kind == "f4":

@@ -156,7 +156,10 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         spec = ArchSpec.from_dict(spec_json) if spec_json else None
         win = next((c for c in cands if c["winner"]), None)
         done_cands = [c for c in cands if c["status"] == "done"]
-        search_flops = sum(int(c["train_flops"] or 0) for c in done_cands)
+        # the winner's search steps are the first steps of the stage's training when it continues them
+        # (search.trajectory=train): counted there, so the search's overhead is the other candidates' compute
+        continues = bool(sel and sel.get("continues"))
+        search_flops = sum(int(c["train_flops"] or 0) for c in done_cands if not (continues and c["winner"]))
         search_s = sum(float(c["seconds"] or 0.0) for c in cands)
         train_flops = spec.flops_per_sample() * tr["samples"] if spec else 0
         cum_flops += search_flops + train_flops
@@ -202,6 +205,9 @@ def load_run(run_dir: Path) -> dict[str, Any]:
             train_flops=train_flops,
             search_flops=search_flops,
             stage_flops=search_flops + train_flops,
+            search_overhead=search_flops / train_flops if train_flops else None,
+            search_rounds=int(sel.get("rounds", 1)) if sel else None,
+            continues=continues,
             cum_flops=cum_flops,
             train_wall_s=tr["wall_s"],
             train_preemptions=tr["preemptions"],

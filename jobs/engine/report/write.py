@@ -185,17 +185,23 @@ def format_report(run_dir: Path, stages: int | None = None) -> str:
             + ("" if r["status"] == "evaluated" else f"  [{r['status']}]")
         )
     tasks = sorted({name for r in rows for name in r["acc1"]})
-    head = ["stage", "chosen", "params"] + tasks + ["mean_acc1", "i2t_R@1", "t2i_R@1"]
+    head = ["stage", "chosen", "params", "rounds", "search/train"] + tasks + ["mean_acc1", "i2t_R@1", "t2i_R@1"]
     table = [head]
     for r in rows:
+        rounds = "-" if r["search_rounds"] is None else f"{r['search_rounds']}{'+' if r['continues'] else ''}"
         table.append(
-            [str(r["stage"]), r["chosen"] or "?", _num(r["params"], "params")]
+            [str(r["stage"]), r["chosen"] or "?", _num(r["params"], "params"), rounds, _num(r["search_overhead"], "f2")]
             + [_num(r["acc1"].get(t), "f3") for t in tasks]
             + [_num(r["mean_acc1"], "f3"), _num(r["i2t_R@1"], "f3"), _num(r["t2i_R@1"], "f3")]
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines.append("")
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table]
+    if any(r["search_rounds"] for r in rows):
+        lines.append(
+            "rounds: search rounds (+: the stage's training continued the winner's search state); search/train: "
+            "FLOPs of the search's other candidates over the stage's training FLOPs"
+        )
     for o in run["oracle"]:
         lines += ["", format_oracle(o)]
     return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""Multi-fidelity search (issue #17): successive-halving rounds on the search trajectory of the stage's own
+training, the winner's training continuing its search state, and what plan/status/report/select show."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs.config import ConfigError, load_cfg
+
+REPO = Path(__file__).resolve().parents[1]
+ROUNDS = [
+    "search.trajectory=train",
+    "search.rounds=2",
+    "search.steps=2",
+    "search.keep=0.5",
+    "train.steps=8",
+    "train.checkpoint_every=3",
+]
+
+
+def jobs_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "jobs", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+@pytest.fixture(scope="module")
+def rounds_run(tiny_pipeline_config: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    run_dir = tmp_path_factory.mktemp("rounds") / "run"
+    args = ["submit", "--config", str(tiny_pipeline_config), "--run-dir", str(run_dir), "--stages", "1-2"]
+    proc = jobs_cli(*args, *sets(ROUNDS))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return run_dir, proc.stdout
+
+
+def _events(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_config_rounds(tiny_pipeline_config: Path) -> None:
+    cfg = load_cfg(tiny_pipeline_config, ROUNDS)
+    assert [cfg.search.round_steps(r) for r in (1, 2)] == [2, 4]
+    assert [cfg.search.survivors(n) for n in (3, 2, 1, 6)] == [2, 1, 1, 3]
+    with pytest.raises(ConfigError, match=r"search\.trajectory=train"):
+        load_cfg(tiny_pipeline_config, ["search.rounds=2"])  # a short training of its own cannot resume
+    with pytest.raises(ConfigError, match=r"below train\.steps=8"):
+        load_cfg(tiny_pipeline_config, [*ROUNDS, "search.steps=4"])  # round 2 would end at step 8
+    with pytest.raises(ConfigError, match=r"search\.keep"):
+        load_cfg(tiny_pipeline_config, [*ROUNDS, "search.keep=1.0"])
+
+
+def test_rounds_rank_survivors_and_resume(rounds_run: tuple[Path, str]) -> None:
+    run_dir, out = rounds_run
+    search = run_dir / "stage_02" / "search"
+    ranking = json.loads((search / "round_01.json").read_text())
+    assert ranking["steps"] == 2 and len(ranking["survivors"]) == 2  # ceil(3 x 0.5)
+    round1 = sorted((r for r in ranking["table"] if r["status"] == "done"), key=lambda r: r["rank"])
+    assert [r["index"] for r in round1[:2]] == ranking["survivors"]
+    assert [r["score"] for r in round1] == sorted(r["score"] for r in round1)
+    dropped = next(r["index"] for r in round1 if r["index"] not in ranking["survivors"])
+    for k in range(3):
+        res = json.loads((search / f"cand_{k:02d}" / "result.json").read_text())
+        train = search / f"cand_{k:02d}" / "work" / "stage_02" / "train"
+        if k == dropped:
+            assert res["round"] == 1 and res["steps"] == 2 and res["history"] == []
+            continue
+        assert res["round"] == 2 and res["steps"] == 4 and res["samples"] == 4 * 16
+        assert [h["steps"] for h in res["history"]] == [2]
+        assert Path(res["checkpoint"]).name == "step_00000004.pt"
+        kinds = [e["event"] for e in _events(train / "events.jsonl")]
+        # round 2 resumed round 1's checkpoint: no step trained twice
+        assert kinds.count("start") == 1 and kinds.count("stopped") == 2 and "resume" in kinds
+    assert "search round 2" in out and "train on to step 4" in out
+
+
+def test_winner_continues_its_search_state(rounds_run: tuple[Path, str]) -> None:
+    run_dir, _ = rounds_run
+    sd = run_dir / "stage_02"
+    sel = json.loads((sd / "selected.json").read_text())
+    assert sel["rounds"] == 2 and sel["continues"] is True and sel["start_step"] == 4
+    ranks = {r["index"]: r.get("rank") for r in sel["table"]}
+    assert sorted(ranks.values()) == [1, 2, 3]
+    assert ranks[sel["winner"]["index"]] == 1
+    dropped = [r for r in sel["table"] if r.get("dropped_after") == 1]
+    assert len(dropped) == 1 and dropped[0]["rank"] == 3  # dropped in round 1: below both survivors
+    events = _events(sd / "train" / "events.jsonl")
+    start = next(e for e in events if e["event"] == "start")
+    assert start["continued_at"] == 4 and start["samples"] == 4 * 16
+    steps = [e["step"] for e in events if e["event"] == "train"]
+    assert steps and min(steps) > 4 and max(steps) == 8  # only the steps after the search's
+    end = next(e for e in events if e["event"] == "end")
+    assert end["samples"] == 8 * 16
+
+
+def test_report_status_and_resubmit_know_rounds(rounds_run: tuple[Path, str], tiny_pipeline_config: Path) -> None:
+    from jobs.engine.report import load_run
+
+    run_dir, _ = rounds_run
+    row = next(s for s in load_run(run_dir)["stages"] if s["stage"] == 2)
+    cands = [
+        json.loads((run_dir / "stage_02" / "search" / f"cand_{k:02d}" / "result.json").read_text()) for k in range(3)
+    ]
+    win = json.loads((run_dir / "stage_02" / "selected.json").read_text())["winner"]["index"]
+    losers = sum(c["train_flops"] for k, c in enumerate(cands) if k != win)
+    assert row["search_flops"] == losers and row["continues"] and row["search_rounds"] == 2
+    assert row["search_overhead"] == pytest.approx(losers / row["train_flops"])
+    report = jobs_cli("report", str(run_dir))
+    assert report.returncode == 0 and "search/train" in report.stdout and " 2+ " in report.stdout
+    status = jobs_cli("status", str(run_dir))
+    assert status.returncode == 0 and "search2=done" in status.stdout and "select1=done" in status.stdout
+    jobs = json.loads((run_dir / "jobs.json").read_text())["jobs"]
+    assert {j.get("round", 1) for j in jobs if j["step"] in ("search", "select")} == {1, 2}
+    again = jobs_cli(
+        "submit", "--config", str(tiny_pipeline_config), "--run-dir", str(run_dir), "--stages", "1-2", *sets(ROUNDS)
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len(json.loads((run_dir / "jobs.json").read_text())["jobs"]) == len(jobs)  # nothing redone
+
+
+def test_plan_shows_rounds_before_the_search(tiny_pipeline_config: Path, tmp_path: Path) -> None:
+    proc = jobs_cli(
+        "plan", "--config", str(tiny_pipeline_config), "--run-dir", str(tmp_path / "run"), *sets(ROUNDS),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "search round 2" in proc.stdout and "select round 2" in proc.stdout
+    assert "survivors known once round 1 is ranked: array of 2 (upper bound)" in proc.stdout
+    assert "dependency afterok:<stage2.select.round1>" in proc.stdout  # round 2 waits for round 1's ranking
+    assert "dependency afterok:<stage2.select.round2>" in proc.stdout  # the training waits for the last ranking
