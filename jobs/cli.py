@@ -272,7 +272,15 @@ def _add_pipeline_verbs(verbs: Any) -> None:
         action="append",
         default=[],
         metavar="cluster.KEY=VALUE",
-        help="override a launch setting (cluster.*); the training itself is the run's",
+        help="override a launch setting (cluster.*; train.val_every=N records learning curves of held-out loss "
+        "for the estimator study, docs/fidelity.md); the training itself is the run's",
+    )
+    p.add_argument(
+        "--ema",
+        type=float,
+        metavar="DECAY",
+        help="with train.val_every: also record the held-out loss of an EMA of the weights (decay DECAY; "
+        "it never changes the trained weights)",
     )
     p.set_defaults(func=_lazy("jobs.oracle_jobs", "cmd_oracle"))
 

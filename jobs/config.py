@@ -188,6 +188,10 @@ class TrainCfg:
     checkpoint_every: int = 100  # steps between checkpoints (a final.pt is always written)
     keep_checkpoints: int = 3  # newest step checkpoints kept on disk
     log_every: int = 10  # steps between log lines and metric records
+    # steps between held-out validations (0 = off; a multiple of log_every): the step's metric record gains
+    # val_loss, val_loss_se (and val_loss_ema with an EMA) on the stage's search.val_samples held-out pairs. Learning
+    # curves for the oracle and the search's extrapolation (issue #17); the trajectory itself is unchanged
+    val_every: int = 0
     seed: int = 0  # seeds init, data order and dropout
     data_streams: int = 0  # sub-streams forming the global batch (0 = one per rank); fix it: same data at any #ranks
 
@@ -203,6 +207,12 @@ class TrainCfg:
             f"train.data_streams={self.data_streams}",
         )
         _positive("train", eps=self.eps, checkpoint_every=self.checkpoint_every, log_every=self.log_every)
+        _non_negative("train", val_every=self.val_every)
+        _require(
+            self.val_every % self.log_every == 0,
+            f"train.val_every={self.val_every} must be a multiple of train.log_every={self.log_every} (a validation "
+            "rides on a metric record)",
+        )
         _positive("train", keep_checkpoints=self.keep_checkpoints)
         _non_negative("train", min_lr=self.min_lr, warmup_steps=self.warmup_steps)
         _non_negative("train", weight_decay=self.weight_decay, grad_clip=self.grad_clip)
@@ -427,6 +437,7 @@ LAUNCH_KEYS = (
     "data.num_workers",
     "train.keep_checkpoints",
     "train.log_every",
+    "train.val_every",
     "train.grad_accum",
     "train.grad_checkpointing",
     "train.compile",

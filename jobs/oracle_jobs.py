@@ -110,7 +110,9 @@ def cmd_oracle(args: argparse.Namespace) -> int:
     except (ConfigError, OracleError) as exc:
         return fail(exc, EXIT_USAGE)
     cluster = get_cluster(args.executor or cfg.cluster.executor)
-    job = OracleJob(str(RunDir(run_dir).config_yaml), tuple(args.overrides), args.stage, str(run_dir))
+    # an EMA shadow only measures (its decay never changes the trained weights): not a config of the run's
+    ema = (f"train.ema_decay={args.ema}",) if getattr(args, "ema", None) else ()
+    job = OracleJob(str(RunDir(run_dir).config_yaml), (*args.overrides, *ema), args.stage, str(run_dir))
     todo = [
         k
         for k, c in enumerate(plan)

@@ -4,6 +4,7 @@ training, the winner's training continuing its search state, and what plan/statu
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +136,53 @@ def test_plan_shows_rounds_before_the_search(tiny_pipeline_config: Path, tmp_pat
     assert "survivors known once round 1 is ranked: array of 2 (upper bound)" in proc.stdout
     assert "dependency afterok:<stage2.select.round1>" in proc.stdout  # round 2 waits for round 1's ranking
     assert "dependency afterok:<stage2.select.round2>" in proc.stdout  # the training waits for the last ranking
+
+
+def test_power_law_fit_and_halving_replay() -> None:
+    """fidelity: the fit recovers a known law; halving replays rounds on curves and counts the losers' steps."""
+    from jobs.engine.fidelity import Curve, estimate, fit_power_law, grade, halving
+
+    steps = [20, 40, 60, 80, 100]
+    a, c, alpha = fit_power_law(steps, [1.0 + 3.0 * s**-0.5 for s in steps]) or (0, 0, 0)
+    assert (a, c, alpha) == pytest.approx((1.0, 3.0, 0.5), abs=1e-6)
+
+    def curve(k: int, floor: float, speed: float, acc: float) -> Curve:
+        pts = tuple(range(20, 401, 20))
+        return Curve(k, f"c{k}", pts, tuple(floor + speed * s**-0.5 for s in pts), (None,) * len(pts),
+                     floor + speed * 400**-0.5, acc, 10.0)  # fmt: skip
+
+    # c0 learns fast but ends worst; c2 starts slow and ends best: short budgets rank them the wrong way
+    curves = [curve(0, 2.0, 1.0, 0.10), curve(1, 1.5, 6.0, 0.20), curve(2, 1.0, 12.0, 0.30)]
+    assert estimate(curves[0], 20, "loss", 400) < estimate(curves[2], 20, "loss", 400)
+    assert estimate(curves[2], 100, "extrapolate", 400) == pytest.approx(curves[2].final_val_loss, rel=1e-3)
+    rows = {(r["estimator"], r["budget"]): r for r in grade(curves, [20, 100], 400)}
+    assert rows[("loss", 20)]["tau_val_loss"] == pytest.approx(-1.0) and rows[("loss", 20)]["regret_mean_acc1"] > 0
+    assert rows[("extrapolate", 100)]["tau_val_loss"] == pytest.approx(1.0)
+    assert ("ema", 20) not in rows  # no EMA recorded: not graded
+    sh = halving(curves, "extrapolate", 100, 0.5, 2, 400)
+    assert sh["pick"] == "c2" and sh["regret_mean_acc1"] == pytest.approx(0.0)
+    # round 1: 3 x 100 steps; round 2: the 2 survivors to 200; the winner's 200 are its training's
+    assert sh["candidate_steps"] == 100 + 200 + 200 and sh["overhead"] == pytest.approx((100 + 200) * 10.0 / 4000)
+
+
+def test_validation_leaves_the_trajectory_unchanged(tiny_pipeline_config: Path, tmp_path: Path) -> None:
+    """train.val_every adds held-out loss to the metric records (JSONL and HDF5) without changing the weights."""
+    import h5py
+    import torch
+
+    from jobs.engine.dist import DistEnv
+    from jobs.engine.trainer import run_training
+
+    runs = {}
+    for every in (0, 3):
+        cfg = load_cfg(tiny_pipeline_config, [f"train.val_every={every}", "train.ema_decay=0.9"])
+        res = run_training(cfg, 1, tmp_path / f"v{every}", DistEnv(), progress=False)
+        runs[every] = res
+    a = torch.load(runs[0].final, weights_only=True)["model"]
+    b = torch.load(runs[3].final, weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    recs = [e for e in _events(runs[3].train_dir / "events.jsonl") if e["event"] == "train"]
+    assert [r["step"] for r in recs if "val_loss" in r] == [3, 6]
+    assert all(r["val_loss"] > 0 and r["val_loss_se"] >= 0 and "val_loss_ema" in r for r in recs if "val_loss" in r)
+    with h5py.File(runs[3].train_dir / "metrics.h5") as f:
+        assert len(f["val_loss"]) == len(recs) and not any(map(math.isnan, f["val_loss"][:]))

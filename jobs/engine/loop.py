@@ -214,6 +214,7 @@ def train_steps(
     last_checkpoint: Path | None = None,
     progress: bool | None = None,
     stop_at: int | None = None,
+    validate: Callable[[], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Run optimizer steps from ``state.step`` to ``tc.steps``; checkpoint every ``tc.checkpoint_every``.
 
@@ -232,6 +233,7 @@ def train_steps(
         progress: tqdm bar (default: when stderr is a TTY, rank 0 only).
         stop_at: end at this step (below ``tc.steps``) with a checkpoint and status "stopped": the schedule stays
             the one over ``tc.steps``, so a later call resumes the same trajectory (a search round, issue #17).
+        validate: every ``tc.val_every`` steps, the held-out metrics merged into that step's record.
 
     Raises:
         NonFiniteLossError: NaN/inf loss (names the step and the last good checkpoint).
@@ -291,6 +293,8 @@ def train_steps(
                     "stage_mix": stream.take_mix(),
                     "stage_mix_target": target_mix,
                 }
+                if validate is not None and tc.val_every and state.step % tc.val_every == 0:
+                    record.update(validate())
                 metrics.step(**record)
                 if bar is None:
                     _log_record(state, tc, record)

@@ -48,6 +48,9 @@ SERIES = (
     ("grad_norm", "global grad norm before clipping"),
     ("logit_scale", "exp(logit_scale), the inverse temperature"),
     ("memory_mb", "peak CUDA memory allocated (GPU) or peak RSS (CPU), MiB"),
+    ("val_loss", "held-out contrastive loss (train.val_every; NaN between validations)"),
+    ("val_loss_se", "its standard error over the held-out batches"),
+    ("val_loss_ema", "held-out loss of the EMA weights (train.ema_decay > 0)"),
 )
 
 

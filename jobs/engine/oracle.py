@@ -37,6 +37,7 @@ from typing import Any
 from data_tools.atomic import atomic_write_json
 from jobs.config import RunCfg
 from jobs.engine.dist import DistEnv
+from jobs.engine.metrics import read_events
 from jobs.engine.rundir import OracleSummary, RunDir, read_json, read_record
 
 __all__ = [
@@ -145,7 +146,8 @@ def run_oracle_candidate(
     chosen = selected.get("winner", {}).get("index") == cand["index"]
     t0 = time.time()
     try:
-        final, metrics = _stage_training(run_dir, stage) if chosen else (None, None)
+        curves = cfg.train.val_every > 0  # learning curves asked for: the chosen one needs its own as well
+        final, metrics = _stage_training(run_dir, stage) if chosen and not curves else (None, None)
         reused = final is not None
         if final is None:
             result = run_training(cfg, stage, out.work, env, init=Path(cand["grown"]), should_stop=should_stop)
@@ -191,6 +193,14 @@ def run_oracle_candidate(
             "final": str(final),
             "seconds": time.time() - t0,
         }
+        if curves:  # step, held-out loss (+ its se, + the EMA's) every train.val_every steps
+            keys = ("step", "samples", "val_loss", "val_loss_se", "val_loss_ema")
+            train = RunDir(out.work).stage(stage).train
+            res["curve"] = [
+                {k: e[k] for k in keys if k in e}
+                for e in read_events(train.events)
+                if e.get("event") == "train" and "val_loss" in e
+            ]
     except Exception as exc:
         if env.is_main:
             out.path.mkdir(parents=True, exist_ok=True)

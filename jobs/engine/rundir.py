@@ -176,6 +176,10 @@ class OracleDir:
     def cand(self, index: int) -> CandDir:
         return CandDir(self.path / f"cand_{index:02d}", index)
 
+    def cands(self) -> list[CandDir]:
+        """The oracle candidates present on disk, by index."""
+        return [CandDir(p, k) for k, p in _numbered(self.path, _CAND_DIR)]
+
     @property
     def summary_json(self) -> Path:
         return self.path / "summary.json"

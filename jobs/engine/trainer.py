@@ -227,6 +227,40 @@ class _Saver:
         return path
 
 
+def _validator(cfg: RunCfg, stage: int, spec: ArchSpec, state: TrainState, env: DistEnv) -> Callable[[], dict]:
+    """Held-out metrics of the training state (``train.val_every``): the search's scoring batches, read once; the
+    RNG states are restored after, so validating never changes the trajectory."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from jobs.engine.evaluate import val_batches, validate_model
+
+    batches: list[Any] = []
+
+    def validate() -> dict[str, float]:
+        if not batches:
+            batches.extend(val_batches(cfg, stage, spec.image.image_size, spec.text.context_length))
+        rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+        try:
+            out = validate_model(state.model, batches, env.device)
+            rec = {"val_loss": out["val_loss"], "val_loss_se": out["val_loss_se"]}
+            if state.ema is not None:
+                raw = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+                state.model.load_state_dict({k: v.to(raw[k].dtype) for k, v in state.ema.state.items()})
+                rec["val_loss_ema"] = validate_model(state.model, batches, env.device)["val_loss"]
+                state.model.load_state_dict(raw)
+        finally:
+            torch.set_rng_state(rng[0])
+            np.random.set_state(rng[1])
+            random.setstate(rng[2])
+            state.model.train()
+        return rec
+
+    return validate
+
+
 def run_training(
     cfg: RunCfg,
     stage: int,
@@ -352,6 +386,7 @@ def run_training(
             last_checkpoint=resume_path,
             progress=progress,
             stop_at=stop_at,
+            validate=_validator(cfg, stage, spec, state, env) if tc.val_every else None,
         )
     finally:
         stream.close()
