@@ -285,6 +285,25 @@ def _add_pipeline_verbs(verbs: Any) -> None:
     p.set_defaults(func=_lazy("jobs.oracle_jobs", "cmd_oracle"))
 
     p = verbs.add_parser(
+        "fidelity",
+        help="grade search estimators on stage T's oracle learning curves -> stage_TT/oracle/fidelity.json",
+        description="Kendall tau and regret of each estimator (held-out loss, EMA, power-law extrapolation) "
+        "per budget, and successive halving replayed on the curves with its overhead (docs/fidelity.md). Needs "
+        "an oracle run with --set train.val_every=N.",
+    )
+    p.add_argument("--run-dir", type=Path, required=True, help="RUN_DIR whose stage T has oracle curves")
+    p.add_argument("--stage", type=_positive_int, required=True, help="growth stage T (>= 2)")
+    p.add_argument("--budgets", default="20,50,100,200,400", help="steps at which to grade (default %(default)s)")
+    p.add_argument(
+        "--halving",
+        action="append",
+        default=[],
+        metavar="STEPS,KEEP,ROUNDS",
+        help="a successive-halving schedule to replay (repeatable), e.g. 50,0.5,3",
+    )
+    p.set_defaults(func=_lazy("jobs.oracle_jobs", "cmd_fidelity"))
+
+    p = verbs.add_parser(
         "select",
         help="rank stage T's candidates by score; write selected.json (table, reason) and selected.pt",
         description="Rank the finished candidates (lower score wins); fails when fewer than "

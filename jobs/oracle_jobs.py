@@ -33,7 +33,7 @@ from jobs.engine.rundir import RunDir, check_run_dir, read_json
 from jobs.logs import setup_logging
 from jobs.train import StopFlag
 
-__all__ = ["OracleJob", "OracleSummaryJob", "cmd_oracle"]
+__all__ = ["OracleJob", "OracleSummaryJob", "cmd_fidelity", "cmd_oracle"]
 
 
 class OracleJob(submitit.helpers.Checkpointable):
@@ -156,3 +156,27 @@ def cmd_oracle(args: argparse.Namespace) -> int:
             EXIT_FAILED,
         )
     )
+
+
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    """Grade the search estimators on the oracle's learning curves of ``--stage``; write oracle/fidelity.json."""
+    from data_tools.atomic import atomic_write_json
+    from jobs.engine.fidelity import fidelity_report, format_fidelity
+
+    run_dir = Path(args.run_dir).resolve()
+    try:
+        cfg = load_cfg(RunDir(run_dir).config_yaml)
+        check_stage(cfg, args.stage, first=2)
+        budgets = [int(b) for b in args.budgets.split(",")]
+        schedules = []
+        for text in args.halving:
+            steps, keep, rounds = text.split(",")
+            schedules.append((int(steps), float(keep), int(rounds)))
+        rep = fidelity_report(run_dir, args.stage, cfg.train.steps, budgets, schedules)
+    except (ConfigError, FileNotFoundError) as exc:
+        return fail(exc, EXIT_USAGE)
+    except ValueError as exc:
+        return fail(f"--budgets/--halving: {exc} (e.g. --budgets 20,50,100 --halving 50,0.5,3)", EXIT_USAGE)
+    atomic_write_json(RunDir(run_dir).stage(args.stage).oracle.path / "fidelity.json", rep)
+    print(format_fidelity(rep))
+    return 0

@@ -186,3 +186,27 @@ def test_validation_leaves_the_trajectory_unchanged(tiny_pipeline_config: Path, 
     assert all(r["val_loss"] > 0 and r["val_loss_se"] >= 0 and "val_loss_ema" in r for r in recs if "val_loss" in r)
     with h5py.File(runs[3].train_dir / "metrics.h5") as f:
         assert len(f["val_loss"]) == len(recs) and not any(map(math.isnan, f["val_loss"][:]))
+
+
+def test_fidelity_cli_on_oracle_curves(tiny_pipeline_config: Path, tmp_path: Path) -> None:
+    """`jobs fidelity` reads the oracle's curves, prints both tables and writes oracle/fidelity.json."""
+    from data_tools.atomic import atomic_write_json
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(tiny_pipeline_config.read_text())
+    for k, (floor, speed) in enumerate([(2.0, 1.0), (1.0, 12.0)]):
+        curve = [{"step": s, "val_loss": floor + speed * s**-0.5} for s in (2, 4, 6)]
+        atomic_write_json(
+            run_dir / "stage_02" / "oracle" / f"cand_{k:02d}" / "result.json",
+            {"index": k, "name": f"c{k}", "val_loss": floor + speed * 6**-0.5, "mean_acc1": 0.1 * (k + 1),
+             "train_flops": 600, "steps": 6, "curve": curve},
+        )  # fmt: skip
+    proc = jobs_cli("fidelity", "--run-dir", str(run_dir), "--stage", "2", "--budgets", "2,6", "--halving", "2,0.5,2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "extrapolate" in proc.stdout and "steps 2 keep 0.5 x2" in proc.stdout
+    rep = json.loads((run_dir / "stage_02" / "oracle" / "fidelity.json").read_text())
+    full = next(r for r in rep["grade"] if r["estimator"] == "loss" and r["budget"] == 6)
+    assert full["tau_val_loss"] == pytest.approx(1.0) and full["pick"] == "c0"
+    bad = jobs_cli("fidelity", "--run-dir", str(run_dir), "--stage", "3")
+    assert bad.returncode == 2 and "train.val_every" in bad.stderr

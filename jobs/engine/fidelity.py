@@ -28,7 +28,17 @@ from typing import Any
 from jobs.engine.oracle import kendall_tau
 from jobs.engine.rundir import RunDir, read_json
 
-__all__ = ["ESTIMATORS", "Curve", "estimate", "fit_power_law", "grade", "halving", "load_curves"]
+__all__ = [
+    "ESTIMATORS",
+    "Curve",
+    "estimate",
+    "fidelity_report",
+    "fit_power_law",
+    "format_fidelity",
+    "grade",
+    "halving",
+    "load_curves",
+]
 
 ESTIMATORS = ("loss", "ema", "extrapolate")
 
@@ -200,3 +210,49 @@ def halving(curves: Sequence[Curve], method: str, steps: int, keep: float, round
         "overhead": overhead / (horizon * pick.flops_per_step),
         "candidate_steps": sum(trained.values()),
     }
+
+
+def fidelity_report(
+    run_dir: Path, stage: int, horizon: int, budgets: Sequence[int], schedules: Sequence[tuple[int, float, int]]
+) -> dict[str, Any]:
+    """:func:`grade` and :func:`halving` (every estimator per schedule) of one stage, as written to
+    ``oracle/fidelity.json``."""
+    curves = load_curves(run_dir, stage)
+    return {
+        "stage": stage,
+        "horizon": horizon,
+        "candidates": [c.name for c in curves],
+        "grade": grade(curves, budgets, horizon),
+        "halving": [
+            halving(curves, m, s, k, r, horizon)
+            for s, k, r in schedules
+            for m in ESTIMATORS
+            if all(estimate(c, s, m, horizon) is not None for c in curves)
+        ],
+    }
+
+
+def format_fidelity(rep: dict[str, Any]) -> str:
+    """The two tables of :func:`fidelity_report` as plain text."""
+
+    def num(x: float | None, fmt: str = "+.2f") -> str:
+        return "-" if x is None else format(x, fmt)
+
+    lines = [f"stage {rep['stage']}: {len(rep['candidates'])} candidates, full training {rep['horizon']} steps"]
+    lines.append(f"{'estimator':<12} {'budget':>6} {'tau_loss':>8} {'tau_acc':>8} {'regret':>7}  pick")
+    for r in rep["grade"]:
+        lines.append(
+            f"{r['estimator']:<12} {r['budget']:>6} {num(r['tau_val_loss']):>8} {num(r['tau_mean_acc1']):>8} "
+            f"{num(r['regret_mean_acc1'], '.3f'):>7}  {r['pick']}"
+        )
+    lines.append("")
+    lines.append(
+        f"{'halving':<24} {'estimator':<12} {'tau_loss':>8} {'tau_acc':>8} {'regret':>7} {'overhead':>8}  pick"
+    )
+    for h in rep["halving"]:
+        sched = f"steps {h['steps']} keep {h['keep']:g} x{h['rounds']}"
+        lines.append(
+            f"{sched:<24} {h['estimator']:<12} {num(h['tau_val_loss']):>8} {num(h['tau_mean_acc1']):>8} "
+            f"{num(h['regret_mean_acc1'], '.3f'):>7} {h['overhead']:>8.2f}  {h['pick']}"
+        )
+    return "\n".join(lines)
