@@ -200,6 +200,11 @@ def _plan(base: Path, exps: list[Experiment], only: set[str], seeds: set[int] | 
     return runs
 
 
+ORACLE_EMA = 0.99  # the EMA whose held-out loss the oracle records (the "ema" estimator of jobs fidelity)
+# successive-halving schedules (steps, keep, rounds) replayed on every oracle's curves besides the run's own
+FIDELITY_HALVING = ("20,0.5,3", "50,0.5,3", "100,0.5,2", "100,0.34,2", "200,0.5,2")
+
+
 def _launch(run: RunSpec, cfg: RunCfg, root: Path, threads: int) -> subprocess.Popen[bytes]:
     log = root / "logs" / f"{run.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -208,10 +213,17 @@ def _launch(run: RunSpec, cfg: RunCfg, root: Path, threads: int) -> subprocess.P
         env["OMP_NUM_THREADS"] = str(threads)
     if run.exp.oracle_of:  # every growth stage of the graded run, one after the other
         graded = root / f"{run.exp.oracle_of}_s{run.seed}"
-        steps = [
-            [sys.executable, "-m", "jobs", "oracle", "--run-dir", str(graded), "--stage", str(t)]
-            for t in range(2, cfg.data.stages + 1)
-        ]
+        # learning curves (held-out loss every log step, and an EMA's) grade the search estimators (jobs fidelity)
+        curves = ["--set", f"train.val_every={cfg.train.log_every}", "--ema", str(ORACLE_EMA)]
+        sc = cfg.search
+        halving = f"{sc.steps},{sc.keep:g},{sc.rounds}"
+        steps = []
+        for t in range(2, cfg.data.stages + 1):
+            steps.append([sys.executable, "-m", "jobs", "oracle", "--run-dir", str(graded), "--stage", str(t), *curves])
+            steps.append(
+                [sys.executable, "-m", "jobs", "fidelity", "--run-dir", str(graded), "--stage", str(t)]
+                + ["--halving", halving, *(a for h in FIDELITY_HALVING for a in ("--halving", h))]
+            )
         cmd = ["sh", "-c", " && ".join(" ".join(step) for step in steps)]
     else:
         conf = root / "configs" / f"{cfg.name}.yaml"

@@ -105,3 +105,27 @@ def test_killed_array_task_is_rerun_alone(
     assert (s2 / "search" / "cand_01" / "result.json").exists() and (s2 / "eval" / "metrics.json").exists()
     assert {k: (s2 / "search" / f"cand_{k:02d}" / "result.json").stat().st_mtime for k in (0, 2)} == mtimes
     assert os.path.exists(s2 / "selected.json")
+
+
+def test_search_rounds_on_slurm(slurm_cluster: SlurmCluster, tiny_pipeline_config: Path, tmp_path: Path) -> None:
+    """issue #17: each search round is its own array, chained to the previous round through its ranking job
+    (afterok); everything is submitted at once; the winner's training continues its search state."""
+    from tests.test_search_rounds import ROUNDS, sets
+
+    run_dir = tmp_path / "run"
+    args = ("submit", "--config", str(tiny_pipeline_config), "--run-dir", str(run_dir), "--stages", "1-2")
+    proc = jobs_cli(slurm_cluster, *args, "--executor", "slurm", *sets(ROUNDS))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = recorded(run_dir)
+    arrays = {rr: {r["job_id"].split("_")[0] for r in recs if r["step"] == "search" and r.get("round", 1) == rr}
+              for rr in (1, 2)}  # fmt: skip
+    assert all(len(ids) == 1 for ids in arrays.values()) and arrays[1] != arrays[2]  # one array per round
+    rank1 = next(r["job_id"] for r in recs if r["step"] == "select" and r.get("round", 1) == 1)
+    assert "stage 2 search round 2: submitted" in proc.stdout and f"after afterok:{rank1}" in proc.stdout
+    wait_idle(run_dir)
+    sel = json.loads((run_dir / "stage_02" / "selected.json").read_text())
+    assert sel["rounds"] == 2 and sel["continues"] and (run_dir / "stage_02" / "eval" / "metrics.json").exists()
+    status = jobs_cli(slurm_cluster, "status", str(run_dir))
+    assert "search2=done" in status.stdout and "select2=done" in status.stdout, status.stdout
+    done = jobs_cli(slurm_cluster, *args, "--executor", "slurm", *sets(ROUNDS))
+    assert done.returncode == 0 and "0 jobs submitted" in done.stdout, done.stderr[-2000:]

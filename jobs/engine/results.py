@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from data_tools.atomic import atomic_write_text
+from jobs.config import load_cfg
 from jobs.engine.report import compare_runs, load_run, markdown_table, write_report
+from jobs.engine.rundir import RunDir, read_json
 
 __all__ = ["aggregate", "write_results"]
 
@@ -166,6 +168,62 @@ def _fidelity(agg: dict[str, dict[str, Any]]) -> list[str]:
     ]
 
 
+def _estimators(agg: dict[str, dict[str, Any]]) -> list[str]:
+    """The "search estimators" section: ``jobs fidelity`` of every graded run and stage (``oracle/fidelity.json``),
+    tau and regret per estimator and budget averaged over seeds and stages, and the successive-halving replays."""
+    graded: dict[tuple[str, str, int], list[dict[str, Any]]] = {}  # (corpus, estimator, budget) -> rows
+    halving: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for e in agg.values():
+        for r in e["runs"]:
+            run_dir = Path(r["loaded"]["run_dir"])
+            corpus = load_cfg(RunDir(run_dir).config_yaml).data.root.name
+            for sd in RunDir(run_dir).stages():
+                rep = read_json(RunDir(run_dir).stage(sd).oracle.path / "fidelity.json")
+                for row in (rep or {}).get("grade", []):
+                    graded.setdefault((corpus, row["estimator"], row["budget"]), []).append(row)
+                for row in (rep or {}).get("halving", []):
+                    sched = f"{row['steps']} steps, keep {row['keep']:g}, {row['rounds']} rounds"
+                    halving.setdefault((corpus, sched, row["estimator"]), []).append(row)
+    if not graded:
+        return []
+
+    def mean(rows: list[dict[str, Any]], key: str, scale: float = 1.0, fmt: str = "+.2f") -> str:
+        vals = [x[key] * scale for x in rows if x.get(key) is not None]
+        return format(sum(vals) / len(vals), fmt) if vals else "-"
+
+    head = ["corpus", "estimator", "budget (steps)", "n", "tau (held-out loss)", "tau (zero-shot)", "regret (points)"]
+    rows = [
+        [c, m, str(b), str(len(v)), mean(v, "tau_val_loss"), mean(v, "tau_mean_acc1")]
+        + [mean(v, "regret_mean_acc1", 100, ".1f")]
+        for (c, m, b), v in sorted(graded.items())
+    ]
+    head2 = ["corpus", "successive halving", "estimator", "n", "tau (held-out loss)", "tau (zero-shot)"]
+    head2 += ["regret (points)", "overhead (losers' FLOPs / training)"]
+    rows2 = [
+        [c, sched, m, str(len(v)), mean(v, "tau_val_loss"), mean(v, "tau_mean_acc1"),
+         mean(v, "regret_mean_acc1", 100, ".1f"), mean(v, "overhead", 1.0, ".2f")]
+        for (c, sched, m), v in sorted(halving.items())
+    ]  # fmt: skip
+    return [
+        "## Search estimators (oracle learning curves, `jobs fidelity`)",
+        "",
+        "Under `search.trajectory: train` a search round that ends at step b sees the first b steps of the"
+        " candidate's full training, so the oracle's learning curves (held-out loss every log step, and an EMA's)"
+        " grade every estimator at every budget without another training: `loss` = held-out loss at step b, `ema` ="
+        " the EMA weights' (decay 0.99), `extrapolate` = a power law fitted to the curve up to b and evaluated at"
+        " train.steps. Means over seeds and stages (n); tau against the full trainings' held-out loss and zero-shot"
+        " ranking; regret = best candidate's mean zero-shot top-1 minus the estimator's pick's.",
+        "",
+        markdown_table(head, rows),
+        "",
+        "Successive halving replayed on the same curves (round r ranks at steps / keep^(r-1); the winner's steps"
+        " are its training's, so the overhead is the other candidates' steps in FLOPs over the winner's training):",
+        "",
+        markdown_table(head2, rows2),
+        "",
+    ]
+
+
 def _spread(values: Sequence[float | None]) -> str:
     vals = [v for v in values if v is not None]
     return f"{(max(vals) - min(vals)) * 100:.1f}" if vals else "-"
@@ -235,6 +293,7 @@ def write_results(runs: Sequence[Any], root: Path, out: Path, plots: Path, note:
             "",
         ]
     lines += _fidelity(agg)
+    lines += _estimators(agg)
     lines += [
         "## The paper's directions, as measured here",
         "",

@@ -188,6 +188,7 @@ def _search_part(sd: StageDir, run_dir: Path, warnings: list[str]) -> list[dict[
             "proxy_acc1": None,
             "score": None,
             "steps": None,
+            "round": None,
             "samples": None,
             "train_flops": None,
             "seconds": None,
@@ -203,6 +204,7 @@ def _search_part(sd: StageDir, run_dir: Path, warnings: list[str]) -> list[dict[
         if res:
             for key in ("params", "cost", "cost_ratio", "val_loss", "proxy_acc1", "score", "steps", "samples"):
                 row[key] = res.get(key, row[key])
+            row["round"] = res.get("round", 1)  # the search round it reached (successive halving)
             row["train_flops"] = res.get("train_flops")
             # result.json times the last attempt only; a preempted candidate's earlier attempts count too
             row["seconds"] = _wall_seconds(cand_events) if preempted else res.get("seconds")

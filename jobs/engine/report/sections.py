@@ -64,7 +64,8 @@ def _stage_tables(run: dict[str, Any]) -> list[Block]:
 
 
 def _search_table(rows: list[dict[str, Any]]) -> Table:
-    head = ["cand", "name", "status", "params", "cost", "cost ratio", "steps", "val_loss", "proxy_acc1", "score"]
+    head = ["cand", "name", "status", "params", "cost", "cost ratio", "round", "steps", "val_loss", "proxy_acc1"]
+    head += ["score"]
     head += ["rank", "winner", "first search loss", "search FLOPs", "seconds", "preempted", "failure"]
     out = [
         [
@@ -74,6 +75,7 @@ def _search_table(rows: list[dict[str, Any]]) -> Table:
             _num(c["params"], "params"),
             _num(c["cost"], "g3"),
             _num(c["cost_ratio"], "f3"),
+            _num(c["round"], "int"),
             _num(c["steps"], "int"),
             _num(c["val_loss"]),
             _num(c["proxy_acc1"], "f3"),
