@@ -189,7 +189,7 @@ class TrainCfg:
     keep_checkpoints: int = 3  # newest step checkpoints kept on disk
     log_every: int = 10  # steps between log lines and metric records
     # steps between held-out validations (0 = off; a multiple of log_every): the step's metric record gains
-    # val_loss, val_loss_se (and val_loss_ema with an EMA) on the stage's search.val_samples held-out pairs. Learning
+    # val_loss, val_loss_se (and val_loss_ema with an EMA) on the stage's eval.heldout_samples held-out pairs. Learning
     # curves for the oracle and the search's extrapolation (issue #17); the trajectory itself is unchanged
     val_every: int = 0
     seed: int = 0  # seeds init, data order and dropout

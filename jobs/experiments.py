@@ -214,7 +214,7 @@ def _launch(run: RunSpec, cfg: RunCfg, root: Path, threads: int) -> subprocess.P
     if run.exp.oracle_of:  # every growth stage of the graded run, one after the other
         graded = root / f"{run.exp.oracle_of}_s{run.seed}"
         # learning curves (held-out loss every log step, and an EMA's) grade the search estimators (jobs fidelity)
-        curves = ["--set", f"train.val_every={cfg.train.log_every}", "--ema", str(ORACLE_EMA)]
+        curves = ["--set", f"train.val_every={cfg.train.log_every}", "--ema", str(ORACLE_EMA)]  # every 20 steps here
         sc = cfg.search
         halving = f"{sc.steps},{sc.keep:g},{sc.rounds}"
         steps = []

@@ -123,3 +123,30 @@ def test_usr2_while_scoring_exits_3_and_the_requeued_task_scores(
     monkeypatch.undo()
     done = run_search_candidate(cfg, 2, 1, run_dir, DistEnv())  # the requeued task
     assert done["status"] == "done" and done["steps"] == 12
+
+
+def test_preempted_round_resumes_to_the_uninterrupted_score(
+    stage1: Path, tiny_pipeline_config: Path, tmp_path: Path
+) -> None:
+    """issue #17: a survivor preempted in round 2 resumes there and scores as if never stopped; round 1's score
+    goes to its history."""
+    from data_tools.atomic import atomic_write_json
+
+    rounds = [*OVERRIDES, "search.trajectory=train", "search.rounds=2", "search.steps=3", "train.steps=12"]
+    cfg = load_cfg(tiny_pipeline_config, rounds)
+    results = {}
+    for name, stop in (("a", None), ("b", stop_at(1))):  # calls counted from the resumed step 3
+        shutil.copytree(stage1, tmp_path / name)
+        run_dir = tmp_path / name
+        first = run_search_candidate(cfg, 2, 1, run_dir, DistEnv(), round=1)
+        assert first["round"] == 1 and first["steps"] == 3
+        atomic_write_json(run_dir / "stage_02" / "search" / "round_01.json", {"stage": 2, "round": 1, "survivors": [1]})
+        if stop is not None:
+            out = run_search_candidate(cfg, 2, 0, run_dir, DistEnv(), round=2, should_stop=stop)
+            assert out["status"] == "preempted" and out["step"] == 4
+        results[name] = run_search_candidate(cfg, 2, 0, run_dir, DistEnv(), round=2)  # task 0 = survivor 1
+    a, b = results["a"], results["b"]
+    assert a["round"] == b["round"] == 2 and a["steps"] == b["steps"] == 6 and b["index"] == 1
+    assert [h["steps"] for h in b["history"]] == [3]
+    for key in ("val_loss", "proxy_acc1", "score", "samples"):
+        assert b[key] == pytest.approx(a[key], abs=1e-6), key

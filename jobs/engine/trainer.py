@@ -228,8 +228,9 @@ class _Saver:
 
 
 def _validator(cfg: RunCfg, stage: int, spec: ArchSpec, state: TrainState, env: DistEnv) -> Callable[[], dict]:
-    """Held-out metrics of the training state (``train.val_every``): the search's scoring batches, read once; the
-    RNG states are restored after, so validating never changes the trajectory."""
+    """Held-out metrics of the training state (``train.val_every``) on the pairs a stage's evaluation scores (the
+    first ``eval.heldout_samples``), read once; the RNG states are restored after, so validating never changes the
+    trajectory."""
     import random
 
     import numpy as np
@@ -241,7 +242,8 @@ def _validator(cfg: RunCfg, stage: int, spec: ArchSpec, state: TrainState, env: 
 
     def validate() -> dict[str, float]:
         if not batches:
-            batches.extend(val_batches(cfg, stage, spec.image.image_size, spec.text.context_length))
+            ctx = spec.text.context_length
+            batches.extend(val_batches(cfg, stage, spec.image.image_size, ctx, samples=cfg.eval.heldout_samples))
         rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
         try:
             out = validate_model(state.model, batches, env.device)
