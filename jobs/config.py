@@ -134,6 +134,11 @@ class SearchCfg:
     zeroshot_weight: float = 1.0  # weight of the zero-shot top-1 proxy in the score (0 = loss only)
     cost_weight: float = 0.1  # weight of the log cost ratio: growth must pay for itself
     min_successful: int = 1  # selection fails when fewer candidates finished than this
+    # what the score's held-out loss is measured on: "loss" = the candidate's weights, "ema" = an exponential moving
+    # average of them (AutoProg's momentum copies; decay ema_decay, or train.ema_decay when the training keeps one).
+    # Chosen by the oracle's learning curves (docs/fidelity.md, `jobs fidelity`)
+    estimator: Literal["loss", "ema"] = "loss"
+    ema_decay: float = 0.99
 
     def __post_init__(self) -> None:
         _positive("search", steps=self.steps, batch_size=self.batch_size, lr=self.lr)
@@ -144,6 +149,7 @@ class SearchCfg:
             self.warmup_steps <= self.steps, f"search.warmup_steps={self.warmup_steps} > search.steps={self.steps}"
         )
         _positive("search", rounds=self.rounds)
+        _require(0.0 < self.ema_decay < 1.0, f"search.ema_decay={self.ema_decay} must be in (0, 1)")
         _require(0.0 < self.keep < 1.0, f"search.keep={self.keep} must be in (0, 1): the fraction kept per round")
         _require(
             self.rounds == 1 or self.trajectory == "train",

@@ -21,6 +21,8 @@ ROUNDS = [
     "search.keep=0.5",
     "train.steps=8",
     "train.checkpoint_every=3",
+    "search.estimator=ema",
+    "search.ema_decay=0.5",
 ]
 
 
@@ -74,7 +76,7 @@ def test_rounds_rank_survivors_and_resume(rounds_run: tuple[Path, str]) -> None:
         if k == dropped:
             assert res["round"] == 1 and res["steps"] == 2 and res["history"] == []
             continue
-        assert res["round"] == 2 and res["steps"] == 4 and res["samples"] == 4 * 16
+        assert res["round"] == 2 and res["steps"] == 4 and res["samples"] == 4 * 16 and res["estimator"] == "ema"
         assert [h["steps"] for h in res["history"]] == [2]
         assert Path(res["checkpoint"]).name == "step_00000004.pt"
         kinds = [e["event"] for e in _events(train / "events.jsonl")]

@@ -77,15 +77,18 @@ def search_cfg(cfg: RunCfg) -> RunCfg:
         checkpoint_every=s.steps,  # one final checkpoint (+ one on preemption, where a requeued task resumes)
         keep_checkpoints=1,
         log_every=max(1, min(t.log_every, s.steps)),
-        ema_decay=0.0,
+        ema_decay=cfg.search.ema_decay if cfg.search.estimator == "ema" else 0.0,
     )
     return replace(cfg, train=train)
 
 
 def prefix_cfg(cfg: RunCfg) -> RunCfg:
     """The run config of a candidate's rounds under ``search.trajectory=train``: the stage's own training (same
-    optimizer, batch, data order and schedule over ``train.steps``), keeping only its newest checkpoint."""
-    return replace(cfg, train=replace(cfg.train, keep_checkpoints=1))
+    optimizer, batch, data order and schedule over ``train.steps``), keeping only its newest checkpoint, and an EMA
+    of the weights when ``search.estimator`` is "ema"."""
+    ema = cfg.train.ema_decay or (cfg.search.ema_decay if cfg.search.estimator == "ema" else 0.0)
+    # an EMA kept only for the estimator never changes the weights; the winner's training ignores it
+    return replace(cfg, train=replace(cfg.train, keep_checkpoints=1, ema_decay=ema))
 
 
 def _round_brief(res: CandidateResult) -> dict[str, Any]:
@@ -262,7 +265,9 @@ def run_search_candidate(
             for gone in prune_checkpoints(result.train_dir / "checkpoints", 0):  # redundant next to final.pt
                 logger.info("removed %s (the candidate's final.pt is written and verifies)", gone)
         model = build_model(cand.spec, seed=cfg.train.seed)
-        model.load_state_dict(payload["model"], strict=True)
+        use_ema = cfg.search.estimator == "ema" and payload.get("ema") is not None  # none before any training
+        weights = payload["ema"] if use_ema else payload["model"]
+        model.load_state_dict({k: v.to(payload["model"][k].dtype) for k, v in weights.items()}, strict=True)
         model.to(env.device)
         val = validate_model(
             model, val_batches(cfg, stage, cand.spec.image.image_size, cand.spec.text.context_length), env.device
@@ -283,6 +288,7 @@ def run_search_candidate(
             "samples": samples,
             "train_flops": cand.spec.flops_per_sample() * samples,
             **val,
+            "estimator": "ema" if use_ema else "loss",
             **SearchScore.of(cfg.search)(val["val_loss"], val["proxy_acc1"], cand.cost_ratio),
             "growth": record,
             "grown": str(grown),
