@@ -25,7 +25,7 @@ from data_tools.atomic import atomic_write_json
 from jobs.config import RunCfg
 from jobs.engine.checkpoint import load_checkpoint, save_checkpoint
 from jobs.engine.pipeline import stage_candidates
-from jobs.engine.records import CandidateResult, RoundRanking, candidate_status, read_record
+from jobs.engine.records import CandidateResult, FailedRecord, RoundRanking, read_record
 from jobs.engine.rundir import RunDir, read_json
 from jobs.engine.score import SearchScore
 
@@ -71,12 +71,8 @@ def _round_rows(
         cand = kept[k]
         res = read_record(CandidateResult, sd.cand(k).result_json)
         if res is None or res.round < r:
-            status = candidate_status(sd.cand(k))
-            why = (
-                status.error
-                if status.state == "failed"
-                else f"no result of round {r} (task killed, still running or never started)"
-            )
+            failed = read_record(FailedRecord, sd.cand(k).failed_json)  # the last attempt's failure, in any round
+            why = failed.error if failed else f"no result of round {r} (task killed, still running or never started)"
             rows.append({"index": k, "name": cand.name, "status": "failed", "params": cand.spec.params(), "error": why})
             continue
         rows.append(
