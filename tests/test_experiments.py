@@ -160,6 +160,15 @@ def test_mini_suite_end_to_end(tiny_pipeline_config: Path, tmp_path: Path) -> No
     summary = json.loads((root / "growclip_s0" / "stage_02" / "oracle" / "summary.json").read_text())
     assert summary["missing"] == [] and len(summary["candidates"]) == 3
     assert "## Search fidelity (oracle)" in page and f"| growclip | 0 | 2 | 3 | {summary['chosen']} |" in page
+    # ... with learning curves, graded by jobs fidelity (issue #17), and the why-not table against the fixed run
+    curves = [
+        json.loads(p.read_text())["curve"]
+        for p in (root / "growclip_s0" / "stage_02" / "oracle").glob("cand_*/result.json")
+    ]
+    assert len(curves) == 3 and all([pt["step"] for pt in c] == [3, 6] for c in curves)
+    assert (root / "growclip_s0" / "stage_02" / "oracle" / "fidelity.json").exists()
+    assert "| loss | 20 | 1 |" in page.split("## Search estimators")[1]  # one graded stage, one seed
+    assert "## Why (not)" in page and "| 0 | " in page.split("## Why (not)")[1]
 
 
 def test_verdicts_need_a_measured_spread() -> None:
