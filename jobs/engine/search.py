@@ -9,17 +9,22 @@
    use an upper bound);
 2. ``model.grow`` expands stage t-1's final weights (or their EMA, ``growth.inherit_from``) to the
    candidate with PIM momentum ``growth.momentum``; the grown checkpoint is ``cand_KK/grown.pt``;
-3. the trainer (``jobs.engine.trainer.run_training``) trains it ``search.steps`` steps on D_<=t with
-   replay (``search.batch_size/lr/warmup_steps``) in ``cand_KK/work/`` — resumable like any training:
+3. the trainer (``jobs.engine.trainer.run_training``) trains it in ``cand_KK/work/``: with
+   ``search.trajectory=train`` the first ``search.round_steps(round)`` steps of the stage's own training
+   (its optimizer, batch, data order and schedule; a later round resumes the previous round's checkpoint,
+   issue #17), with ``own`` ``search.steps`` steps of a short training of its own on D_<=t with replay
+   (``search.batch_size/lr/warmup_steps``) — resumable like any training:
    with ``should_stop`` (SIGUSR2 in the array task) it checkpoints at the next step boundary and the
    call returns ``{"status": "preempted"}`` (no ``failed.json``); the requeued task resumes there
    (skipped when the stage has a single candidate — a fixed ``growth.schedule`` or ``axes: []`` —
    since there is nothing to choose: the grown weights are scored as they are);
 4. it is scored on the held-out split of stage t (``data.val_fraction``; first ``search.val_samples``
-   pairs, in batches of ``search.batch_size``, identical for every candidate) with the search score
+   pairs, in batches of ``search.batch_size``, identical for every candidate; the weights or, with
+   ``search.estimator=ema``, their EMA) with the search score
    (``jobs.engine.score.SearchScore``: held-out loss, caption-matching top-1 and cost; lower wins; the eval
    suite is never used for selection);
-5. ``cand_KK/result.json`` is written atomically; an existing one means the task is done (skipped).
+5. ``cand_KK/result.json`` is written atomically (the latest round's; earlier rounds in ``history``); one of
+   this round or later means the task is done (skipped).
    A failure writes ``cand_KK/failed.json`` (reason) and re-raises, so the task fails and a
    resubmission reruns it alone.
 """
