@@ -205,7 +205,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
             train_flops=train_flops,
             search_flops=search_flops,
             stage_flops=search_flops + train_flops,
-            search_overhead=search_flops / train_flops if train_flops else None,
+            search_overhead=search_flops / train_flops if train_flops and t > 1 else None,
             search_rounds=int(sel.get("rounds", 1)) if sel else None,
             continues=continues,
             cum_flops=cum_flops,
