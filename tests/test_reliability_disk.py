@@ -239,3 +239,30 @@ def test_hdf5_that_cannot_be_written_does_not_stop_training(tmp_path: Path, monk
     log.truncate_after(4)  # what resume does: cut back and rebuilt
     with h5py.File(log.h5_path) as f:
         assert list(f["step"][:]) == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_disk_full_inside_torch_save_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's zip writer turns the file's ENOSPC into RuntimeError("unexpected pos"): still "disk full"."""
+    import contextlib
+    import errno
+
+    import torch
+
+    from jobs.engine import checkpoint
+
+    class Full:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def write(self, data: bytes) -> int:
+            if self.n + len(data) > 5000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.n += len(data)
+            return len(data)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(checkpoint, "atomic_open", lambda path, mode: contextlib.nullcontext(Full()))
+    with pytest.raises(checkpoint.CheckpointError, match=r"disk full \(ENOSPC: No space left on device\)"):
+        checkpoint.save_checkpoint({"w": torch.zeros(100_000)}, tmp_path / "step_00000001.pt")

@@ -64,14 +64,23 @@ class _HashingWriter:
 
     def __init__(self, fh: IO[bytes]) -> None:
         self.fh, self.hash, self.size = fh, hashlib.sha256(), 0
+        self.error: OSError | None = None  # torch's zip writer may turn it into "unexpected pos": kept for the message
 
     def write(self, data: bytes) -> int:
         self.hash.update(data)
         self.size += len(data)
-        return self.fh.write(data)
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
 
     def flush(self) -> None:
-        self.fh.flush()
+        try:
+            self.fh.flush()
+        except OSError as exc:
+            self.error = exc
+            raise
 
 
 def checkpoint_name(step: int) -> str:
@@ -127,9 +136,10 @@ def save_checkpoint(payload: dict[str, Any], path: Path) -> str:
         with atomic_open(path, "wb") as fh:
             writer = _HashingWriter(fh)
             torch.save(payload, writer)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise _disk_full(path, exc, writer.size if writer else None) from exc
+    except Exception as exc:  # an OSError, or torch's RuntimeError around the one the writer saw
+        seen = writer.error if writer is not None and writer.error is not None else exc
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _disk_full(path, seen, writer.size if writer else None) from exc
         raise
     digest = writer.hash.hexdigest()
     try:
