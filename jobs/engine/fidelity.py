@@ -218,6 +218,7 @@ def fidelity_report(
     """:func:`grade` and :func:`halving` (every estimator per schedule) of one stage, as written to
     ``oracle/fidelity.json``."""
     curves = load_curves(run_dir, stage)
+    schedules = list(dict.fromkeys(schedules))  # a schedule given twice is replayed once
     return {
         "stage": stage,
         "horizon": horizon,
