@@ -130,7 +130,6 @@ class StageState:
     selected: dict[str, Any] | None
     trained: bool
     evaluated: bool
-    rounds: int = 1  # search.rounds
     ranked: dict[int, RoundRanking] = field(default_factory=dict)  # round r < rounds -> its ranking
 
     def members(self, r: int = 1) -> list[int] | None:
@@ -146,13 +145,6 @@ class StageState:
         if members is None:
             return []
         return [i for i, k in enumerate(members) if k not in self.results or self.results[k].get("round", 1) < r]
-
-    @property
-    def search_missing(self) -> list[int]:
-        """Candidate indices without a result.json (all of the bound when the count is unknown)."""
-        if self.candidates is None:
-            return []
-        return [k for k in range(self.candidates) if k not in self.results]
 
     def done(self, step: str, r: int = 1) -> bool:
         if step == "search":
@@ -197,7 +189,6 @@ def stage_state(cfg: RunCfg, run_dir: Path, stage: int) -> StageState:
         selected=read_json(sd.selected_json) if stage > 1 else None,
         trained=sd.train.final.exists() and sd.train.final_sha256.exists(),
         evaluated=sd.eval_metrics.exists(),
-        rounds=cfg.search.rounds,
         ranked=ranked,
     )
 
