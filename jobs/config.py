@@ -135,9 +135,10 @@ class SearchCfg:
     cost_weight: float = 0.1  # weight of the log cost ratio: growth must pay for itself
     min_successful: int = 1  # selection fails when fewer candidates finished than this
     # what the score's held-out loss is measured on: "loss" = the candidate's weights, "ema" = an exponential moving
-    # average of them (AutoProg's momentum copies; decay ema_decay, or train.ema_decay when the training keeps one).
-    # Chosen by the oracle's learning curves (docs/fidelity.md, `jobs fidelity`)
-    estimator: Literal["loss", "ema"] = "loss"
+    # average of them (AutoProg's momentum copies; decay ema_decay, or train.ema_decay when the training keeps one),
+    # "refit" = the candidate's weights at the temperature that minimises the loss on the held-out batches (its
+    # calibration factored out). Chosen by the oracle's learning curves (docs/fidelity.md, `jobs fidelity`)
+    estimator: Literal["loss", "ema", "refit"] = "loss"
     ema_decay: float = 0.99
 
     def __post_init__(self) -> None:

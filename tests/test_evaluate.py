@@ -63,6 +63,43 @@ def test_validate_model_reports_the_standard_error_over_batches() -> None:
         validate_model(_FixedEmbeddings(), [], torch.device("cpu"))
 
 
+class _ScaledEmbeddings(_FixedEmbeddings):
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tokens[:, 0], tokens[:, 1], torch.tensor(self.scale)
+
+
+def test_refit_temperature_finds_the_best_scale_whatever_the_models() -> None:
+    """val_loss_refit: the loss at the best shared logit scale, so two models that differ only in their
+    temperature score the same, and never above the loss at the model's own scale."""
+    from jobs.engine.evaluate import refit_temperature
+    from model.loss import ClipLoss
+
+    gen = torch.Generator().manual_seed(1)
+    batches = []
+    for b in (16, 16, 9):
+        img = torch.nn.functional.normalize(torch.randn(b, 8, generator=gen), dim=-1)
+        txt = torch.nn.functional.normalize(img + 0.8 * torch.randn(b, 8, generator=gen), dim=-1)
+        batches.append((torch.zeros(b, 3, 2, 2), torch.stack([img, txt], dim=1)))
+    cold, hot = (validate_model(_ScaledEmbeddings(s), batches, torch.device("cpu")) for s in (2.0, 90.0))
+    assert cold["val_loss"] != pytest.approx(hot["val_loss"])
+    assert cold["val_loss_refit"] == pytest.approx(hot["val_loss_refit"])
+    assert cold["val_loss_refit"] <= min(cold["val_loss"], hot["val_loss"])
+
+    def weighted(scale: float) -> float:
+        losses = [ClipLoss()(t[:, 0], t[:, 1], torch.tensor(scale)).item() * len(t) for _, t in batches]
+        return sum(losses) / 41
+
+    loss, scale = refit_temperature([t[:, 0] @ t[:, 1].T for _, t in batches])
+    grid = min(weighted(1.0 + 0.05 * i) for i in range(1981))  # 1 .. 100
+    assert loss == pytest.approx(weighted(scale)) and loss <= grid + 1e-6 and 1.0 < scale < 100.0
+    with pytest.raises(ValueError, match="no similarity matrices"):
+        refit_temperature([])
+
+
 def test_evaluate_cli_beats_chance_after_short_training(trained_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from jobs.config import load_cfg
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import re
 import shutil
@@ -266,3 +267,16 @@ def test_disk_full_inside_torch_save_is_named(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(checkpoint, "atomic_open", lambda path, mode: contextlib.nullcontext(Full()))
     with pytest.raises(checkpoint.CheckpointError, match=r"disk full \(ENOSPC: No space left on device\)"):
         checkpoint.save_checkpoint({"w": torch.zeros(100_000)}, tmp_path / "step_00000001.pt")
+
+
+def test_a_series_new_to_an_existing_hdf5_stays_aligned(tmp_path: Path) -> None:
+    """A metrics.h5 begun before a series existed (or before a stage mixed in): the new series gets NaN rows."""
+    log = MetricsLog(tmp_path)
+    log.step(step=1, samples=8, loss=2.0, stage_mix={"1": 1.0})
+    with h5py.File(log.h5_path, "a") as f:
+        del f["val_loss_refit"]  # as written by a version without it
+    log.step(step=2, samples=16, loss=1.9, val_loss=1.5, val_loss_refit=1.4, stage_mix={"1": 0.5, "2": 0.5})
+    with h5py.File(log.h5_path) as f:
+        assert list(f["step"][:]) == [1.0, 2.0]
+        assert math.isnan(f["val_loss_refit"][0]) and f["val_loss_refit"][1] == 1.4
+        assert math.isnan(f["stage_mix/stage_02"][0]) and f["stage_mix/stage_02"][1] == 0.5

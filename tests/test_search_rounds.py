@@ -151,7 +151,7 @@ def test_power_law_fit_and_halving_replay() -> None:
     def curve(k: int, floor: float, speed: float, acc: float) -> Curve:
         pts = tuple(range(20, 401, 20))
         return Curve(k, f"c{k}", pts, tuple(floor + speed * s**-0.5 for s in pts), (None,) * len(pts),
-                     floor + speed * 400**-0.5, acc, 10.0)  # fmt: skip
+                     (None,) * len(pts), floor + speed * 400**-0.5, acc, 10.0)  # fmt: skip
 
     # c0 learns fast but ends worst; c2 starts slow and ends best: short budgets rank them the wrong way
     curves = [curve(0, 2.0, 1.0, 0.10), curve(1, 1.5, 6.0, 0.20), curve(2, 1.0, 12.0, 0.30)]
@@ -160,7 +160,7 @@ def test_power_law_fit_and_halving_replay() -> None:
     rows = {(r["estimator"], r["budget"]): r for r in grade(curves, [20, 100], 400)}
     assert rows[("loss", 20)]["tau_val_loss"] == pytest.approx(-1.0) and rows[("loss", 20)]["regret_mean_acc1"] > 0
     assert rows[("extrapolate", 100)]["tau_val_loss"] == pytest.approx(1.0)
-    assert ("ema", 20) not in rows  # no EMA recorded: not graded
+    assert ("ema", 20) not in rows and ("refit", 20) not in rows  # not recorded: not graded
     sh = halving(curves, "extrapolate", 100, 0.5, 2, 400)
     assert sh["pick"] == "c2" and sh["regret_mean_acc1"] == pytest.approx(0.0)
     # round 1: 3 x 100 steps; round 2: the 2 survivors to 200; the winner's 200 are its training's
@@ -186,6 +186,7 @@ def test_validation_leaves_the_trajectory_unchanged(tiny_pipeline_config: Path, 
     recs = [e for e in _events(runs[3].train_dir / "events.jsonl") if e["event"] == "train"]
     assert [r["step"] for r in recs if "val_loss" in r] == [3, 6]
     assert all(r["val_loss"] > 0 and r["val_loss_se"] >= 0 and "val_loss_ema" in r for r in recs if "val_loss" in r)
+    assert all(0 < r["val_loss_refit"] <= r["val_loss"] + 1e-9 for r in recs if "val_loss" in r)
     with h5py.File(runs[3].train_dir / "metrics.h5") as f:
         assert len(f["val_loss"]) == len(recs) and not any(map(math.isnan, f["val_loss"][:]))
 

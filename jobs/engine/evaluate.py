@@ -19,8 +19,8 @@ JSON schema written by :func:`evaluate_checkpoint` (``format: growclip-eval``, v
                | {"type": "retrieval", "images", "captions",
                   "image_to_text_R@1", ..., "text_to_image_R@1", ...}},
      "summary": {"mean_acc1", "mean_mean_per_class_recall", "mean_retrieval_R@1"},
-     "heldout": {"val_loss", "val_loss_se", "proxy_acc1", "val_samples"}}   (with ``heldout=``: a stage's
-                                                                            evaluation)
+     "heldout": {"val_loss", "val_loss_se", "val_loss_refit", "proxy_acc1", "val_samples"}}
+                                                          (with ``heldout=``: a stage's evaluation)
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from data_tools.eval_sets import (
@@ -347,19 +348,23 @@ def validate_model(
 
     ``val_loss_se`` is the standard error of ``val_loss`` over the batches (sd of the per-batch losses /
     sqrt(batches); 0.0 with one batch): the resolution of the measurement, against the gaps it must tell
-    apart.
+    apart. ``val_loss_refit`` is the same loss at the temperature that minimises it on these batches (the
+    model's own logit scale replaced, see :func:`refit_temperature`): what the embeddings are worth once
+    calibration is factored out, e.g. right after a domain switch.
     """
     from model.loss import ClipLoss
 
     loss_fn = ClipLoss()
     model.eval()
     losses: list[tuple[float, int]] = []
+    sims: list[torch.Tensor] = []
     acc_sum = 0.0
     for images, tokens in batches:
         img, txt, scale = model(images.to(device), tokens.to(device))
         b = images.shape[0]
         labels = torch.arange(b, device=device)
         sim = img.float() @ txt.float().T  # (B, B)
+        sims.append(sim)
         i2t = (sim.argmax(dim=1) == labels).float().mean().item()
         t2i = (sim.argmax(dim=0) == labels).float().mean().item()
         losses.append((loss_fn(img.float(), txt.float(), scale.float()).item(), b))
@@ -373,7 +378,48 @@ def validate_model(
     if k > 1:
         batch_mean = sum(loss for loss, _ in losses) / k
         se = math.sqrt(sum((loss - batch_mean) ** 2 for loss, _ in losses) / (k - 1) / k)
-    return {"val_loss": mean, "val_loss_se": se, "proxy_acc1": acc_sum / n, "val_samples": n}
+    refit, _ = refit_temperature(sims)
+    return {"val_loss": mean, "val_loss_se": se, "val_loss_refit": refit, "proxy_acc1": acc_sum / n, "val_samples": n}
+
+
+REFIT_MAX_SCALE = 100.0  # CLIP's (and open_clip's) clamp of the logit scale
+
+
+def refit_temperature(sims: Sequence[torch.Tensor], iters: int = 40) -> tuple[float, float]:
+    """The symmetric contrastive loss over ``sims`` (per-batch cosine-similarity matrices, weighted by batch
+    size) minimised over one shared logit scale in [1, REFIT_MAX_SCALE]: ``(loss, scale)``.
+
+    The loss is convex in the scale (log-sum-exp of functions linear in it, minus a linear term), so a
+    golden-section search on it finds the minimum; ``iters`` = 40 narrows the interval below 1e-6.
+    """
+    if not sims:
+        raise ValueError("no similarity matrices to re-fit the temperature on")
+    n = sum(s.shape[0] for s in sims)
+
+    def loss_at(scale: float) -> float:
+        total = 0.0
+        for sim in sims:
+            labels = torch.arange(sim.shape[0], device=sim.device)
+            logits = sim * scale
+            pair = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+            total += pair.item() * sim.shape[0]
+        return total / n
+
+    inv = (math.sqrt(5) - 1) / 2
+    lo, hi = 1.0, REFIT_MAX_SCALE
+    a, b = hi - inv * (hi - lo), lo + inv * (hi - lo)
+    fa, fb = loss_at(a), loss_at(b)
+    for _ in range(iters):
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - inv * (hi - lo)
+            fa = loss_at(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + inv * (hi - lo)
+            fb = loss_at(b)
+    scale = (lo + hi) / 2
+    return loss_at(scale), scale
 
 
 def val_batches(

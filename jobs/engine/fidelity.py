@@ -40,7 +40,7 @@ __all__ = [
     "load_curves",
 ]
 
-ESTIMATORS = ("loss", "ema", "extrapolate")
+ESTIMATORS = ("loss", "ema", "extrapolate", "refit")
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class Curve:
     steps: tuple[int, ...]
     val_loss: tuple[float, ...]
     val_loss_ema: tuple[float | None, ...]
+    val_loss_refit: tuple[float | None, ...]  # at the temperature re-fitted on the held-out batches
     final_val_loss: float  # after the full training, on the whole held-out split
     final_mean_acc1: float | None
     flops_per_step: float  # training FLOPs of one step (the candidates differ in size)
@@ -77,6 +78,7 @@ def load_curves(run_dir: Path, stage: int) -> list[Curve]:
                 steps=tuple(int(p["step"]) for p in pts),
                 val_loss=tuple(float(p["val_loss"]) for p in pts),
                 val_loss_ema=tuple(p.get("val_loss_ema") for p in pts),
+                val_loss_refit=tuple(p.get("val_loss_refit") for p in pts),  # None in curves older than it
                 final_val_loss=float(res["val_loss"]),
                 final_mean_acc1=res.get("mean_acc1"),
                 flops_per_step=float(res["train_flops"]) / max(1, int(res["steps"])),
@@ -123,6 +125,8 @@ def estimate(curve: Curve, budget: int, method: str, horizon: int) -> float | No
         return curve.val_loss[last]
     if method == "ema":
         return curve.val_loss_ema[last]
+    if method == "refit":
+        return curve.val_loss_refit[last]
     if method == "extrapolate":
         pts = [(curve.steps[i], curve.val_loss[i]) for i in idx if curve.steps[i] >= budget / 4]
         fit = fit_power_law([s for s, _ in pts], [v for _, v in pts])

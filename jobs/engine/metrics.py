@@ -51,6 +51,7 @@ SERIES = (
     ("val_loss", "held-out contrastive loss (train.val_every; NaN between validations)"),
     ("val_loss_se", "its standard error over the held-out batches"),
     ("val_loss_ema", "held-out loss of the EMA weights (train.ema_decay > 0)"),
+    ("val_loss_refit", "held-out loss at the temperature re-fitted on the held-out batches"),
 )
 
 
@@ -165,9 +166,12 @@ class MetricsLog:
 
     @staticmethod
     def _create(f: h5py.File) -> None:
+        rows = f["step"].shape[0] if "step" in f else 0  # a series added since the file was begun: NaN before
         for name, meaning in SERIES:
             if name not in f:
-                ds = f.create_dataset(name, shape=(0,), maxshape=(None,), dtype="f8", chunks=(1024,))
+                ds = f.create_dataset(
+                    name, shape=(rows,), maxshape=(None,), dtype="f8", chunks=(1024,), fillvalue=np.nan
+                )
                 ds.attrs["meaning"] = meaning
 
     @staticmethod
@@ -175,9 +179,10 @@ class MetricsLog:
         series = {name: record.get(name, float("nan")) for name, _ in SERIES}
         for stage, w in record.get("stage_mix", {}).items():
             series[f"stage_mix/stage_{int(stage):02d}"] = w
+        rows = f["step"].shape[0] if "step" in f else 0
         for name, value in series.items():
-            if name not in f:
-                f.create_dataset(name, shape=(0,), maxshape=(None,), dtype="f8", chunks=(1024,))
+            if name not in f:  # e.g. a stage's mixing weight from its first record on: NaN before
+                f.create_dataset(name, shape=(rows,), maxshape=(None,), dtype="f8", chunks=(1024,), fillvalue=np.nan)
             ds = f[name]
             n = ds.shape[0]
             ds.resize((n + 1,))

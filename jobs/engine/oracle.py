@@ -193,8 +193,8 @@ def run_oracle_candidate(
             "final": str(final),
             "seconds": time.time() - t0,
         }
-        if curves:  # step, held-out loss (+ its se, + the EMA's) every train.val_every steps
-            keys = ("step", "samples", "val_loss", "val_loss_se", "val_loss_ema")
+        if curves:  # step, held-out loss (+ se, EMA's, re-fitted temperature's) every train.val_every steps
+            keys = ("step", "samples", "val_loss", "val_loss_se", "val_loss_ema", "val_loss_refit")
             train = RunDir(out.work).stage(stage).train
             res["curve"] = [
                 {k: e[k] for k in keys if k in e}

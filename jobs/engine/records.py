@@ -95,6 +95,7 @@ class CandidateResult:
     train_flops: int | None = None
     val_loss: float | None = None  # validate_model: held-out InfoNCE ...
     val_loss_se: float | None = None  # ... its standard error (results written since it was recorded)
+    val_loss_refit: float | None = None  # ... at the temperature re-fitted on the held-out batches (same)
     proxy_acc1: float | None = None
     val_samples: int | None = None
     score: float | None = None  # SearchScore: the sum of the terms

@@ -20,7 +20,8 @@
    since there is nothing to choose: the grown weights are scored as they are);
 4. it is scored on the held-out split of stage t (``data.val_fraction``; first ``search.val_samples``
    pairs, in batches of ``search.batch_size``, identical for every candidate; the weights or, with
-   ``search.estimator=ema``, their EMA) with the search score
+   ``search.estimator=ema``, their EMA; with ``refit``, the loss at the temperature re-fitted on these
+   batches) with the search score
    (``jobs.engine.score.SearchScore``: held-out loss, caption-matching top-1 and cost; lower wins; the eval
    suite is never used for selection);
 5. ``cand_KK/result.json`` is written atomically (the latest round's; earlier rounds in ``history``); one of
@@ -278,6 +279,8 @@ def run_search_candidate(
             model, val_batches(cfg, stage, cand.spec.image.image_size, cand.spec.text.context_length), env.device
         )
         samples = int(payload["samples_seen"])
+        refit = cfg.search.estimator == "refit"
+        loss_key = "val_loss_refit" if refit else "val_loss"
         res = {
             "format": RESULT_FORMAT,
             "status": "done",
@@ -293,8 +296,8 @@ def run_search_candidate(
             "samples": samples,
             "train_flops": cand.spec.flops_per_sample() * samples,
             **val,
-            "estimator": "ema" if use_ema else "loss",
-            **SearchScore.of(cfg.search)(val["val_loss"], val["proxy_acc1"], cand.cost_ratio),
+            "estimator": "ema" if use_ema else "refit" if refit else "loss",
+            **SearchScore.of(cfg.search)(val[loss_key], val["proxy_acc1"], cand.cost_ratio),
             "growth": record,
             "grown": str(grown),
             "seconds": time.time() - t0 + ((done.seconds or 0.0) if done is not None else 0.0),  # all rounds

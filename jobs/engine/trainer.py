@@ -247,7 +247,7 @@ def _validator(cfg: RunCfg, stage: int, spec: ArchSpec, state: TrainState, env: 
         rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
         try:
             out = validate_model(state.model, batches, env.device)
-            rec = {"val_loss": out["val_loss"], "val_loss_se": out["val_loss_se"]}
+            rec = {k: out[k] for k in ("val_loss", "val_loss_se", "val_loss_refit")}
             if state.ema is not None:
                 raw = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
                 state.model.load_state_dict({k: v.to(raw[k].dtype) for k, v in state.ema.state.items()})
