@@ -86,6 +86,7 @@ __all__ = [
     "resolve_stage_sizes",
     "EVAL_TASKS",
     "GROWTH_MODES",
+    "growth_mode",
 ]
 
 logger = logging.getLogger(__name__)
@@ -407,6 +408,16 @@ def resolve_stage_sizes(
     if small:
         raise ValueError(f"stage sizes {sizes}: {small[0]} pairs is too small; every stage needs >= 10")
     return sizes
+
+
+def growth_mode(root: str | Path) -> str:
+    """How the corpus at ``root`` grows: "iid" or "domains" for `build-offline`'s corpora (read from stage 1's
+    recorded source), "ingested" for one built by `ingest`, "empty" without stages."""
+    stages = load_manifest(root).get("stages", [])
+    if not stages:
+        return "empty"
+    path = str(stages[0]["sources"][0]["path"]) if stages[0].get("sources") else ""
+    return "iid" if _IID_SOURCE.match(path) else "domains" if path.startswith("offline:") else "ingested"
 
 
 def _check_existing(root: Path, stages: list[dict[str, Any]], growth: Growth, seed: int, sizes: list[int]) -> None:

@@ -334,7 +334,11 @@ def cmd_summarize(args: argparse.Namespace) -> int:
     from jobs.engine.results import write_results
 
     runs, root = _runs_from_args(args)
-    write_results(runs, root, Path(args.out), Path(args.plots), note=args.note)
+    graded = [Path(g) for g in args.graded or ()]
+    missing = [str(g) for g in graded if not (g / "config.yaml").is_file()]
+    if missing:
+        raise SystemExit(f"error: --graded {', '.join(missing)}: not a run dir (no config.yaml)")
+    write_results(runs, root, Path(args.out), Path(args.plots), note=args.note, graded=graded)
     print(f"wrote {args.out}")
     return 0
 
@@ -361,6 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--out", default="docs/results.md", help="markdown file written (default docs/results.md)")
             q.add_argument("--plots", default="docs/results", help="folder of the figures (default docs/results)")
             q.add_argument("--note", default="", help="how the runs were made (machine, overrides), put in the page")
+            q.add_argument(
+                "--graded",
+                action="append",
+                metavar="RUN_DIR",
+                help="also put this run's estimator grades (jobs fidelity) in the estimator tables, e.g. a study on"
+                " another corpus (repeatable)",
+            )
     return p
 
 

@@ -169,6 +169,15 @@ def test_mini_suite_end_to_end(tiny_pipeline_config: Path, tmp_path: Path) -> No
     assert (root / "growclip_s0" / "stage_02" / "oracle" / "fidelity.json").exists()
     assert "| loss | 20 | 1 |" in page.split("## Search estimators")[1]  # one graded stage, one seed
     assert "## Why (not)" in page and "| 0 | " in page.split("## Why (not)")[1]
+    # --graded: another run's grades join the estimator table (here a copy of the same run: n doubles)
+    shutil.copytree(root / "growclip_s0", tmp_path / "study")
+    again = [sys.executable, "-m", "jobs.experiments", "summarize", *common, "--out", str(out)]
+    again += ["--plots", str(tmp_path / "docs" / "results")]
+    more = subprocess.run(again + ["--graded", str(tmp_path / "study")], cwd=REPO, capture_output=True, text=True)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "| loss | 20 | 2 |" in out.read_text().split("## Search estimators")[1]
+    bad = subprocess.run(again + ["--graded", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode != 0 and "not a run dir" in bad.stderr
 
 
 def test_verdicts_need_a_measured_spread() -> None:

@@ -126,10 +126,13 @@ def _verdict(name: str, a: dict[str, Any], b: dict[str, Any], metric: str, label
     return f"- {label}: {name} {ma * 100:.1f} vs {mb * 100:.1f} → {diff:+.1f} points{spread} — **{word}**."
 
 
-def write_results(runs: Sequence[Any], root: Path, out: Path, plots: Path, note: str = "") -> None:
+def write_results(
+    runs: Sequence[Any], root: Path, out: Path, plots: Path, note: str = "", graded: Sequence[Path] = ()
+) -> None:
     """Write the results page ``out`` and the report of the main comparison (with plots) under ``plots``.
 
-    ``note``: where and how the runs were made (machine, overrides, wall time), printed under the intro.
+    ``note``: where and how the runs were made (machine, overrides, wall time), printed under the intro;
+    ``graded``: more run dirs whose estimator grades (``jobs fidelity``) join the estimator tables.
     """
     agg = aggregate(runs, root)
     if not agg:
@@ -189,7 +192,7 @@ def write_results(runs: Sequence[Any], root: Path, out: Path, plots: Path, note:
             f"architecture timeline, search scatter) and its full report: [{plots}/report.md]({plots.name}/report.md).",
             "",
         ]
-    lines += search_sections(agg)
+    lines += search_sections(agg, graded)
     lines += [
         "## The paper's directions, as measured here",
         "",

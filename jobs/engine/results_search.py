@@ -4,9 +4,11 @@ beat the fixed architectures. Read from the aggregate of :func:`jobs.engine.resu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from data_tools.offline import growth_mode
 from jobs.config import load_cfg
 from jobs.engine.report import markdown_table
 from jobs.engine.rundir import RunDir, read_json
@@ -14,9 +16,12 @@ from jobs.engine.rundir import RunDir, read_json
 __all__ = ["search_sections"]
 
 
-def search_sections(agg: dict[str, dict[str, Any]]) -> list[str]:
-    """The three sections' markdown lines (the estimators and why-not sections only where there is data)."""
-    return _fidelity(agg) + _estimators(agg) + _why(agg)
+def search_sections(agg: dict[str, dict[str, Any]], graded: Sequence[Path] = ()) -> list[str]:
+    """The three sections' markdown lines (the estimators and why-not sections only where there is data).
+
+    ``graded``: more run dirs whose ``jobs fidelity`` grades join the estimator tables (e.g. a study on another
+    corpus than the suite's)."""
+    return _fidelity(agg) + _estimators(agg, graded) + _why(agg)
 
 
 def _spread(values: list[float | None]) -> str:
@@ -68,22 +73,23 @@ def _fidelity(agg: dict[str, dict[str, Any]]) -> list[str]:
     ]
 
 
-def _estimators(agg: dict[str, dict[str, Any]]) -> list[str]:
+def _estimators(agg: dict[str, dict[str, Any]], more: Sequence[Path]) -> list[str]:
     """The "search estimators" section: ``jobs fidelity`` of every graded run and stage (``oracle/fidelity.json``),
-    tau and regret per estimator and budget averaged over seeds and stages, and the successive-halving replays."""
+    tau and regret per estimator and budget averaged over seeds and stages, and the successive-halving replays;
+    one group of rows per corpus (its data root and how it grows)."""
     graded: dict[tuple[str, str, int], list[dict[str, Any]]] = {}  # (corpus, estimator, budget) -> rows
     halving: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for e in agg.values():
-        for r in e["runs"]:
-            run_dir = Path(r["loaded"]["run_dir"])
-            corpus = load_cfg(RunDir(run_dir).config_yaml).data.root.name
-            for sd in RunDir(run_dir).stages():
-                rep = read_json(RunDir(run_dir).stage(sd).oracle.path / "fidelity.json")
-                for row in (rep or {}).get("grade", []):
-                    graded.setdefault((corpus, row["estimator"], row["budget"]), []).append(row)
-                for row in (rep or {}).get("halving", []):
-                    sched = f"{row['steps']} steps, keep {row['keep']:g}, {row['rounds']} rounds"
-                    halving.setdefault((corpus, sched, row["estimator"]), []).append(row)
+    run_dirs = [Path(r["loaded"]["run_dir"]) for e in agg.values() for r in e["runs"]]
+    for run_dir in dict.fromkeys([*run_dirs, *more]):
+        root = load_cfg(RunDir(run_dir).config_yaml).data.root
+        corpus = f"{root.name} ({growth_mode(root)})"
+        for sd in RunDir(run_dir).stages():
+            rep = read_json(RunDir(run_dir).stage(sd).oracle.path / "fidelity.json")
+            for row in (rep or {}).get("grade", []):
+                graded.setdefault((corpus, row["estimator"], row["budget"]), []).append(row)
+            for row in (rep or {}).get("halving", []):
+                sched = f"{row['steps']} steps, keep {row['keep']:g}, {row['rounds']} rounds"
+                halving.setdefault((corpus, sched, row["estimator"]), []).append(row)
     if not graded:
         return []
 
@@ -111,8 +117,10 @@ def _estimators(agg: dict[str, dict[str, Any]]) -> list[str]:
         " candidate's full training, so the oracle's learning curves (held-out loss every log step, and an EMA's)"
         " grade every estimator at every budget without another training: `loss` = held-out loss at step b, `ema` ="
         " the EMA weights' (decay 0.99), `extrapolate` = a power law fitted to the curve up to b and evaluated at"
-        " train.steps. Means over seeds and stages (n); tau against the full trainings' held-out loss and zero-shot"
-        " ranking; regret = best candidate's mean zero-shot top-1 minus the estimator's pick's.",
+        " train.steps, `refit` = the held-out loss at the temperature re-fitted on the held-out batches (curves"
+        " recorded before it existed show none). Means over seeds and stages (n); tau against the full trainings'"
+        " held-out loss and zero-shot ranking; regret = best candidate's mean zero-shot top-1 minus the estimator's"
+        " pick's.",
         "",
         markdown_table(head, rows),
         "",
