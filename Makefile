@@ -3,6 +3,7 @@
 #   make demo         build the offline corpus if missing, run the 3-stage growth plan, print the table
 # Others:
 #   make lint         ruff lint + format check
+#   make reference    CLIP_benchmark's code (no dependencies) in .venv/reference, the reference of the eval tests
 #   make slurm-up     start a real single-node SLURM on this machine (root; see slurm/local/README.md)
 #   make slurm-down   stop exactly the daemons slurm-up started
 #   make slurm-status show the local cluster's daemons, nodes and queue
@@ -24,7 +25,7 @@ PYTEST_ARGS ?=
 DATA_SOURCES := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz:dataset-fashion-mnist \
                 /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf:fonts-noto-color-emoji
 
-.PHONY: venv test fuzz demo experiments lint format slurm-up slurm-down slurm-status check-configs data-sources clean
+.PHONY: venv reference test fuzz demo experiments lint format slurm-up slurm-down slurm-status check-configs data-sources clean
 
 venv: $(STAMP)
 
@@ -35,8 +36,22 @@ $(STAMP): requirements.txt constraints.txt
 	@touch $@
 	@echo "venv ready: $(VENV) (deps $(DEPS_HASH))"
 
-test: $(STAMP) data-sources
-	$(PY) -m pytest $(PYTEST_ARGS)
+# CLIP_benchmark 1.6.2, the reference tests/test_eval_clip_benchmark.py holds our evaluation to: its own code only
+# (--no-deps: its open_clip, pycocoevalcap and requests are not needed for its readers, metrics and JSON; ~2 MB,
+# a few seconds), in a folder the test puts on sys.path over the venv's torch, numpy, scikit-learn and webdataset.
+REFERENCE := $(VENV)/reference
+CLIP_BENCHMARK := clip-benchmark==1.6.2
+REF_STAMP := $(REFERENCE)/.$(CLIP_BENCHMARK)
+
+reference: $(REF_STAMP)
+
+$(REF_STAMP): | $(STAMP)
+	rm -rf $(REFERENCE)
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps --target $(REFERENCE) $(CLIP_BENCHMARK)
+	@touch $@
+
+test: $(STAMP) $(REF_STAMP) data-sources
+	GROWCLIP_CLIP_BENCHMARK=$(REFERENCE) $(PY) -m pytest $(PYTEST_ARGS)
 
 # make test runs the fuzz and SIGKILL tests on fixed seeds (deterministic CI); this explores new ones.
 # A failure prints its seed; replay it with GROWCLIP_FUZZ_SEED=N / GROWCLIP_KILL_SEED=N.

@@ -16,10 +16,8 @@ Fairness checks printed before timing:
 - the loss of open_clip after loading OUR weights (key mapping in :func:`load_ours_into_open_clip`)
   against our loss on the same batch: the two modules compute the same function.
 
-open_clip (``open-clip-torch``) is a benchmark-only dependency, not a runtime one. Install it into
-the venv without letting pip touch the pinned torch::
-
-    .venv/bin/pip install --no-deps open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth
+open_clip (``open-clip-torch``) is a test dependency (the export round trip, tests/test_export.py),
+pinned in constraints.txt beside the CPU torch: ``make venv`` installs it.
 
 Memory: on CPU the process's peak RSS (``VmHWM``, reset before each measured phase through
 /proc/self/clear_refs); on CUDA ``torch.cuda.max_memory_allocated``. Both models live in the same
@@ -52,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from model import ClipLoss, build_model, kernel_report, make_optimizer, param_groups
+from model.export_open_clip import to_open_clip_state_dict
 from model.spec import TINY, ArchSpec, ImageSpec, SharedSpec, TextSpec
 
 BENCH = ArchSpec(
@@ -248,49 +247,15 @@ def make_open_clip(
 
 
 def load_ours_into_open_clip(ours: torch.nn.Module, oc: torch.nn.Module) -> None:
-    """Copy GrowCLIP's weights into open_clip's CLIP (strict): proves the two compute one function."""
-    sd = ours.state_dict()
-    out: dict[str, torch.Tensor] = {}
-    block = {
-        "norm1": "ln_1",
-        "attn.qkv.weight": "attn.in_proj_weight",
-        "attn.qkv.bias": "attn.in_proj_bias",
-        "attn.proj": "attn.out_proj",
-        "norm2": "ln_2",
-        "mlp.fc1": "mlp.c_fc",
-        "mlp.fc2": "mlp.c_proj",
-    }
-    for key, value in sd.items():
-        tower, _, rest = key.partition(".")
-        if rest.startswith("resblocks."):
-            i, _, name = rest[len("resblocks.") :].partition(".")
-            for ours_name, oc_name in block.items():
-                if name.startswith(ours_name):
-                    name = oc_name + name[len(ours_name) :]
-                    break
-            prefix = "visual.transformer" if tower == "visual" else "transformer"
-            out[f"{prefix}.resblocks.{i}.{name}"] = value
-            continue
-        simple: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {
-            "visual.patch_embed.proj.weight": ("visual.conv1.weight", lambda t: t),
-            "visual.patch_embed.proj.bias": ("visual.conv1.bias", lambda t: t),
-            "visual.cls_token": ("visual.class_embedding", lambda t: t.reshape(-1)),
-            "visual.pos_embed": ("visual.positional_embedding", lambda t: t[0]),
-            "visual.norm.weight": ("visual.ln_post.weight", lambda t: t),
-            "visual.norm.bias": ("visual.ln_post.bias", lambda t: t),
-            "visual.proj.weight": ("visual.proj", lambda t: t.T),
-            "text.token_embedding.weight": ("token_embedding.weight", lambda t: t),
-            "text.pos_embed": ("positional_embedding", lambda t: t[0]),
-            "text.norm.weight": ("ln_final.weight", lambda t: t),
-            "text.norm.bias": ("ln_final.bias", lambda t: t),
-            "text.proj.weight": ("text_projection", lambda t: t.T),
-            "logit_scale": ("logit_scale", lambda t: t),
-        }
-        if key not in simple:
-            raise KeyError(f"load_ours_into_open_clip: no rule for {key!r}")
-        oc_key, convert = simple[key]
-        out[oc_key] = convert(value)
-    oc.load_state_dict(out, strict=True)
+    """Copy GrowCLIP's weights into open_clip's CLIP (strict): proves the two compute one function.
+
+    The mapping is ``jobs export``'s (``model/export_open_clip.py``), which folds our patch-embedding bias
+    into the positions; the bias this benchmark gives open_clip's patch convolution (equal parameter
+    counts) therefore stays zero.
+    """
+    sd = to_open_clip_state_dict(ours.state_dict(), ours.spec)
+    sd["visual.conv1.bias"] = torch.zeros_like(oc.visual.conv1.bias)
+    oc.load_state_dict(sd, strict=True)
 
 
 # --- timing -------------------------------------------------------------------------------------

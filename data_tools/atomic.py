@@ -18,7 +18,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "free_space", "fsync_dir"]
+__all__ = [
+    "atomic_dir",
+    "atomic_open",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "free_space",
+    "fsync_dir",
+]
 
 
 def _umask() -> int:
@@ -100,3 +108,53 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2) -> None:
     """Atomically write ``obj`` as JSON (sorted keys, trailing newline) to ``path``."""
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str], *, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``path``; on clean exit it becomes ``path`` (one rename).
+
+    Every file written into it is fsynced before the rename. On an error the temp folder is removed and
+    ``path`` is untouched. With ``replace`` an existing non-empty folder is swapped: renamed aside, the new
+    one renamed in, the old one deleted (a reader sees the old or the new folder, never a mix).
+
+    Raises:
+        FileExistsError: ``path`` is a file, or a non-empty folder without ``replace``.
+    """
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} is a file, not a folder")
+    if target.exists() and not replace and not _is_empty_dir(target):
+        raise FileExistsError(f"{target} is not empty")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; others' jobs must read it like any folder
+        yield tmp
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_dir(tmp)
+        if replace and target.is_dir() and not _is_empty_dir(target):
+            aside = Path(f"{tmp}.old")
+            os.rename(target, aside)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(aside, target)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(tmp, target)  # rename(2) replaces an empty folder and refuses a non-empty one
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(target.parent)

@@ -22,6 +22,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from data_tools.atomic import atomic_write_text
+from data_tools.clip_bpe import clean_text, is_clip
 from data_tools.manifest import load_manifest, stage_entry
 
 __all__ = ["PAD", "SOT", "EOT", "MIN_CONTEXT_LENGTH", "train_tokenizer", "load_tokenizer", "tokenize", "special_ids"]
@@ -108,8 +109,9 @@ def load_tokenizer(path_or_root: str | Path) -> Tokenizer:
 
 
 def special_ids(tok: Tokenizer) -> dict[str, int]:
-    """``{"pad": 0, "sot": 1, "eot": vocab_size - 1}``."""
-    return {"pad": tok.token_to_id(PAD), "sot": tok.token_to_id(SOT), "eot": tok.token_to_id(EOT)}
+    """``{"pad": 0, "sot": 1, "eot": vocab_size - 1}`` (CLIP's BPE: pad 0, sot 49406, eot 49407)."""
+    pad = tok.token_to_id(PAD)
+    return {"pad": 0 if pad is None else pad, "sot": tok.token_to_id(SOT), "eot": tok.token_to_id(EOT)}
 
 
 def _strip_specials(text: str) -> str:
@@ -144,6 +146,8 @@ def tokenize(texts: str | Sequence[str], context_length: int, tokenizer: Tokeniz
     ids = special_ids(tok)
     pad, sot, eot = ids["pad"], ids["sot"], ids["eot"]
     texts = [texts] if isinstance(texts, str) else list(texts)
+    if is_clip(tok):  # CLIP's BPE expects CLIP's cleaning (ftfy, HTML entities, whitespace, lower case)
+        texts = [clean_text(t) for t in texts]
     rows = []
     for enc in tok.encode_batch([_strip_specials(t) for t in texts], add_special_tokens=False):
         body = enc.ids[: context_length - 2]

@@ -2,7 +2,7 @@
 
 Only verbs that work are registered: the stage pipeline (``plan``, ``submit``, ``status``, ``cancel``),
 offline analysis (``report``, ``runs``), the per-job entry points the sbatch scripts call
-(``search-candidate``, ``select``, ``train``, ``evaluate``), ``submit-train`` and the checks
+(``search-candidate``, ``select``, ``train``, ``evaluate``), ``submit-train``, ``export`` (to open_clip) and the checks
 (``check-config``, ``doctor``).
 Exit codes: 0 success, 1 the job ran and failed, 2 bad input (config, arguments) — the
 message on stderr names the problem and the fix; ``train`` and ``search-candidate`` also return 3
@@ -47,10 +47,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     """Load, validate and print the resolved config."""
     try:
         cfg = load_cfg(args.config, args.overrides)
-        if (cfg.data.root / "tokenizer.json").exists():  # the corpus is here: its vocabulary must fit the model
+        if cfg.data.tokenizer != "corpus" or (cfg.data.root / "tokenizer.json").exists():  # it must fit the model
             from jobs.engine.data import check_tokenizer
 
-            check_tokenizer(cfg.data.root, cfg.model.text.vocab_size)
+            check_tokenizer(cfg.data.root, cfg.model.text.vocab_size, cfg.data.tokenizer)
     except ConfigError as exc:
         return fail(exc, EXIT_USAGE)
     sys.stdout.write(dump_cfg(cfg))
@@ -159,9 +159,62 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="eval.KEY=VALUE",
         help="eval settings (default: the checkpoint's eval section), e.g. --set eval.tasks=[mnist]",
     )
+    p.add_argument(
+        "--task-dir",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also evaluate this CLIP_benchmark webdataset folder as published (test/nshards.txt, test/0.tar ...; "
+        "repeatable); folders under DATA_ROOT/eval are found without it",
+    )
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        metavar="FILE",
+        help="the tokenizer.json the run trained with (default: the run dir's, found from the checkpoint's path, "
+        "else DATA_ROOT's; checked against the checkpoint's hash)",
+    )
+    p.add_argument(
+        "--clip-benchmark-dir",
+        type=Path,
+        metavar="DIR",
+        help="write each task's result in CLIP_benchmark's JSON here (default: clip_benchmark/ beside --out)",
+    )
     p.set_defaults(func=_lazy("jobs.evaluate", "cmd_evaluate"))
+    _add_export_verb(verbs)
     _add_pipeline_verbs(verbs)
     return parser
+
+
+def _add_export_verb(verbs: Any) -> None:
+    p = verbs.add_parser(
+        "export",
+        help="write a checkpoint as a folder open_clip loads (create_model_and_transforms('local-dir:DIR'))",
+        description="Export CKPT's weights, its config (our image size, mean/std, bicubic resize) and the run's "
+        "tokenizer (the same token ids) as an open_clip local-dir folder, atomically. A model open_clip cannot "
+        "express (a shared cross-modal encoder) is refused.",
+    )
+    p.add_argument(
+        "--checkpoint", type=Path, required=True, metavar="CKPT", help="a step_*.pt, final.pt or selected.pt"
+    )
+    p.add_argument("--format", choices=("open_clip",), default="open_clip", help="open_clip (default): open-clip-torch")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the folder to create (new or empty)")
+    p.add_argument(
+        "--weights",
+        choices=("ema", "raw", "model"),
+        help="ema: the weights' moving average, what released CLIP weights usually are (default when the "
+        "checkpoint has one); raw (or model, as in `evaluate --weights`): the trained weights (default otherwise)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        metavar="FILE",
+        help="the tokenizer.json the run trained with, or its folder (default: the run dir's, else the corpus's; "
+        "checked against the checkpoint's hash)",
+    )
+    p.add_argument("--force", action="store_true", help="replace DIR when it is not empty")
+    p.set_defaults(func=_lazy("jobs.export", "cmd_export"))
 
 
 def _add_stage_args(p: argparse.ArgumentParser) -> None:

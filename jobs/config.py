@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import typing
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,12 +85,25 @@ class DataCfg:
     num_workers: int = 2  # data-loader worker processes per rank
     shuffle_buffer: int = 1000  # samples in the streaming shuffle buffer
     seed: int = 0  # seeds shard order, shuffling and the held-out split
+    # the tokenizer a run trains with (copied into the run dir, its hash in every checkpoint: jobs/engine/tokens.py):
+    # "corpus" = DATA_ROOT/tokenizer.json (byte-level BPE trained on stage 1's captions), "clip" = CLIP's standard BPE
+    # (49,408 ids, from the open_clip wheel; model.text.vocab_size >= 49408), or the path of a tokenizer.json
+    tokenizer: str = "corpus"
 
     def __post_init__(self) -> None:
+        _require(
+            self.tokenizer in ("corpus", "clip") or self.tokenizer.endswith(".json"),
+            f"data.tokenizer={self.tokenizer!r}: use corpus, clip or the path of a tokenizer.json",
+        )
         _positive("data", stages=self.stages, shuffle_buffer=self.shuffle_buffer)
         _non_negative("data", num_workers=self.num_workers)
         _fraction("data", replay_fraction=self.replay_fraction)
         _require(0.0 < self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+
+    def resolved(self) -> DataCfg:
+        """The same with absolute paths (root, a tokenizer file): a job may start in another directory."""
+        tok = self.tokenizer if self.tokenizer in ("corpus", "clip") else str(Path(self.tokenizer).resolve())
+        return replace(self, root=self.root.resolve(), tokenizer=tok)
 
 
 @dataclass(frozen=True)
@@ -242,12 +255,16 @@ class EvalCfg:
     """Zero-shot classification and image-text retrieval after each stage."""
 
     tasks: tuple[str, ...] = ()  # eval task names under DATA_ROOT/eval/ (empty = every task found)
+    # more tasks, always evaluated: CLIP_benchmark webdataset folders as published (test/nshards.txt, test/0.tar ...)
+    task_dirs: tuple[Path, ...] = ()
+    workers: int = 0  # data-loader processes decoding eval images (0 = in the evaluating process)
     batch_size: int = 256  # images or captions per forward pass
     retrieval_ks: tuple[int, ...] = (1, 5, 10)  # R@k reported for image->text and text->image
     heldout_samples: int = 10000  # held-out pairs of the stage scored after its training (loss + its std error)
 
     def __post_init__(self) -> None:
         _positive("eval", batch_size=self.batch_size, heldout_samples=self.heldout_samples)
+        _non_negative("eval", workers=self.workers)
         _require(len(self.retrieval_ks) > 0, "eval.retrieval_ks must list at least one k, e.g. [1, 5, 10]")
         _require(all(k > 0 for k in self.retrieval_ks), f"eval.retrieval_ks={list(self.retrieval_ks)} must be > 0")
 

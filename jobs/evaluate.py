@@ -1,7 +1,9 @@
 """``python -m jobs evaluate``: zero-shot classification and retrieval of one checkpoint — R13 thin job.
 
 The work is ``jobs.engine.evaluate.evaluate_checkpoint``; this parses, writes the JSON (atomically
-with ``--out``, else to stdout) and maps failures to exit codes (1 unusable checkpoint, 2 bad input).
+with ``--out``, else to stdout), each task's result in CLIP_benchmark's JSON (``--clip-benchmark-dir``,
+default ``clip_benchmark/`` beside ``--out``) and maps failures to exit codes (1 unusable checkpoint, 2 bad
+input).
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from data_tools.atomic import atomic_write_json
 from data_tools.cli_errors import fail
 from jobs.config import ConfigError, EvalCfg
 from jobs.engine.checkpoint import CheckpointError
+from jobs.engine.clip_benchmark import write_clip_benchmark
 from jobs.engine.evaluate import evaluate_checkpoint
 from jobs.engine.rundir import check_eval_output
 from jobs.logs import setup_logging
@@ -23,12 +27,13 @@ __all__ = ["cmd_evaluate"]
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Evaluate ``--checkpoint`` on the eval suite of ``--data-root``."""
+    """Evaluate ``--checkpoint`` on the eval suite of ``--data-root`` and the ``--task-dir`` folders."""
     setup_logging(0)
-    if not (args.data_root / "eval" / "tasks.json").is_file():
+    if not args.task_dir and not _has_eval_tasks(args.data_root):
         print(
-            f"error: {args.data_root}/eval/tasks.json not found: --data-root must be a corpus with an eval suite "
-            f"(python -m data_tools build-offline {args.data_root})",
+            f"error: {args.data_root}/eval/tasks.json not found and no dataset folder (with test/nshards.txt) in "
+            f"{args.data_root}/eval: give a corpus with an eval suite (python -m data_tools build-offline "
+            f"{args.data_root}) or --task-dir a CLIP_benchmark dataset",
             file=sys.stderr,
         )
         return 2
@@ -43,18 +48,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             return fail(exc, 2)
     try:
         if args.out:
-            check_eval_output(args.out, cfg, args.data_root, args.checkpoint, args.weights)
+            check_eval_output(args.out, cfg, args.data_root, args.checkpoint, args.weights, args.task_dir)
     except ConfigError as exc:
         return fail(exc, 2)
     try:
-        result = evaluate_checkpoint(args.checkpoint, args.data_root, cfg, weights=args.weights)
+        result = evaluate_checkpoint(
+            args.checkpoint,
+            args.data_root,
+            cfg,
+            weights=args.weights,
+            task_dirs=args.task_dir,
+            tokenizer=args.tokenizer,
+        )
     except CheckpointError as exc:
         return fail(exc, 1)
-    except ValueError as exc:
+    except ConfigError as exc:  # no tokenizer, or not the one the checkpoint was trained with
         return fail(exc, 2)
+    except (ValueError, FileNotFoundError) as exc:  # a task folder that is not a usable dataset
+        return fail(exc, 2)
+    cb_dir = args.clip_benchmark_dir or (args.out.parent / "clip_benchmark" if args.out else None)
+    if cb_dir is not None:
+        write_clip_benchmark(result, cb_dir)
     if args.out:
         atomic_write_json(args.out, result)
         print(args.out)
     else:
         print(json.dumps(result, indent=2, sort_keys=True))
     return 0
+
+
+def _has_eval_tasks(data_root: Path) -> bool:
+    """``DATA_ROOT/eval`` holds tasks.json or a dataset folder (what ``find_eval_tasks`` looks for)."""
+    eval_dir = data_root / "eval"
+    if (eval_dir / "tasks.json").is_file():
+        return True
+    return eval_dir.is_dir() and any((d / "test" / "nshards.txt").is_file() for d in eval_dir.iterdir())

@@ -249,12 +249,12 @@ def run_local(cfg: RunCfg, cfg_path: Path, run_dir: Path, stages: list[int], kin
 def _prepare(args: argparse.Namespace) -> tuple[RunCfg, Path, Path, list[int], str]:
     """Load + resolve the config, pick the run dir, write/compare RUN_DIR/config.yaml, check the tokenizer."""
     cfg = load_cfg(args.config, args.overrides)
-    cfg = replace(cfg, data=replace(cfg.data, root=cfg.data.root.resolve()))
+    cfg = replace(cfg, data=cfg.data.resolved())
     run_dir = Path(args.run_dir or cfg.run_dir).resolve()
     kind = args.executor or cfg.cluster.executor
     cfg = replace(cfg, cluster=replace(cfg.cluster, executor=kind))
     stages = parse_stages(args.stages, cfg.data.stages)
-    check_corpus(cfg.data.root, cfg.data.stages, cfg.model.text.vocab_size)
+    check_corpus(cfg.data.root, cfg.data.stages, cfg.model.text.vocab_size, cfg.data.tokenizer)
     check_run_dir(run_dir, cfg)  # the run dir's config is this one (launch settings may change)
     return cfg, run_dir, RunDir(run_dir).config_yaml, stages, kind
 

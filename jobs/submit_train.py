@@ -67,9 +67,9 @@ def cmd_submit_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir).resolve()
     try:
         cfg = load_cfg(args.config, args.overrides)
-        cfg = replace(cfg, data=replace(cfg.data, root=cfg.data.root.resolve()))  # the job may start elsewhere
+        cfg = replace(cfg, data=cfg.data.resolved())  # the job may start elsewhere
         check_stage(cfg, args.stage)
-        check_corpus(cfg.data.root, args.stage, cfg.model.text.vocab_size)
+        check_corpus(cfg.data.root, args.stage, cfg.model.text.vocab_size, cfg.data.tokenizer)
         check_run_dir(run_dir, cfg)  # refuse before anything is queued, not in the job
     except ConfigError as exc:
         return fail(exc, 2)

@@ -19,7 +19,8 @@ def test_classification_metrics() -> None:
     logits = torch.tensor([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0], [1.0, 3.0, 2.0], [1.0, 2.0, 3.0]])
     labels = torch.tensor([0, 1, 1, 1])
     m = classification_metrics(logits, labels, ks=(1, 2, 5))
-    assert m["acc1"] == pytest.approx(0.5) and m["acc2"] == 1.0 and m["acc5"] == 1.0
+    assert m["acc1"] == pytest.approx(0.5) and m["acc2"] == 1.0
+    assert "acc5" not in m, "top-5 of 3 classes is meaningless: absent, as in CLIP_benchmark"
     assert m["mean_per_class_recall"] == pytest.approx((1.0 + 1 / 3) / 2)  # classes present: 0 and 1
     assert m["chance_acc1"] == pytest.approx(1 / 3)
 
@@ -100,24 +101,64 @@ def test_refit_temperature_finds_the_best_scale_whatever_the_models() -> None:
         refit_temperature([])
 
 
+def _as_published(task: Path, out: Path) -> Path:
+    """``task`` (one of ours: jpg, one shard, in tasks.json) as CLIP_benchmark publishes a dataset: lossless webp,
+    keys s0000000..., shards of 40, no tasks.json; the same pixels."""
+    import io
+    import shutil
+    import tarfile
+
+    import webdataset as wds
+    from PIL import Image
+
+    (out / "test").mkdir(parents=True)
+    for name in ("classnames.txt", "zeroshot_classification_templates.txt"):
+        shutil.copy(task / name, out / name)
+    with tarfile.open(task / "test" / "0.tar") as tf:
+        members = {m.name: tf.extractfile(m).read() for m in tf}  # type: ignore[union-attr]
+    keys = sorted({name.split(".")[0] for name in members})
+    with wds.ShardWriter(str(out / "test" / "%d.tar"), maxcount=40, verbose=0) as sink:
+        for i, key in enumerate(keys):
+            buf = io.BytesIO()
+            Image.open(io.BytesIO(members[f"{key}.jpg"])).convert("RGB").save(buf, format="WEBP", lossless=True)
+            sink.write({"__key__": f"s{i:07d}", "webp": buf.getvalue(), "cls": int(members[f"{key}.cls"])})
+        shards = sink.shard
+    (out / "test" / "nshards.txt").write_text(f"{shards}\n")
+    return out
+
+
 def test_evaluate_cli_beats_chance_after_short_training(trained_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from jobs.config import load_cfg
 
     data_root = load_cfg(trained_run.config).data.root
+    published = _as_published(data_root / "eval" / "colour_shape", tmp_path / "wds_colour_shape")
     out = tmp_path / "eval.json"
     proc = subprocess.run(
         [sys.executable, "-m", "jobs", "evaluate", "--checkpoint", str(trained_run.train_dir / "final.pt"),
-         "--data-root", str(data_root), "--out", str(out)],
+         "--data-root", str(data_root), "--out", str(out), "--task-dir", str(published)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["format"] == "growclip-eval" and result["step"] == 200
     tasks = result["tasks"]
-    assert len(tasks) == 7 and tasks["emoji_retrieval"]["captions"] == 5 * tasks["emoji_retrieval"]["images"]
+    assert len(tasks) == 8 and tasks["emoji_retrieval"]["captions"] == 5 * tasks["emoji_retrieval"]["images"]
+    # the same task as CLIP_benchmark publishes it (webp, 3 shards, no tasks.json), via --task-dir: the same numbers
+    ours, theirs = tasks["colour_shape"], tasks["wds_colour_shape"]
+    assert theirs["count"] == 100 and {**theirs, "path": ""} == {**ours, "path": ""}
+    # and every task's result in CLIP_benchmark's JSON beside --out (wds_colour_shape keeps its prefix: clash)
+    cb = {p.name: json.loads(p.read_text()) for p in (tmp_path / "clip_benchmark").iterdir()}
+    assert len(cb) == 8 and cb["wds_colour_shape_final.pt_growclip_en_zeroshot_classification.json"]["dataset"] == (
+        "wds/wds_colour_shape"
+    )
+    ret = cb["emoji_retrieval_final.pt_growclip_en_zeroshot_retrieval.json"]
+    assert ret["task"] == "zeroshot_retrieval" and ret["dataset"] == "wds/emoji_retrieval"
+    assert ret["metrics"]["image_retrieval_recall@5"] == tasks["emoji_retrieval"]["text_to_image_R@5"]
+    assert ret["metrics"]["text_retrieval_recall@5"] == tasks["emoji_retrieval"]["image_to_text_R@5"]
     for name, r in tasks.items():
         if r["type"] == "classification":
-            assert {"acc1", "acc5", "mean_per_class_recall"} <= set(r), name
+            assert {"acc1", "mean_per_class_recall"} <= set(r), name
+            assert ("acc5" in r) == (r["classes"] >= 5), name  # emoji_spatial has 4 classes: no top-5
         else:
             assert {f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)} <= set(r)
     # stage-1 data is clothing, digits and coloured shapes: those tasks must beat chance clearly
@@ -125,6 +166,7 @@ def test_evaluate_cli_beats_chance_after_short_training(trained_run, tmp_path: P
     for name in ("fashion_mnist", "colour_shape"):
         r = tasks[name]
         assert r["acc1"] > 1.8 * r["chance_acc1"], (name, r)
-    # the end-of-training evaluation wrote the same numbers
+    # the end-of-training evaluation wrote the same numbers, in CLIP_benchmark's JSON too
     at_end = json.loads((trained_run.run_dir / "stage_01" / "eval" / "metrics.json").read_text())
     assert at_end["tasks"]["fashion_mnist"]["acc1"] == pytest.approx(tasks["fashion_mnist"]["acc1"])
+    assert len(list((trained_run.run_dir / "stage_01" / "eval" / "clip_benchmark").iterdir())) == 7

@@ -183,9 +183,10 @@ def test_checkpoint_io_failures_and_pruning(tmp_path: Path) -> None:
 
 
 TRAINING_KEYS = ["format", "version", "step", "samples_seen", "stage", "spec", "model", "optimizer", "scheduler"]
-TRAINING_KEYS += ["scaler", "ema", "rng", "data", "growth_history", "config", "init", "world_size", "torch_version"]
+TRAINING_KEYS += ["scaler", "ema", "rng", "data", "growth_history", "config", "init", "tokenizer_sha256"]
+TRAINING_KEYS += ["world_size", "torch_version"]
 GROWN_KEYS = ["format", "version", "step", "samples_seen", "stage", "spec", "model", "optimizer", "ema"]
-GROWN_KEYS += ["growth_history", "config", "init"]
+GROWN_KEYS += ["growth_history", "config", "init", "tokenizer_sha256"]
 
 
 def _tiny_state(ema_decay: float) -> TrainState:

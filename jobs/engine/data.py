@@ -34,7 +34,7 @@ __all__ = ["DataPosition", "BatchStream", "check_corpus", "check_tokenizer", "se
 logger = logging.getLogger(__name__)
 
 
-def check_corpus(root: Path, stages: int, vocab_size: int) -> None:
+def check_corpus(root: Path, stages: int, vocab_size: int, tokenizer: str = "corpus") -> None:
     """The corpus can feed stages 1..``stages`` of a model with ``vocab_size`` tokens (checked before any job
     starts: ``plan``, ``submit``, ``train``).
 
@@ -60,32 +60,35 @@ def check_corpus(root: Path, stages: int, vocab_size: int) -> None:
         check_no_empty_stages(manifest, root)  # an empty stage (appended by an older ingest) is refused with its fix
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    check_tokenizer(root, vocab_size)
+    check_tokenizer(root, vocab_size, tokenizer)
 
 
-def check_tokenizer(root: Path, vocab_size: int) -> None:
-    """The corpus's tokenizer exists and fits a model with ``vocab_size`` tokens.
+def check_tokenizer(root: Path, vocab_size: int, setting: str = "corpus") -> None:
+    """The tokenizer ``data.tokenizer`` names (``setting``) exists and fits a model with ``vocab_size`` tokens.
 
     Raises:
-        ConfigError: no ``tokenizer.json``, or one with more tokens than ``vocab_size``.
+        ConfigError: no such tokenizer, or one with more tokens than ``vocab_size``.
     """
-    from data_tools.tokenizer import load_tokenizer
+    from jobs.engine.tokens import source_text
 
-    tok = Path(root) / "tokenizer.json"
-    if not tok.is_file():
+    if setting == "corpus" and not (Path(root) / "tokenizer.json").is_file():
+        tok = Path(root) / "tokenizer.json"
         raise ConfigError(f"{tok} does not exist: build the corpus (python -m data_tools build-offline {root})")
+    text, desc = source_text(setting, root)
     try:
-        vocab = load_tokenizer(tok).get_vocab_size()
+        from tokenizers import Tokenizer
+
+        vocab = Tokenizer.from_str(text).get_vocab_size()
     except Exception as exc:  # the tokenizers library raises plain Exceptions on a damaged file
         raise ConfigError(
-            f"the tokenizer cannot be read: {type(exc).__name__}: {exc} ({tok}); rebuild it with "
+            f"the tokenizer cannot be read: {type(exc).__name__}: {exc} ({desc}); rebuild it with "
             f"`python -m data_tools train-tokenizer {root}`"
         ) from None
     if vocab > vocab_size:
         raise ConfigError(
-            f"tokenizer {tok} has {vocab} tokens but model.text.vocab_size={vocab_size} (token ids must be < "
-            f"vocab_size, end-of-text is the highest id): set --set model.text.vocab_size={vocab}, or rebuild the "
-            f"corpus with --vocab-size {vocab_size}"
+            f"tokenizer {desc} has {vocab} tokens but model.text.vocab_size={vocab_size} (token ids must be < "
+            f"vocab_size, end-of-text is the highest id): set --set model.text.vocab_size={vocab}"
+            + (f", or rebuild the corpus with --vocab-size {vocab_size}" if setting == "corpus" else "")
         )
 
 
@@ -120,6 +123,7 @@ class BatchStream:
         context_length: token length of the model.
         segment_every: steps between re-seeds (the checkpoint interval).
         position: where to start (resume) — default the beginning.
+        tokenizer: the run's tokenizer file (default ``DATA_ROOT/tokenizer.json``).
     """
 
     def __init__(
@@ -135,13 +139,14 @@ class BatchStream:
         context_length: int,
         segment_every: int,
         position: DataPosition = DataPosition(),
+        tokenizer: Path | None = None,
     ) -> None:
         if streams % world_size:
             raise ValueError(f"train.data_streams={streams} must be a multiple of the world size {world_size}")
         self.data, self.stage = data, stage
         self.per_stream_batch, self.streams = per_stream_batch, streams
         self.image_size, self.context_length = image_size, context_length
-        self.segment_every = segment_every
+        self.segment_every, self.tokenizer = segment_every, tokenizer
         per_rank = streams // world_size
         self.my_streams = list(range(rank * per_rank, (rank + 1) * per_rank))
         self.stages = list(range(1, stage + 1))
@@ -169,6 +174,7 @@ class BatchStream:
                 shuffle_buffer=self.data.shuffle_buffer,
                 augment=True,
                 val_fraction=self.data.val_fraction,
+                tokenizer=self.tokenizer,
             )
             self._iters.append(iter(loader))
         if position.offset:

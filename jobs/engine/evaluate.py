@@ -1,24 +1,29 @@
 """Zero-shot classification and image-text retrieval on the eval suite (DESIGN.md step 3, "evaluate").
 
 Classification: the classifier of a task is, for each class, the mean of the L2-normalised text
-embeddings of every template filled with the class name (CLIP's prompt ensembling), renormalised.
-Reported: top-1 and top-5 accuracy (top-k with k capped at the class count), mean per-class recall
-(balanced accuracy) and chance level. Retrieval (several captions per image): image→text R@k
-counts an image as found when ANY of its captions ranks in the top k; text→image R@k counts each
-caption whose image ranks in the top k.
+embeddings of every template filled with the class name (CLIP's prompt ensembling), renormalised,
+computed once per task. The images stream through in batches (data_tools.eval_sets.eval_batches), so
+memory does not grow with the task. Metrics as CLIP_benchmark 1.6.2 defines them (jobs/engine/eval_metrics.py):
+top-1 and top-5 accuracy (top-k only where the task has >= k classes), mean per-class recall, chance
+level; multilabel: mean average precision; retrieval (several captions per image): image→text R@k counts
+an image when ANY of its captions ranks in the top k, text→image R@k each caption whose image does.
 
-Task types are keyed on the type ``eval/tasks.json`` records: data_tools/eval_sets.py reads and writes
-each type (``TASK_TYPES``), :data:`TASK_METRICS` here scores it and says which summary keys it feeds.
-A new type is one reader/writer there and one ``TaskMetrics`` entry here.
+The tasks are the CLIP_benchmark dataset folders under ``DATA_ROOT/eval/`` and in ``eval.task_dirs`` /
+``--task-dir`` (data_tools/eval_sets: found by their files, typed by tasks.json or dataset_type.txt);
+:data:`TASK_METRICS` scores each type and says which summary keys it feeds. A new type is one label
+reader there and one ``TaskMetrics`` entry here. Each task's result is also written in CLIP_benchmark's
+own JSON (jobs/engine/clip_benchmark.py).
 
-JSON schema written by :func:`evaluate_checkpoint` (``format: growclip-eval``, version 1)::
+JSON schema written by :func:`evaluate_checkpoint` (``format: growclip-eval``, version 2: multilabel
+tasks, ``acc5`` absent below 5 classes, ``path``)::
 
     {"format", "version", "checkpoint", "step", "samples_seen", "stage", "weights", "spec",
-     "tasks": {"<task>": {"type": "classification", "count", "classes", "acc1", "acc5",
+     "tasks": {"<task>": {"type": "classification", "path", "count", "classes", "acc1", "acc5",
                           "mean_per_class_recall", "chance_acc1"}
-               | {"type": "retrieval", "images", "captions",
+               | {"type": "multilabel", "path", "count", "classes", "mean_average_precision"}
+               | {"type": "retrieval", "path", "images", "captions",
                   "image_to_text_R@1", ..., "text_to_image_R@1", ...}},
-     "summary": {"mean_acc1", "mean_mean_per_class_recall", "mean_retrieval_R@1"},
+     "summary": {"mean_acc1", "mean_mean_per_class_recall", "mean_retrieval_R@1", "mean_mean_average_precision"},
      "heldout": {"val_loss", "val_loss_se", "val_loss_refit", "proxy_acc1", "val_samples"}}
                                                           (with ``heldout=``: a stage's evaluation)
 """
@@ -29,7 +34,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,18 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_tools.eval_sets import (
-    CLASSIFICATION,
-    RETRIEVAL,
-    ClassificationSet,
-    RetrievalSet,
-    list_eval_tasks,
-    load_eval_task,
-)
+from data_tools.eval_sets import CLASSIFICATION, MULTILABEL, RETRIEVAL, EvalTask, eval_batches, find_eval_tasks
 from data_tools.loaders import make_val_loader
 from data_tools.tokenizer import load_tokenizer, tokenize
 from jobs.config import EvalCfg, RunCfg
 from jobs.engine.checkpoint import load_checkpoint
+from jobs.engine.clip_benchmark import write_clip_benchmark
+from jobs.engine.eval_metrics import ClassificationCounts, classification_metrics, multilabel_metrics, retrieval_metrics
+from jobs.engine.tokens import checkpoint_tokenizer
 from model.spec import ArchSpec
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "TaskMetrics",
     "evaluate_checkpoint",
     "evaluate_stage",
+    "multilabel_metrics",
     "val_batches",
     "validate_model",
 ]
@@ -68,6 +70,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 EVAL_FORMAT = "growclip-eval"
+EVAL_VERSION = 2
+Batches = Iterable[tuple[torch.Tensor, Any]]  # (images (B,3,H,W), labels), see data_tools.eval_sets.eval_batches
 
 
 def _autocast(device: torch.device) -> Any:
@@ -97,46 +101,20 @@ def zero_shot_classifier(
     device: torch.device,
     batch_size: int = 256,
 ) -> torch.Tensor:
-    """(C, E) class embeddings: mean over templates of normalised text embeddings, renormalised."""
-    texts = [t.replace("{c}", c) for c in classnames for t in templates]
-    emb = _encode_batched(model.encode_text, tokenize(texts, context_length, tokenizer), batch_size, device)  # (C·T, E)
-    emb = emb.view(len(classnames), len(templates), -1).mean(dim=1)  # (C, E)
-    return torch.nn.functional.normalize(emb, dim=-1)
+    """(C, E) class embeddings: mean over templates of normalised text embeddings, renormalised.
 
-
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """acc@k (k capped at the class count), mean per-class recall and chance for (N, C) logits."""
-    c = logits.shape[1]
-    out: dict[str, float] = {}
-    topk = logits.topk(min(max(ks), c), dim=1).indices  # (N, k)
-    hits = topk == labels[:, None]
-    for k in ks:
-        out[f"acc{k}"] = hits[:, : min(k, c)].any(dim=1).float().mean().item()
-    pred = topk[:, 0]
-    recalls = [(pred[labels == k] == k).float().mean().item() for k in range(c) if (labels == k).any()]
-    out["mean_per_class_recall"] = sum(recalls) / len(recalls)
-    out["chance_acc1"] = 1.0 / c
-    return out
-
-
-def retrieval_metrics(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int]
-) -> dict[str, float]:
-    """Image→text and text→image R@k for (N, E) images, (M, E) captions, caption→image index (M,)."""
-    sim = image_emb @ text_emb.T  # (N, M)
-    n, m = sim.shape
-    out: dict[str, float] = {}
-    kmax = max(ks)
-    # image -> text: rank of the best-ranked caption belonging to the image
-    i2t = sim.topk(min(kmax, m), dim=1).indices  # (N, k)
-    owner = text_to_image[i2t] == torch.arange(n)[:, None]  # (N, k)
-    # text -> image
-    t2i = sim.T.topk(min(kmax, n), dim=1).indices  # (M, k)
-    hit = t2i == text_to_image[:, None]
-    for k in ks:
-        out[f"image_to_text_R@{k}"] = owner[:, :k].any(dim=1).float().mean().item()
-        out[f"text_to_image_R@{k}"] = hit[:, :k].any(dim=1).float().mean().item()
-    return out
+    Computed for about ``batch_size`` texts at a time (whole classes), so 1000 classes x 80 templates never
+    hold all 80,000 text embeddings at once.
+    """
+    per = max(1, batch_size // len(templates))  # classes per chunk
+    out = []
+    for i in range(0, len(classnames), per):
+        names = classnames[i : i + per]
+        texts = [t.replace("{c}", c) for c in names for t in templates]
+        emb = _encode_batched(model.encode_text, tokenize(texts, context_length, tokenizer), batch_size, device)
+        emb = F.normalize(emb, dim=-1).view(len(names), len(templates), -1).mean(dim=1)  # (c, E)
+        out.append(F.normalize(emb, dim=-1))
+    return torch.cat(out)
 
 
 def evaluate_model(
@@ -145,41 +123,45 @@ def evaluate_model(
     data_root: Path,
     cfg: EvalCfg,
     device: torch.device,
+    tokenizer: Path | None = None,
 ) -> dict[str, Any]:
-    """Run every eval task (``cfg.tasks``, empty = all under DATA_ROOT/eval) and return per-task metrics.
+    """Run every eval task and return per-task metrics: those under DATA_ROOT/eval (``cfg.tasks``, empty = all)
+    and every folder of ``cfg.task_dirs``; prompts tokenized by ``tokenizer`` (default: the corpus's).
 
     Raises:
-        FileNotFoundError: no eval suite under ``data_root``.
-        ValueError: a task named in ``cfg.tasks`` does not exist.
+        FileNotFoundError: a task folder that is not a CLIP_benchmark dataset (what is missing is named).
+        ValueError: no task at all, a task named in ``cfg.tasks`` that does not exist, an unusable sample.
     """
-    available = list_eval_tasks(data_root)
-    names = list(cfg.tasks) or sorted(available)
-    unknown = [t for t in names if t not in available]
-    if unknown:
-        raise ValueError(f"eval.tasks {unknown} not found under {data_root}/eval; available: {sorted(available)}")
-    text = _TextEncoder(
-        model, load_tokenizer(Path(data_root) / "tokenizer.json"), spec.text.context_length, device, cfg
-    )
+    tasks = find_eval_tasks(data_root, cfg.task_dirs, only=cfg.tasks)
+    if not tasks:
+        raise ValueError(
+            f"no eval task: {data_root}/eval holds no tasks.json and no dataset folder (test/nshards.txt), and no "
+            "eval.task_dirs / --task-dir is given"
+        )
+    tok = load_tokenizer(tokenizer or Path(data_root) / "tokenizer.json")
+    enc = _Encoders(model, tok, spec.text.context_length, device, cfg)
     was_training = model.training
     model.eval()
     results: dict[str, Any] = {}
     try:
-        for name in names:
+        for name, task in tasks.items():
             t0 = time.time()
-            task = load_eval_task(data_root, name, image_size=spec.image.image_size)
-            img = _encode_batched(model.encode_image, task.images, cfg.batch_size, device)
-            r = TASK_METRICS[available[name]["type"]].run(task, img, text)
+            batches = eval_batches(task, spec.image.image_size, cfg.batch_size, workers=cfg.workers)
+            r = {"type": task.type, "path": str(task.path), **TASK_METRICS[task.type].run(task, batches, enc)}
+            n = r.get("count", r.get("images"))
+            if task.count is not None and n != task.count:
+                logger.warning("eval task %s: read %s samples, tasks.json records %d", name, n, task.count)
             results[name] = r
             shown = {k: round(v, 4) for k, v in r.items() if isinstance(v, float)}
-            logger.info("eval %s (%.1fs): %s", name, time.time() - t0, shown)
+            logger.info("eval %s (%s, %s samples, %.1fs): %s", name, task.type, n, time.time() - t0, shown)
     finally:
         model.train(was_training)
     return results
 
 
 @dataclass(frozen=True)
-class _TextEncoder:
-    """What a task type's metrics need besides the task and its image embeddings: the text side."""
+class _Encoders:
+    """What a task type's metrics need besides the task and its batches: the model's two encoders."""
 
     model: nn.Module
     tokenizer: Any
@@ -187,45 +169,75 @@ class _TextEncoder:
     device: torch.device
     cfg: EvalCfg
 
-    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+    @torch.no_grad()
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> float32 (B, E) on the device, normalised."""
+        with _autocast(self.device):
+            return F.normalize(self.model.encode_image(x.to(self.device)).float(), dim=-1)
+
+    def texts(self, texts: Sequence[str]) -> torch.Tensor:
         tokens = tokenize(list(texts), self.context_length, self.tokenizer)
         return _encode_batched(self.model.encode_text, tokens, self.cfg.batch_size, self.device)
 
-
-def _run_classification(task: ClassificationSet, img: torch.Tensor, text: _TextEncoder) -> dict[str, Any]:
-    classifier = zero_shot_classifier(
-        text.model,
-        task.classnames,
-        task.templates,
-        text.tokenizer,
-        text.context_length,
-        text.device,
-        text.cfg.batch_size,
-    )
-    r: dict[str, Any] = {"type": CLASSIFICATION, "count": len(task.labels), "classes": len(task.classnames)}
-    r.update(classification_metrics((img @ classifier.T).cpu(), task.labels))
-    return r
+    def classifier(self, task: EvalTask) -> torch.Tensor:
+        return zero_shot_classifier(
+            self.model, task.classnames, task.templates, self.tokenizer, self.context_length, self.device,
+            self.cfg.batch_size,
+        )  # fmt: skip
 
 
-def _run_retrieval(task: RetrievalSet, img: torch.Tensor, text: _TextEncoder) -> dict[str, Any]:
-    captions = [c for caps in task.captions for c in caps]
-    owner = torch.tensor([i for i, caps in enumerate(task.captions) for _ in caps])
-    txt = text.encode(captions)
-    r: dict[str, Any] = {"type": RETRIEVAL, "images": len(task.captions), "captions": len(captions)}
-    r.update(retrieval_metrics(img.cpu(), txt.cpu(), owner, text.cfg.retrieval_ks))
+def _empty(task: EvalTask) -> ValueError:
+    return ValueError(f"eval task {task.name}: no readable sample in {task.path / 'test'}")
+
+
+def _run_classification(task: EvalTask, batches: Batches, enc: _Encoders) -> dict[str, Any]:
+    classifier = enc.classifier(task)  # (C, E), once
+    counts = ClassificationCounts(len(task.classnames))
+    for images, labels in batches:
+        counts.update(enc.images(images) @ classifier.T, labels)
+    if counts.n == 0:
+        raise _empty(task)
+    return {"count": counts.n, "classes": len(task.classnames), **counts.result()}
+
+
+def _run_multilabel(task: EvalTask, batches: Batches, enc: _Encoders) -> dict[str, Any]:
+    classifier = enc.classifier(task)
+    scored = [((enc.images(images) @ classifier.T).cpu(), labels) for images, labels in batches]
+    if not scored:
+        raise _empty(task)
+    scores, targets = (torch.cat(x) for x in zip(*scored, strict=True))  # (N, C) each: AP ranks every image
+    return {"count": len(scores), "classes": len(task.classnames), **multilabel_metrics(scores, targets)}
+
+
+def _run_retrieval(task: EvalTask, batches: Batches, enc: _Encoders) -> dict[str, Any]:
+    img, txt, owner = [], [], []
+    n = 0
+    for images, captions in batches:
+        img.append(enc.images(images).cpu())
+        flat = [c for caps in captions for c in caps]
+        if flat:
+            txt.append(enc.texts(flat).cpu())
+        owner += [n + i for i, caps in enumerate(captions) for _ in caps]
+        n += len(captions)
+    if n == 0:
+        raise _empty(task)
+    if not owner:
+        raise ValueError(f"eval task {task.name}: no caption in {task.path / 'test'} (a retrieval task needs .txt)")
+    r: dict[str, Any] = {"images": n, "captions": len(owner)}
+    r.update(retrieval_metrics(torch.cat(img), torch.cat(txt), torch.tensor(owner), enc.cfg.retrieval_ks))
     return r
 
 
 @dataclass(frozen=True)
 class TaskMetrics:
-    """How one task type (as recorded in eval/tasks.json; readers in data_tools/eval_sets.py) is scored.
+    """How one task type (data_tools.eval_sets.TASK_TYPES) is scored.
 
-    ``run(task, image_embeddings, text)`` returns the task's JSON row (``type`` first); ``summary`` maps
-    each key of the eval JSON's ``summary`` the type contributes to the per-task value it averages
-    (tasks lacking the value are left out; no task of the type = ``None``).
+    ``run(task, batches, encoders)`` streams the task's batches and returns its JSON row (``path`` and
+    ``type`` are added); ``summary`` maps each key of the eval JSON's ``summary`` the type contributes to the
+    per-task value it averages (tasks lacking the value are left out; no task of the type = ``None``).
     """
 
-    run: Callable[[Any, torch.Tensor, _TextEncoder], dict[str, Any]]
+    run: Callable[[EvalTask, Batches, _Encoders], dict[str, Any]]
     summary: dict[str, Callable[[dict[str, Any]], float | None]]
 
 
@@ -242,6 +254,7 @@ TASK_METRICS: dict[str, TaskMetrics] = {
             )
         },
     ),
+    MULTILABEL: TaskMetrics(_run_multilabel, {"mean_mean_average_precision": lambda r: r["mean_average_precision"]}),
 }
 
 
@@ -263,6 +276,8 @@ def evaluate_checkpoint(
     weights: Literal["model", "ema"] = "model",
     device: torch.device | None = None,
     heldout: tuple[RunCfg, int] | None = None,
+    task_dirs: Sequence[Path] = (),
+    tokenizer: Path | None = None,
 ) -> dict[str, Any]:
     """Load a training checkpoint (verified), rebuild its model from its own ArchSpec and evaluate it.
 
@@ -270,6 +285,9 @@ def evaluate_checkpoint(
         checkpoint: a ``step_*.pt`` or ``final.pt``.
         data_root: the corpus with ``eval/`` and ``tokenizer.json``.
         cfg: eval settings; default: the ``eval`` section stored in the checkpoint's config.
+        task_dirs: more task folders (CLIP_benchmark datasets, ``--task-dir``) besides ``cfg.task_dirs``.
+        tokenizer: the tokenizer the run trained with (``--tokenizer``); default the run dir's, found from the
+            checkpoint's path, else ``data_root``'s; checked against the checkpoint's hash (jobs/engine/tokens.py).
         weights: evaluate the trained weights or their EMA (when the run kept one).
         device: default CUDA when available, else CPU.
         heldout: ``(run config, stage)``: also score the model on that stage's held-out split
@@ -281,6 +299,7 @@ def evaluate_checkpoint(
 
     Raises:
         CheckpointError: the checkpoint is unusable.
+        ConfigError: no tokenizer, or not the checkpoint's (both named).
         ValueError: ``weights="ema"`` for a run without EMA; unknown eval tasks.
     """
     from model.clip import build_model
@@ -291,16 +310,19 @@ def evaluate_checkpoint(
     spec = ArchSpec.from_dict(payload["spec"])
     if cfg is None:
         cfg = from_dict(EvalCfg, payload.get("config", {}).get("eval", {}))
+    if task_dirs:
+        cfg = replace(cfg, task_dirs=(*cfg.task_dirs, *map(Path, task_dirs)))
     state = payload["model"] if weights == "model" else payload.get("ema")
     if state is None:
         raise ValueError(f"{checkpoint}: has no EMA weights (train.ema_decay was 0); use --weights model")
     model = build_model(spec)
     model.load_state_dict(state, strict=True)
     model.to(device)
-    tasks = evaluate_model(model, spec, Path(data_root), cfg, device)
+    tok = checkpoint_tokenizer(Path(checkpoint), payload, tokenizer, Path(data_root))
+    tasks = evaluate_model(model, spec, Path(data_root), cfg, device, tok)
     result = {
         "format": EVAL_FORMAT,
-        "version": 1,
+        "version": EVAL_VERSION,
         "checkpoint": str(checkpoint),
         "step": payload.get("step"),
         "samples_seen": payload.get("samples_seen"),
@@ -313,14 +335,18 @@ def evaluate_checkpoint(
     if heldout is not None:
         run_cfg, stage = heldout
         batches = val_batches(
-            run_cfg, stage, spec.image.image_size, spec.text.context_length, samples=run_cfg.eval.heldout_samples
-        )
+            run_cfg, stage, spec.image.image_size, spec.text.context_length,
+            samples=run_cfg.eval.heldout_samples, tokenizer=tok,
+        )  # fmt: skip
         result["heldout"] = validate_model(model, batches, device)
     return result
 
 
 def evaluate_stage(final: Path, cfg: RunCfg, stage: int, out: Path, device: torch.device) -> dict[str, Any]:
     """Evaluate a stage's ``final.pt`` into ``out`` (stage_NN/eval/metrics.json) unless it exists; return it.
+
+    Each task's result also goes to ``stage_NN/eval/clip_benchmark/`` in CLIP_benchmark's JSON (written before
+    ``out``, the marker of a finished evaluation).
 
     Besides the eval suite, ``heldout`` holds the model's symmetric InfoNCE (with its standard error) and
     caption-matching top-1 on the stage's held-out split (up to ``eval.heldout_samples`` pairs, in the
@@ -335,6 +361,7 @@ def evaluate_stage(final: Path, cfg: RunCfg, stage: int, out: Path, device: torc
         logger.info("already evaluated: %s", out)
         return json.loads(out.read_text())
     metrics = evaluate_checkpoint(final, cfg.data.root, cfg.eval, device=device, heldout=(cfg, stage))
+    write_clip_benchmark(metrics, out.parent / "clip_benchmark")
     atomic_write_json(out, metrics)
     logger.info("evaluated %s -> %s: %s, held-out %s", final, out, metrics["summary"], metrics["heldout"])
     return metrics
@@ -423,10 +450,17 @@ def refit_temperature(sims: Sequence[torch.Tensor], iters: int = 40) -> tuple[fl
 
 
 def val_batches(
-    cfg: RunCfg, stage: int, image_size: int, context_length: int, *, samples: int | None = None
+    cfg: RunCfg,
+    stage: int,
+    image_size: int,
+    context_length: int,
+    *,
+    samples: int | None = None,
+    tokenizer: Path | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``samples`` (default ``search.val_samples``) held-out pairs of the stage in batches of
-    ``search.batch_size``, read as they are scored: the same for every candidate and for the oracle."""
+    ``search.batch_size``, read as they are scored: the same for every candidate and for the oracle; captions
+    tokenized by ``tokenizer`` (the run's, jobs/engine/tokens.py; default the corpus's)."""
     left = cfg.search.val_samples if samples is None else samples
     batches = make_val_loader(
         cfg.data.root,
@@ -435,6 +469,7 @@ def val_batches(
         image_size=image_size,
         context_length=context_length,
         val_fraction=cfg.data.val_fraction,
+        tokenizer=tokenizer,
     )
     for images, tokens in batches:
         if left <= 0:

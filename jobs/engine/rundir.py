@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -321,10 +322,16 @@ def _stage_dir_of(path: Path) -> Path | None:
 
 
 def check_eval_output(
-    out: Path, eval_cfg: EvalCfg | None, data_root: Path, checkpoint: Path | None = None, weights: str = "model"
+    out: Path,
+    eval_cfg: EvalCfg | None,
+    data_root: Path,
+    checkpoint: Path | None = None,
+    weights: str = "model",
+    task_dirs: Sequence[Path] = (),
 ) -> None:
     """An evaluation written into a run dir (RUN_DIR/stage_NN/eval/...) is of that stage's own checkpoint
-    (when the checkpoint lies in a run dir), of its trained weights, with the run's eval settings and corpus.
+    (when the checkpoint lies in a run dir), of its trained weights, with the run's eval settings and corpus
+    (``task_dirs``: the ``--task-dir`` folders added to the eval settings' ``task_dirs``).
 
     Raises:
         ConfigError: another run's or stage's checkpoint, ``--weights ema``, or ``--set eval.*`` /
@@ -351,7 +358,9 @@ def check_eval_output(
         run = load_cfg(stored)
     except ConfigError:
         return  # an old run dir whose config no longer loads: nothing to compare with
-    mine = replace(run, eval=eval_cfg or run.eval, data=replace(run.data, root=Path(data_root)))
+    mine_eval = eval_cfg or run.eval
+    mine_eval = replace(mine_eval, task_dirs=(*mine_eval.task_dirs, *map(Path, task_dirs)))
+    mine = replace(run, eval=mine_eval, data=replace(run.data, root=Path(data_root)))
     diffs = [d for d in config_differences(run, mine) if d.startswith(("eval.", "data.root"))]
     if diffs:
         raise ConfigError(

@@ -50,6 +50,7 @@ from jobs.engine.pipeline import data_ratio, previous_spec, stage_candidates
 from jobs.engine.records import CandidateResult, RoundRanking, read_record
 from jobs.engine.rundir import RunDir, read_json
 from jobs.engine.score import SearchScore
+from jobs.engine.tokens import checkpoint_tokenizer
 from jobs.engine.train_state import TrainState
 from jobs.engine.trainer import run_training
 from model.search_space import Candidate
@@ -129,7 +130,9 @@ def grow_checkpoint(cfg: RunCfg, run_dir: Path, stage: int, cand: Candidate, out
     rec = record.to_dict()
     rec.update(stage=stage, candidate=cand.name)
     history = [*payload.get("growth_history", []), rec]
-    state = TrainState(stage, cand.spec, grown, to_dict(cfg), history, init=str(prev_final))  # model only: step 0
+    state = TrainState(  # model only: step 0; the tokenizer stays the one the inherited weights learnt
+        stage, cand.spec, grown, to_dict(cfg), history, init=str(prev_final), tokenizer=payload.get("tokenizer_sha256")
+    )
     save_checkpoint(state.state_dict(), out)
     return rec
 
@@ -243,7 +246,7 @@ def run_search_candidate(
             if should_stop():  # scoring reads the held-out split: too long for the warning's grace time
                 return preempted(0, grown)
             logger.info("stage %d has a single candidate (%s): scored without search training", stage, cand.name)
-            payload, steps = load_checkpoint(grown), 0
+            scored, steps = grown, 0
         elif cfg.search.trajectory == "train":  # the first steps of the stage's own training (issue #17)
             target = cfg.search.round_steps(round)
             result = run_training(
@@ -257,7 +260,7 @@ def run_search_candidate(
             if result.status != "stopped" or result.last_checkpoint is None:
                 raise RuntimeError(f"candidate training ended at step {result.step} ({result.status}), not {target}")
             checkpoint = result.last_checkpoint
-            payload, steps = load_checkpoint(checkpoint), result.step
+            scored, steps = checkpoint, result.step
         else:
             result = run_training(search_cfg(cfg), stage, cd.work, env, init=grown, should_stop=should_stop)
             if result.status == "preempted":
@@ -267,16 +270,20 @@ def run_search_candidate(
                 return preempted(result.step, result.final)
             if result.final is None:
                 raise RuntimeError(f"candidate training stopped at step {result.step} ({result.status})")
-            payload, steps = load_checkpoint(result.final), result.step
+            scored, steps = result.final, result.step
             for gone in prune_checkpoints(result.train_dir / "checkpoints", 0):  # redundant next to final.pt
                 logger.info("removed %s (the candidate's final.pt is written and verifies)", gone)
+        payload = load_checkpoint(scored)
+        tokenizer = checkpoint_tokenizer(scored, payload, None, cfg.data.root)  # the one its weights learnt
         model = build_model(cand.spec, seed=cfg.train.seed)
         use_ema = cfg.search.estimator == "ema" and payload.get("ema") is not None  # none before any training
         weights = payload["ema"] if use_ema else payload["model"]
         model.load_state_dict({k: v.to(payload["model"][k].dtype) for k, v in weights.items()}, strict=True)
         model.to(env.device)
         val = validate_model(
-            model, val_batches(cfg, stage, cand.spec.image.image_size, cand.spec.text.context_length), env.device
+            model,
+            val_batches(cfg, stage, cand.spec.image.image_size, cand.spec.text.context_length, tokenizer=tokenizer),
+            env.device,
         )
         samples = int(payload["samples_seen"])
         refit = cfg.search.estimator == "refit"

@@ -111,6 +111,7 @@ class TrainState:
     config: dict[str, Any]  # the resolved RunCfg as a dict, saved with every checkpoint
     growth_history: list[dict[str, Any]]  # GrowthRecord.to_dict() of every growth up to this model
     init: str | None = None  # the checkpoint this training started from (--init), or what was grown
+    tokenizer: str | None = None  # SHA-256 of the run's tokenizer.json (jobs/engine/tokens.py); None before #18
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     scaler: torch.amp.GradScaler | None = None
@@ -130,6 +131,7 @@ class TrainState:
         config: dict[str, Any],
         growth_history: list[dict[str, Any]],
         init: str | None = None,
+        tokenizer: str | None = None,
     ) -> TrainState:
         """A fresh training state around ``model`` (built from ``spec``, initialised or inherited; moved to
         ``device`` here): its optimizer (no weight decay on norms, biases, embeddings, logit scale), LR schedule,
@@ -146,7 +148,7 @@ class TrainState:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc))
         scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16/fp32 need no loss scaling
         ema = Ema(model, tc.ema_decay) if tc.ema_decay > 0 else None
-        return cls(stage, spec, model, config, growth_history, init, optimizer, scheduler, scaler, ema)
+        return cls(stage, spec, model, config, growth_history, init, tokenizer, optimizer, scheduler, scaler, ema)
 
     def state_dict(self, data: dict[str, int] | None = None, world_size: int = 1) -> dict[str, Any]:
         """The checkpoint payload: plain data only (``torch.load(weights_only=True)``).
@@ -169,6 +171,7 @@ class TrainState:
             "model": self.model.state_dict(),
         }
         tail = {"growth_history": self.growth_history, "config": self.config, "init": self.init}
+        tail["tokenizer_sha256"] = self.tokenizer
         ema = self.ema.state if self.ema is not None else None
         if self.optimizer is None:
             return {**head, "optimizer": None, "ema": ema, **tail}

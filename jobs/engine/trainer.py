@@ -49,6 +49,7 @@ from jobs.engine.loop import (
 )
 from jobs.engine.metrics import MetricsLog
 from jobs.engine.rundir import RunDir, TrainDir, check_run_dir
+from jobs.engine.tokens import check_same_tokenizer, run_tokenizer, text_sha256
 from jobs.engine.train_state import TrainState, lr_factor, seed_everything
 from model.spec import ArchSpec
 from model.structs import to_dict
@@ -227,7 +228,9 @@ class _Saver:
         return path
 
 
-def _validator(cfg: RunCfg, stage: int, spec: ArchSpec, state: TrainState, env: DistEnv) -> Callable[[], dict]:
+def _validator(
+    cfg: RunCfg, stage: int, spec: ArchSpec, state: TrainState, env: DistEnv, tokenizer: Path
+) -> Callable[[], dict]:
     """Held-out metrics of the training state (``train.val_every``) on the pairs a stage's evaluation scores (the
     first ``eval.heldout_samples``), read once; the RNG states are restored after, so validating never changes the
     trajectory."""
@@ -243,7 +246,11 @@ def _validator(cfg: RunCfg, stage: int, spec: ArchSpec, state: TrainState, env: 
     def validate() -> dict[str, float]:
         if not batches:
             ctx = spec.text.context_length
-            batches.extend(val_batches(cfg, stage, spec.image.image_size, ctx, samples=cfg.eval.heldout_samples))
+            batches.extend(
+                val_batches(
+                    cfg, stage, spec.image.image_size, ctx, samples=cfg.eval.heldout_samples, tokenizer=tokenizer
+                )
+            )
         rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
         try:
             out = validate_model(state.model, batches, env.device)
@@ -315,7 +322,11 @@ def run_training(
     payload, resume_path, init_payload = _resolve_start(dirs.checkpoints, resume, init, continue_init)
     source = payload or init_payload
     spec = ArchSpec.from_dict(source["spec"]) if source is not None else cfg.model
-    check_corpus(cfg.data.root, stage, spec.text.vocab_size)
+    check_corpus(cfg.data.root, stage, spec.text.vocab_size, cfg.data.tokenizer)
+    tokenizer = run_tokenizer(run_dir, cfg.data.tokenizer, cfg.data.root)  # the run's own copy from now on
+    for start, start_path in ((payload, resume_path), (init_payload, init)):
+        if start is not None:
+            check_same_tokenizer(start, Path(str(start_path)), tokenizer)
     batching = _batching(tc, env)
     kernels = _kernels(spec, tc, env, batching, stage)
 
@@ -329,8 +340,9 @@ def run_training(
     history = list(source.get("growth_history", [])) if source is not None else []
     init_name = str(init) if init else None
     state = TrainState.build(
-        spec, model, tc, env.device, stage=stage, config=to_dict(cfg), growth_history=history, init=init_name
-    )
+        spec, model, tc, env.device, stage=stage, config=to_dict(cfg), growth_history=history, init=init_name,
+        tokenizer=text_sha256(tokenizer.read_text()),
+    )  # fmt: skip
     position = DataPosition()
     if payload is not None:
         _check_optimizer_state(payload, resume_path, state.optimizer, tc)
@@ -371,6 +383,7 @@ def run_training(
         context_length=spec.text.context_length,
         segment_every=tc.checkpoint_every,
         position=position,
+        tokenizer=tokenizer,
     )
     try:
         save = _Saver(state, stream, env, metrics)
@@ -388,7 +401,7 @@ def run_training(
             last_checkpoint=resume_path,
             progress=progress,
             stop_at=stop_at,
-            validate=_validator(cfg, stage, spec, state, env) if tc.val_every else None,
+            validate=_validator(cfg, stage, spec, state, env, tokenizer) if tc.val_every else None,
         )
     finally:
         stream.close()

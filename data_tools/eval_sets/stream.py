@@ -1,0 +1,191 @@
+"""Reading an eval task: its shards through webdataset, decoded and batched as they are consumed.
+
+Memory is independent of the task's size: a DataLoader over ``wds.DataPipeline`` (shard list, split by
+worker, ``tarfile_to_samples``, decode, ``batched``) holds a few batches at a time, never the task.
+:func:`decode_image` is the one decode of evaluation for every task type (webp, png, jpg or jpeg bytes ->
+RGB -> centre crop to the model's side -> uint8); :func:`preprocess` is its second half, for an image
+already opened (tests/test_eval_clip_benchmark.py hands it to CLIP_benchmark as its transform). Damage is
+handled like the training reader: a shard that cannot be read further is logged and the samples before
+the damage are kept; a sample that lost a part is skipped and counted (one warning per stream). An image
+that does not decode or a label that does not fit the task's classes is an error naming the sample.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from data_tools.eval_sets.tasks import (
+    IMAGE_EXTENSIONS,
+    MULTILABEL,
+    RETRIEVAL,
+    EvalTask,
+    find_eval_tasks,
+)
+from data_tools.imaging import resize_image
+from data_tools.loaders import _open_image, image_to_uint8, normalize_batch
+
+__all__ = [
+    "ClassificationSet",
+    "RetrievalSet",
+    "decode_image",
+    "eval_batches",
+    "load_eval_task",
+    "preprocess",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def preprocess(img: Image.Image, image_size: int) -> torch.Tensor:
+    """An opened image -> uint8 (3, S, S) RGB: ``convert("RGB")`` (as CLIP_benchmark's transforms do), then a
+    bicubic resize of the short side and a centre crop to S (an S x S image is kept as it is)."""
+    img = img if img.mode == "RGB" else img.convert("RGB")
+    if img.size != (image_size, image_size):
+        img = resize_image(img, image_size, "center_crop")
+    return image_to_uint8(img)
+
+
+def decode_image(data: bytes, image_size: int) -> torch.Tensor:
+    """Encoded image bytes (webp, png, jpg, jpeg) -> uint8 (3, S, S): see :func:`preprocess`."""
+    return preprocess(_open_image(data), image_size)
+
+
+def _label(task: EvalTask, sample: dict[str, Any]) -> Any:
+    """The sample's label: class index (cls), float multi-hot vector (C,) (npy) or its captions (txt)."""
+    raw = sample[task.label_key]
+    if task.type == RETRIEVAL:
+        return raw.decode("utf-8").splitlines()  # CLIP_benchmark: str.splitlines
+    if task.type == MULTILABEL:
+        vec = np.load(io.BytesIO(raw), allow_pickle=False)
+        if vec.shape != (len(task.classnames),):
+            raise ValueError(f"a label of shape {vec.shape}, expected ({len(task.classnames)},) = the class names")
+        return torch.from_numpy(vec.astype(np.float32))
+    label = int(raw)
+    if not 0 <= label < len(task.classnames):
+        raise ValueError(f"label {label} is outside the {len(task.classnames)} class names")
+    return label
+
+
+@dataclass(frozen=True)
+class _Decode:
+    """Pipeline stage: webdataset samples -> (uint8 image, label); incomplete samples are skipped and counted."""
+
+    task: EvalTask
+    image_size: int
+
+    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[tuple[torch.Tensor, Any]]:
+        incomplete = 0
+        for sample in samples:
+            ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+            if ext is None or self.task.label_key not in sample:
+                incomplete += 1  # the sample a truncation cut through: its parts are not all there
+                continue
+            try:
+                yield decode_image(sample[ext], self.image_size), _label(self.task, sample)
+            except Exception as exc:  # PIL raises many types; numpy, int() others
+                where = f"{sample.get('__url__')} {sample['__key__']}.{ext}/.{self.task.label_key}"
+                raise ValueError(f"eval task {self.task.name}: sample {where}: {exc}") from exc
+        if incomplete:
+            logger.warning("eval task %s: skipped %d incomplete samples (damaged shard?)", self.task.name, incomplete)
+
+
+@dataclass(frozen=True)
+class _Collate:
+    """``wds.batched``'s collation: normalised float images (B, 3, S, S) and the labels of the task's type."""
+
+    kind: str
+
+    def __call__(self, batch: list[tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor, Any]:
+        images = normalize_batch(torch.stack([img for img, _ in batch]))
+        labels = [label for _, label in batch]
+        if self.kind == RETRIEVAL:
+            return images, labels  # list of caption lists
+        if self.kind == MULTILABEL:
+            return images, torch.stack(labels)  # (B, C)
+        return images, torch.tensor(labels, dtype=torch.long)  # (B,)
+
+
+@dataclass(frozen=True)
+class _ReadErrors:
+    """webdataset's exception handler: log a shard read error and go on (the samples before it are kept)."""
+
+    task: str
+
+    def __call__(self, exc: Exception) -> bool:
+        logger.warning("eval task %s: read error, keeping the samples before it: %s", self.task, exc)
+        return True
+
+
+def _as_is(batch: Any) -> Any:
+    return batch
+
+
+def eval_batches(
+    task: EvalTask, image_size: int, batch_size: int, *, workers: int = 0
+) -> DataLoader[tuple[torch.Tensor, Any]]:
+    """The task's samples in batches ``(images (B, 3, S, S) float, labels)``, read as they are consumed.
+
+    Labels: ``LongTensor (B,)`` (classification), float ``(B, C)`` multi-hot (multilabel), or a list of
+    each image's captions (retrieval). With ``workers`` > 0 the shards are shared out among that many
+    DataLoader processes (a task of one shard keeps one busy), so batches come in another order.
+    """
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList([str(s) for s in task.shards]),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=_ReadErrors(task.name)),
+        _Decode(task, image_size),
+        wds.batched(batch_size, collation_fn=_Collate(task.type), partial=True),
+    )
+    return DataLoader(pipeline, batch_size=None, num_workers=workers, collate_fn=_as_is)
+
+
+@dataclass
+class ClassificationSet:
+    """A classification task in memory: images (N,3,H,W), labels (N,) — or (N, C) multi-hot for multilabel."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    classnames: list[str]
+    templates: list[str]
+
+
+@dataclass
+class RetrievalSet:
+    """A retrieval task in memory: images (N,3,H,W) and several captions per image."""
+
+    name: str
+    images: torch.Tensor
+    captions: list[list[str]]
+
+
+def load_eval_task(data_root: str | Path, task: str, *, image_size: int = 64) -> ClassificationSet | RetrievalSet:
+    """One task of ``DATA_ROOT/eval`` read whole into memory: for small tasks (tests, notebooks). Evaluation
+    streams instead (:func:`eval_batches`).
+
+    Raises:
+        ValueError: the task is not there (the available ones are listed), or it has no readable sample.
+    """
+    found = find_eval_tasks(data_root, only=[task])[task]
+    images: list[torch.Tensor] = []
+    labels: list[Any] = []
+    for x, y in eval_batches(found, image_size, 256):
+        images.append(x)
+        labels.extend(y)
+    if not images:
+        raise ValueError(f"eval task {task}: no readable sample in {found.path / 'test'}")
+    pixels = torch.cat(images)
+    if found.type == RETRIEVAL:
+        return RetrievalSet(task, pixels, labels)
+    return ClassificationSet(task, pixels, torch.stack(labels), list(found.classnames), list(found.templates))

@@ -1,0 +1,134 @@
+"""The tokenizer belongs to the run (issue #18): one file per training, its hash in every checkpoint.
+
+``data.tokenizer`` names where a run's tokenizer comes from: ``corpus`` (``DATA_ROOT/tokenizer.json``, the
+byte-level BPE trained on stage 1's captions), ``clip`` (CLIP's standard BPE from the open_clip wheel,
+data_tools/clip_bpe.py) or the path of a ``tokenizer.json``. A training copies it into its directory as
+``tokenizer.json`` the first time (:func:`run_tokenizer`) and from then on uses that copy; the copy's SHA-256
+goes into every checkpoint (``tokenizer_sha256``). Whatever reads a checkpoint later — a resumed training,
+the next stage's training of a grown model, ``evaluate``, ``export`` — takes the tokenizer with that hash
+(:func:`checkpoint_tokenizer`) and refuses any other, naming both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from jobs.config import ConfigError
+
+__all__ = [
+    "TOKENIZER_NAME",
+    "checkpoint_tokenizer",
+    "check_same_tokenizer",
+    "run_tokenizer",
+    "source_text",
+    "text_sha256",
+]
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_NAME = "tokenizer.json"
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _describe(setting: str, data_root: Path) -> str:
+    if setting == "corpus":
+        return f"data.tokenizer=corpus ({Path(data_root) / TOKENIZER_NAME})"
+    if setting == "clip":
+        return "data.tokenizer=clip (CLIP's BPE from open-clip-torch)"
+    return f"data.tokenizer={setting}"
+
+
+def source_text(setting: str, data_root: Path) -> tuple[str, str]:
+    """The tokenizer ``data.tokenizer`` names, as ``(tokenizer.json text, a description for messages)``.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or open-clip-torch is missing for ``clip``.
+    """
+    desc = _describe(setting, data_root)
+    if setting == "clip":
+        from data_tools.clip_bpe import build_clip_tokenizer
+
+        try:
+            return build_clip_tokenizer().to_str(), desc
+        except FileNotFoundError as exc:
+            raise ConfigError(str(exc)) from None
+    path = Path(data_root) / TOKENIZER_NAME if setting == "corpus" else Path(setting)
+    if not path.is_file():
+        fix = f"python -m data_tools train-tokenizer {data_root}" if setting == "corpus" else "fix data.tokenizer"
+        raise ConfigError(f"{path} does not exist ({desc}): {fix}")
+    return path.read_text(), desc
+
+
+def run_tokenizer(train_dir: Path, setting: str, data_root: Path, *, write: bool = True) -> Path:
+    """The training's own tokenizer: ``train_dir/tokenizer.json``, copied from ``data.tokenizer`` the first time
+    (atomically, by the main process: ``write``); later calls check that the source still is the same.
+
+    Raises:
+        ConfigError: the source changed since the training copied it (a resumed run would tokenize differently).
+    """
+    from data_tools.atomic import atomic_write_text
+
+    own = Path(train_dir) / TOKENIZER_NAME
+    text, desc = source_text(setting, data_root)
+    if own.is_file():
+        have, want = text_sha256(own.read_text()), text_sha256(text)
+        if have != want:
+            raise ConfigError(
+                f"the run's tokenizer {own} (sha256 {have[:12]}) differs from {desc} (sha256 {want[:12]}): "
+                "this training started with the first and must go on with it; restore that tokenizer as the source, "
+                "or train into a new run dir"
+            )
+    elif write:
+        own.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(own, text)
+        logger.info("tokenizer: %s copied to %s (sha256 %s)", desc, own, text_sha256(text)[:12])
+    return own
+
+
+def check_same_tokenizer(payload: dict[str, Any], what: Path, tokenizer: Path) -> None:
+    """The checkpoint ``what`` (its ``payload``) was trained with ``tokenizer``.
+
+    A checkpoint written before tokenizers were recorded has no hash: accepted with a warning.
+
+    Raises:
+        ConfigError: the hashes differ; the message names both files.
+    """
+    want = payload.get("tokenizer_sha256")
+    have = text_sha256(Path(tokenizer).read_text())
+    if want is None:
+        logger.warning("%s records no tokenizer (written before runs kept theirs): assuming %s", what, tokenizer)
+    elif want != have:
+        raise ConfigError(
+            f"{what} was trained with a tokenizer of sha256 {want[:12]}, but {tokenizer} has sha256 {have[:12]}: "
+            "give the run's own tokenizer (the tokenizer.json of the run dir that wrote the checkpoint, --tokenizer)"
+        )
+
+
+def checkpoint_tokenizer(ckpt: Path, payload: dict[str, Any], explicit: Path | None, data_root: Path | None) -> Path:
+    """The tokenizer to read checkpoint ``ckpt`` with: ``explicit`` if given, else the nearest ``tokenizer.json``
+    in the checkpoint's folder or above (its run dir), else ``data_root``'s; checked against the checkpoint's hash.
+
+    Raises:
+        ConfigError: none found, or the one found is not the checkpoint's (both named).
+    """
+    if explicit is not None:
+        candidates = [Path(explicit)]
+    else:
+        ckpt = Path(ckpt).resolve()
+        candidates = [d / TOKENIZER_NAME for d in ckpt.parents if (d / TOKENIZER_NAME).is_file()][:1]
+        if not candidates and data_root is not None:
+            candidates = [Path(data_root) / TOKENIZER_NAME]
+    if not candidates or not candidates[0].is_file():
+        raise ConfigError(
+            f"no tokenizer for {ckpt}: none in its run dir, "
+            + (f"none at {candidates[0]}" if candidates else "no --data-root")
+            + "; pass --tokenizer FILE (the tokenizer.json the run trained with)"
+        )
+    check_same_tokenizer(payload, ckpt, candidates[0])
+    return candidates[0]
