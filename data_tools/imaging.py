@@ -201,6 +201,22 @@ def resize_image(
     return canvas
 
 
+def resize_shortest_and_crop(img: Image.Image, size: int) -> Image.Image:
+    """CLIP's evaluation transform, pixel for pixel as torchvision's ``Resize(size, BICUBIC)`` +
+    ``CenterCrop(size)`` do it on a PIL image (what open_clip's and CLIP_benchmark's preprocessing apply):
+    the short side to ``size``, the long side to ``int(size * long / short)`` (truncated), then the centre
+    ``size`` x ``size`` (offsets rounded)."""
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = round((new_w - size) / 2.0), round((new_h - size) / 2.0)  # Python rounding, as torchvision
+    return img.crop((left, top, left + size, top + size))
+
+
 def encode_jpeg(img: Image.Image, quality: int) -> bytes:
     """Baseline JPEG bytes without metadata (deterministic for the same pixels and PIL version)."""
     buf = io.BytesIO()

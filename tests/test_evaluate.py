@@ -170,3 +170,19 @@ def test_evaluate_cli_beats_chance_after_short_training(trained_run, tmp_path: P
     at_end = json.loads((trained_run.run_dir / "stage_01" / "eval" / "metrics.json").read_text())
     assert at_end["tasks"]["fashion_mnist"]["acc1"] == pytest.approx(tasks["fashion_mnist"]["acc1"])
     assert len(list((trained_run.run_dir / "stage_01" / "eval" / "clip_benchmark").iterdir())) == 7
+
+
+def test_eval_resize_is_torchvisions_resize_and_centre_crop() -> None:
+    """Evaluation preprocesses raw images pixel for pixel as open_clip / CLIP_benchmark do (Resize + CenterCrop)."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from data_tools.imaging import resize_shortest_and_crop
+
+    rng = np.random.default_rng(0)
+    for w, h in [(640, 427), (427, 640), (33, 100), (100, 33), (224, 225), (301, 299), (31, 32)]:
+        img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        for size in (32, 224):
+            ref = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)])(img)
+            assert np.array_equal(np.asarray(resize_shortest_and_crop(img, size)), np.asarray(ref)), (w, h, size)

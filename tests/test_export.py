@@ -117,23 +117,23 @@ def exported(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
 
 
 def _photos() -> list:
-    """Real photos (scikit-learn's two 640x427 samples) cut to landscape 3:2, portrait 2:3 and square.
+    """Real photos (scikit-learn's two 640x427 samples): uncut, and cut to landscape 3:2, portrait 2:3 and square.
 
-    open_clip resizes the shortest side with torchvision's ``Resize``, which truncates the other side
-    (640x427 -> 47x32, not 47.96x32: a 2 % squeeze at 32 px, 0.2 % at 224 px) before the centre crop; we crop
-    exactly, then resize. On sizes where that side is whole, as here, the two give the same pixels; on the
-    uncut photos the pixels differ by the squeeze (README.md "Export to open_clip").
+    Our evaluation resizes and crops exactly as open_clip's transforms do (data_tools.imaging
+    ``resize_shortest_and_crop``: torchvision's truncation of the long side included), so every aspect gives
+    the same pixels on both sides.
     """
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
     photos = [Image.fromarray(a) for a in load_sample_images().images]
-    return [p.crop(box) for p in photos for box in ((0, 0, 639, 426), (200, 0, 484, 426), (100, 0, 527, 427))]
+    boxes = ((0, 0, 639, 426), (200, 0, 484, 426), (100, 0, 527, 427))
+    return photos + [p.crop(box) for p in photos for box in boxes]
 
 
 def test_open_clip_round_trip(exported: tuple[Path, Path], corpus: Path) -> None:
-    from data_tools.imaging import resize_image
-    from data_tools.loaders import MEAN, STD, image_to_tensor
+    from data_tools.eval_sets.stream import preprocess as eval_preprocess
+    from data_tools.loaders import MEAN, STD, normalize_batch
     from data_tools.tokenizer import load_tokenizer, tokenize
     from jobs.engine.checkpoint import load_checkpoint
 
@@ -160,7 +160,7 @@ def test_open_clip_round_trip(exported: tuple[Path, Path], corpus: Path) -> None
 
     photos = _photos()
     with torch.no_grad():
-        a = ours.encode_image(torch.stack([image_to_tensor(resize_image(p, 32, "center_crop")) for p in photos]))
+        a = ours.encode_image(normalize_batch(torch.stack([eval_preprocess(p, 32) for p in photos])))
         b = oc.encode_image(torch.stack([preprocess(p) for p in photos]), normalize=True)
         same_pixels = torch.stack([preprocess(p) for p in photos])
         exact = (ours.encode_image(same_pixels) * oc.encode_image(same_pixels, normalize=True)).sum(-1)
@@ -170,7 +170,7 @@ def test_open_clip_round_trip(exported: tuple[Path, Path], corpus: Path) -> None
     assert text_cos.min() > 0.99999, text_cos.tolist()
     image_cos = (a * b).sum(-1)
     assert image_cos.min() > 0.999, f"ours vs open_clip's own preprocessing: {image_cos.tolist()}"
-    assert sorted({p.size for p in photos}) == [(284, 426), (427, 427), (639, 426)]
+    assert sorted({p.size for p in photos}) == [(284, 426), (427, 427), (639, 426), (640, 427)]
     assert oc.logit_scale.exp().item() == pytest.approx(scale.item(), rel=1e-6)
     provenance = json.loads((out / "growclip_export.json").read_text())
     assert provenance["weights"] == "ema" and provenance["step"] == 0 and provenance["spec"] == spec.to_dict()

@@ -32,7 +32,7 @@ from data_tools.eval_sets.tasks import (
     EvalTask,
     find_eval_tasks,
 )
-from data_tools.imaging import resize_image
+from data_tools.imaging import resize_shortest_and_crop
 from data_tools.loaders import _open_image, image_to_uint8, normalize_batch
 
 __all__ = [
@@ -48,11 +48,12 @@ logger = logging.getLogger(__name__)
 
 
 def preprocess(img: Image.Image, image_size: int) -> torch.Tensor:
-    """An opened image -> uint8 (3, S, S) RGB: ``convert("RGB")`` (as CLIP_benchmark's transforms do), then a
-    bicubic resize of the short side and a centre crop to S (an S x S image is kept as it is)."""
+    """An opened image -> uint8 (3, S, S) RGB: ``convert("RGB")``, then a bicubic resize of the short side and a
+    centre crop to S exactly as open_clip's / CLIP_benchmark's transforms do (:func:`resize_shortest_and_crop`;
+    an S x S image is kept as it is), so an exported model sees the same pixels through open_clip."""
     img = img if img.mode == "RGB" else img.convert("RGB")
     if img.size != (image_size, image_size):
-        img = resize_image(img, image_size, "center_crop")
+        img = resize_shortest_and_crop(img, image_size)
     return image_to_uint8(img)
 
 
