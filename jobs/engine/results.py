@@ -43,8 +43,9 @@ build-offline data/experiments-iid --growth iid --stage-sizes 3000,6000,12000 --
 the note below says which), 32 px; an eval suite of 6 zero-shot classification tasks and one retrieval
 task, `emoji_retrieval`, 500 images each — not the paper's 9 tasks or Flickr30K), a 0.36M-parameter stage-1 CLIP, 800
 training steps per stage at batch 64; the search (since issue #17) is successive halving over at most 6
-candidates on the first steps of the stage's own training (20, 40, 80 steps; keep half; scored by the held-out
-loss of an EMA of the weights) and the winner's training continues its search state (before: 50-step
+candidates on the first steps of the stage's own training (20, 40, 80 steps; keep half; in the runs/exp17 suite
+scored by the held-out loss of an EMA of the weights, since then by the held-out loss at a re-fitted temperature,
+docs/fidelity.md) and the winner's training continues its search state (before: 50-step
 trainings of their own, all discarded). The fixed-architecture baselines get the same total compute as
 GrowCLIP's run of the same seed, its search overhead included (`match_compute`), so their step counts
 differ. Zero-shot accuracy is the mean over the 6 tasks.
