@@ -258,6 +258,11 @@ class RunDir:
         return self.path / "plan.json"
 
     @property
+    def tokenizer_json(self) -> Path:
+        """The tokenizer the run trains with (jobs/engine/tokens.py: copied once, its hash in every checkpoint)."""
+        return self.path / "tokenizer.json"
+
+    @property
     def lock(self) -> Path:
         return self.path / "lock"
 

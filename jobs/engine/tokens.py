@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.config import ConfigError
+from jobs.engine.rundir import RunDir
 
 __all__ = [
     "TOKENIZER_NAME",
@@ -65,16 +66,16 @@ def source_text(setting: str, data_root: Path) -> tuple[str, str]:
     return path.read_text(), desc
 
 
-def run_tokenizer(train_dir: Path, setting: str, data_root: Path, *, write: bool = True) -> Path:
-    """The training's own tokenizer: ``train_dir/tokenizer.json``, copied from ``data.tokenizer`` the first time
-    (atomically, by the main process: ``write``); later calls check that the source still is the same.
+def run_tokenizer(run_dir: Path, setting: str, data_root: Path) -> Path:
+    """The run's own tokenizer: ``RUN_DIR/tokenizer.json``, copied from ``data.tokenizer`` the first time
+    (atomically; every rank may write it: same bytes); later calls check that the source still is the same.
 
     Raises:
         ConfigError: the source changed since the training copied it (a resumed run would tokenize differently).
     """
     from data_tools.atomic import atomic_write_text
 
-    own = Path(train_dir) / TOKENIZER_NAME
+    own = RunDir(run_dir).tokenizer_json
     text, desc = source_text(setting, data_root)
     if own.is_file():
         have, want = text_sha256(own.read_text()), text_sha256(text)
@@ -84,7 +85,7 @@ def run_tokenizer(train_dir: Path, setting: str, data_root: Path, *, write: bool
                 "this training started with the first and must go on with it; restore that tokenizer as the source, "
                 "or train into a new run dir"
             )
-    elif write:
+    else:
         own.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(own, text)
         logger.info("tokenizer: %s copied to %s (sha256 %s)", desc, own, text_sha256(text)[:12])
