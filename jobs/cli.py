@@ -213,7 +213,7 @@ def _add_export_verb(verbs: Any) -> None:
         help="the tokenizer.json the run trained with, or its folder (default: the run dir's, else the corpus's; "
         "checked against the checkpoint's hash)",
     )
-    p.add_argument("--force", action="store_true", help="replace DIR when it is not empty")
+    p.add_argument("--force", action="store_true", help="replace DIR when it holds an earlier export")
     p.set_defaults(func=_lazy("jobs.export", "cmd_export"))
 
 

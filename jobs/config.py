@@ -49,6 +49,7 @@ __all__ = [
     "check_stage",
     "config_differences",
     "dump_cfg",
+    "with_absolute_paths",
     "load_cfg",
     "read_yaml",
 ]
@@ -99,11 +100,6 @@ class DataCfg:
         _non_negative("data", num_workers=self.num_workers)
         _fraction("data", replay_fraction=self.replay_fraction)
         _require(0.0 < self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction} must be in (0, 1)")
-
-    def resolved(self) -> DataCfg:
-        """The same with absolute paths (root, a tokenizer file): a job may start in another directory."""
-        tok = self.tokenizer if self.tokenizer in ("corpus", "clip") else str(Path(self.tokenizer).resolve())
-        return replace(self, root=self.root.resolve(), tokenizer=tok)
 
 
 @dataclass(frozen=True)
@@ -421,6 +417,15 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
     return raw
+
+
+def with_absolute_paths(cfg: RunCfg) -> RunCfg:
+    """The config with every path absolute (data.root, a data.tokenizer file, eval.task_dirs): a queued job may
+    start in another directory than the one it was submitted from (``submit``, ``submit-train``)."""
+    tok = cfg.data.tokenizer
+    tok = tok if tok in ("corpus", "clip") else str(Path(tok).resolve())
+    data = replace(cfg.data, root=cfg.data.root.resolve(), tokenizer=tok)
+    return replace(cfg, data=data, eval=replace(cfg.eval, task_dirs=tuple(p.resolve() for p in cfg.eval.task_dirs)))
 
 
 def load_cfg(path: Path | None, overrides: Sequence[str] = ()) -> RunCfg:

@@ -29,7 +29,9 @@ __all__ = ["cmd_evaluate"]
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate ``--checkpoint`` on the eval suite of ``--data-root`` and the ``--task-dir`` folders."""
     setup_logging(0)
-    if not args.task_dir and not _has_eval_tasks(args.data_root):
+    # early, before the checkpoint is read: nothing to evaluate (a checkpoint's stored eval.task_dirs, or --set
+    # eval.task_dirs, may still name tasks: then evaluate_model decides)
+    if not (args.task_dir or args.checkpoint.is_file() or _has_eval_tasks(args.data_root)):
         print(
             f"error: {args.data_root}/eval/tasks.json not found and no dataset folder (with test/nshards.txt) in "
             f"{args.data_root}/eval: give a corpus with an eval suite (python -m data_tools build-offline "
@@ -68,7 +70,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return fail(exc, 2)
     cb_dir = args.clip_benchmark_dir or (args.out.parent / "clip_benchmark" if args.out else None)
     if cb_dir is not None:
-        write_clip_benchmark(result, cb_dir)
+        try:
+            write_clip_benchmark(result, cb_dir)
+        except FileExistsError as exc:  # another checkpoint's result of the same file name
+            return fail(exc, 2)
     if args.out:
         atomic_write_json(args.out, result)
         print(args.out)
@@ -78,8 +83,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _has_eval_tasks(data_root: Path) -> bool:
-    """``DATA_ROOT/eval`` holds tasks.json or a dataset folder (what ``find_eval_tasks`` looks for)."""
-    eval_dir = data_root / "eval"
-    if (eval_dir / "tasks.json").is_file():
+    """``DATA_ROOT/eval`` holds a task (tasks.json or a dataset folder, as ``find_eval_tasks`` finds them)."""
+    from data_tools.eval_sets import find_eval_tasks
+
+    try:
+        return bool(find_eval_tasks(data_root))
+    except (OSError, ValueError):  # a task is there but unusable: evaluation names what is wrong
         return True
-    return eval_dir.is_dir() and any((d / "test" / "nshards.txt").is_file() for d in eval_dir.iterdir())

@@ -44,7 +44,7 @@ from jobs.cluster import (
 )
 from jobs.cluster import accounting_states as accounting_states  # jobs/report.py (runs) asks the queue through these
 from jobs.cluster import queue_states as queue_states
-from jobs.config import ConfigError, RunCfg, dump_cfg, load_cfg
+from jobs.config import ConfigError, RunCfg, dump_cfg, load_cfg, with_absolute_paths
 from jobs.engine.data import check_corpus
 from jobs.engine.oracle import oracle_status
 from jobs.engine.pipeline import STEPS, Action, max_candidates, plan_actions, stage_candidates, stage_state
@@ -249,7 +249,7 @@ def run_local(cfg: RunCfg, cfg_path: Path, run_dir: Path, stages: list[int], kin
 def _prepare(args: argparse.Namespace) -> tuple[RunCfg, Path, Path, list[int], str]:
     """Load + resolve the config, pick the run dir, write/compare RUN_DIR/config.yaml, check the tokenizer."""
     cfg = load_cfg(args.config, args.overrides)
-    cfg = replace(cfg, data=cfg.data.resolved())
+    cfg = with_absolute_paths(cfg)
     run_dir = Path(args.run_dir or cfg.run_dir).resolve()
     kind = args.executor or cfg.cluster.executor
     cfg = replace(cfg, cluster=replace(cfg.cluster, executor=kind))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import submitit
 from data_tools.atomic import atomic_write_text
 from data_tools.cli_errors import fail
 from jobs.cluster import make_executor  # one executor factory for every job (re-exported: tests use this name)
-from jobs.config import ConfigError, check_stage, dump_cfg, load_cfg
+from jobs.config import ConfigError, check_stage, dump_cfg, load_cfg, with_absolute_paths
 from jobs.engine.data import check_corpus
 from jobs.engine.dist import cleanup_distributed, init_distributed
 from jobs.engine.rundir import RunDir, check_run_dir
@@ -67,7 +66,7 @@ def cmd_submit_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir).resolve()
     try:
         cfg = load_cfg(args.config, args.overrides)
-        cfg = replace(cfg, data=cfg.data.resolved())  # the job may start elsewhere
+        cfg = with_absolute_paths(cfg)  # the job may start elsewhere
         check_stage(cfg, args.stage)
         check_corpus(cfg.data.root, args.stage, cfg.model.text.vocab_size, cfg.data.tokenizer)
         check_run_dir(run_dir, cfg)  # refuse before anything is queued, not in the job

@@ -369,3 +369,18 @@ def test_eval_batches_stream_every_image_format_across_shards(tmp_path: Path) ->
     (cars / "classnames.txt").write_text("a\nb\n")  # labels go up to 2
     with pytest.raises(ValueError, match=r"eval task wds_cars: sample .*0.tar s0000002.jpg/.cls: label 2 is outside"):
         list(eval_batches(find_eval_tasks(None, [cars])["wds_cars"], 12, 3))
+
+
+def test_clip_benchmark_files_of_another_checkpoint_are_never_replaced(tmp_path: Path) -> None:
+    """CLIP_benchmark names files by the checkpoint's base name: stage 1's final.pt must not overwrite stage 2's."""
+    from jobs.engine.clip_benchmark import write_clip_benchmark
+
+    def result(ckpt: str, acc1: float) -> dict:
+        row = {"type": "classification", "acc1": acc1, "mean_per_class_recall": acc1}
+        return {"weights": "model", "checkpoint": ckpt, "tasks": {"mnist": row}}
+
+    (path,) = write_clip_benchmark(result("/r/stage_01/train/final.pt", 0.5), tmp_path)
+    assert write_clip_benchmark(result("/r/stage_01/train/final.pt", 0.6), tmp_path) == [path]  # same: updated
+    with pytest.raises(FileExistsError, match=r"another checkpoint \(/r/stage_01/train/final\.pt\)"):
+        write_clip_benchmark(result("/r/stage_02/train/final.pt", 0.7), tmp_path)
+    assert json.loads(path.read_text())["metrics"]["acc1"] == 0.6

@@ -257,10 +257,17 @@ def test_out_must_be_new_or_empty_unless_force(
     (out / "keep.txt").write_text("mine")
     code, err = _export(capsys, "--checkpoint", str(ckpt), "--out", str(out))
     assert code == 2 and "not empty" in err and "--force" in err and (out / "keep.txt").read_text() == "mine"
-    code, err = _export(capsys, "--checkpoint", str(ckpt), "--out", str(out), "--force")
+    code, err = _export(capsys, "--checkpoint", str(ckpt), "--out", str(out), "--force")  # not an export: kept
+    assert code == 2 and "not an earlier export" in err and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert _export(capsys, "--checkpoint", str(ckpt), "--out", str(out))[0] == 0
+    (out / "stale.txt").write_text("from an earlier export")
+    code, err = _export(capsys, "--checkpoint", str(ckpt), "--out", str(out), "--force")  # an earlier export
     assert code == 0, err
-    assert not (out / "keep.txt").exists() and (out / "open_clip_config.json").is_file()
+    assert not (out / "stale.txt").exists() and (out / "open_clip_config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["oc"], "no temp folder left behind"
+    code, err = _export(capsys, "--checkpoint", str(ckpt), "--out", str(ckpt.parent), "--force")
+    assert code == 2 and "holds the checkpoint" in err and ckpt.is_file()
     empty = tmp_path / "empty"
     empty.mkdir()
     assert _export(capsys, "--checkpoint", str(ckpt), "--out", str(empty))[0] == 0

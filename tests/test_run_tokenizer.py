@@ -43,16 +43,31 @@ def test_training_keeps_its_tokenizer_and_refuses_another(tiny_pipeline_config: 
     cli = [sys.executable, "-m", "jobs", "evaluate", "--checkpoint", str(res.final), "--data-root", str(root)]
     proc = subprocess.run([*cli, "--tokenizer", str(other)], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "trained with a tokenizer of sha256" in proc.stderr and str(other) in proc.stderr
-    # the corpus's tokenizer changes under an interrupted run: its resume refuses, naming the run's copy and the source
+    # the corpus's tokenizer changes under an interrupted run: its resume goes on with the run's own copy
     (root / "tokenizer.json").write_text(other.read_text())
     for done in (res.final, res.final.with_name(res.final.name + ".sha256")):
         done.unlink()  # as if killed before the end: the step checkpoints remain
-    with pytest.raises(ConfigError, match=rf"{own}.*differs from data.tokenizer=corpus \({root}/tokenizer.json\)"):
-        run_training(cfg, 1, run, DistEnv(), progress=False)
-    # ... and a new run on the changed corpus cannot start from the old run's weights
-    ckpt = sorted((run / "stage_01" / "train" / "checkpoints").glob("*.pt"))[-1]
+    again = run_training(cfg, 1, run, DistEnv(), progress=False)
+    assert torch.load(again.final, weights_only=True)["tokenizer_sha256"] == final["tokenizer_sha256"]
+    assert text_sha256(own.read_text()) == final["tokenizer_sha256"]
+    # a new run on the changed corpus cannot start from the old run's weights, and claims nothing
     with pytest.raises(ConfigError, match=r"trained with a tokenizer of sha256"):
-        run_training(cfg, 2, tmp_path / "run2", DistEnv(), init=ckpt, progress=False)
+        run_training(cfg, 2, tmp_path / "run2", DistEnv(), init=again.final, progress=False)
+    assert not (tmp_path / "run2" / "tokenizer.json").exists()
+    # a work dir inside the run (a search candidate's, the oracle's) inherits the run's tokenizer by its hash
+    work = run / "stage_02" / "search" / "cand_00" / "work"
+    grown = run_training(cfg, 2, work, DistEnv(), init=again.final, progress=False)
+    assert (work / "tokenizer.json").read_text() == own.read_text() and grown.status == "completed"
+
+
+def test_a_tokenizer_without_the_model_s_specials_is_refused(tiny_pipeline_config: Path, tmp_path: Path) -> None:
+    corpus = load_cfg(tiny_pipeline_config).data.root / "tokenizer.json"
+    bad = tmp_path / "no_eot.json"
+    bad.write_text(corpus.read_text().replace('"<end_of_text>"', '"<eot>"'))
+    cfg = load_cfg(tiny_pipeline_config, [f"data.tokenizer={bad}", "train.steps=2"])
+    with pytest.raises(ConfigError, match=r"no_eot\.json has no <end_of_text> token"):
+        run_training(cfg, 1, tmp_path / "run", DistEnv(), progress=False)
+    assert not (tmp_path / "run" / "tokenizer.json").exists()
 
 
 def test_clip_tokenizer_trains(tiny_pipeline_config: Path, tmp_path: Path) -> None:

@@ -81,9 +81,29 @@ def clip_benchmark_results(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def write_clip_benchmark(result: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Write :func:`clip_benchmark_results` into ``out_dir`` (atomically, one file per task); the paths."""
+    """Write :func:`clip_benchmark_results` into ``out_dir`` (atomically, one file per task); the paths.
+
+    CLIP_benchmark names a file by the checkpoint's base name only, so ``final.pt`` of two stages or runs would
+    share one: a file of another checkpoint is never replaced.
+
+    Raises:
+        FileExistsError: ``out_dir`` holds a result of the same name for another checkpoint (nothing written).
+    """
+    dumps = clip_benchmark_results(result)
+    for name, dump in dumps.items():
+        old = Path(out_dir) / name
+        if old.is_file():
+            try:
+                other = json.loads(old.read_text()).get("pretrained")
+            except (OSError, ValueError):
+                other = None
+            if other != dump["pretrained"]:
+                raise FileExistsError(
+                    f"{old} holds the result of another checkpoint ({other}); give this one its own folder "
+                    f"(--clip-benchmark-dir)"
+                )
     paths = []
-    for name, dump in clip_benchmark_results(result).items():
+    for name, dump in dumps.items():
         atomic_write_text(Path(out_dir) / name, json.dumps(dump))  # CLIP_benchmark's json.dump: its key order
         paths.append(Path(out_dir) / name)
     return paths

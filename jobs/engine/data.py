@@ -29,12 +29,12 @@ import torch
 from data_tools.loaders import make_train_loader, stage_weights
 from jobs.config import ConfigError, DataCfg
 
-__all__ = ["DataPosition", "BatchStream", "check_corpus", "check_tokenizer", "segment_seed"]
+__all__ = ["DataPosition", "BatchStream", "check_corpus", "check_tokenizer", "check_tokenizer_text", "segment_seed"]
 
 logger = logging.getLogger(__name__)
 
 
-def check_corpus(root: Path, stages: int, vocab_size: int, tokenizer: str = "corpus") -> None:
+def check_corpus(root: Path, stages: int, vocab_size: int, tokenizer: str | None = "corpus") -> None:
     """The corpus can feed stages 1..``stages`` of a model with ``vocab_size`` tokens (checked before any job
     starts: ``plan``, ``submit``, ``train``).
 
@@ -60,14 +60,16 @@ def check_corpus(root: Path, stages: int, vocab_size: int, tokenizer: str = "cor
         check_no_empty_stages(manifest, root)  # an empty stage (appended by an older ingest) is refused with its fix
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    check_tokenizer(root, vocab_size, tokenizer)
+    if tokenizer is not None:  # None: the caller checks the run's own tokenizer (jobs/engine/tokens.py)
+        check_tokenizer(root, vocab_size, tokenizer)
 
 
 def check_tokenizer(root: Path, vocab_size: int, setting: str = "corpus") -> None:
-    """The tokenizer ``data.tokenizer`` names (``setting``) exists and fits a model with ``vocab_size`` tokens.
+    """The tokenizer ``data.tokenizer`` names (``setting``) exists and fits a model with ``vocab_size`` tokens
+    (:func:`check_tokenizer_text`).
 
     Raises:
-        ConfigError: no such tokenizer, or one with more tokens than ``vocab_size``.
+        ConfigError: no such tokenizer, or one that does not fit.
     """
     from jobs.engine.tokens import source_text
 
@@ -75,20 +77,47 @@ def check_tokenizer(root: Path, vocab_size: int, setting: str = "corpus") -> Non
         tok = Path(root) / "tokenizer.json"
         raise ConfigError(f"{tok} does not exist: build the corpus (python -m data_tools build-offline {root})")
     text, desc = source_text(setting, root)
-    try:
-        from tokenizers import Tokenizer
+    fix = (
+        f"rebuild it with `python -m data_tools train-tokenizer {root} --vocab-size {vocab_size}`"
+        if setting == "corpus"
+        else "fix data.tokenizer"
+    )
+    check_tokenizer_text(text, desc, vocab_size, fix)
 
-        vocab = Tokenizer.from_str(text).get_vocab_size()
+
+def check_tokenizer_text(text: str, desc: str, vocab_size: int, fix: str) -> None:
+    """A tokenizer.json (its ``text``, from ``desc``) the model can use: readable, with ``<start_of_text>`` and
+    ``<end_of_text>``, end-of-text the largest id (the text tower pools at the argmax), and no more tokens than
+    ``vocab_size``.
+
+    Raises:
+        ConfigError: what is wrong, ``desc`` and ``fix`` named.
+    """
+    from tokenizers import Tokenizer
+
+    from data_tools.tokenizer import EOT, SOT
+
+    try:
+        tok = Tokenizer.from_str(text)
     except Exception as exc:  # the tokenizers library raises plain Exceptions on a damaged file
+        raise ConfigError(f"the tokenizer cannot be read: {type(exc).__name__}: {exc} ({desc}); {fix}") from None
+    vocab = tok.get_vocab_size()
+    sot, eot = tok.token_to_id(SOT), tok.token_to_id(EOT)
+    if sot is None or eot is None:
+        missing = [name for name, i in ((SOT, sot), (EOT, eot)) if i is None]
         raise ConfigError(
-            f"the tokenizer cannot be read: {type(exc).__name__}: {exc} ({desc}); rebuild it with "
-            f"`python -m data_tools train-tokenizer {root}`"
-        ) from None
+            f"tokenizer {desc} has no {' and no '.join(missing)} token (the model's start and end of text); "
+            f"{fix}: use data.tokenizer corpus, clip or a tokenizer.json with both"
+        )
+    if eot != vocab - 1:
+        raise ConfigError(
+            f"tokenizer {desc}: {EOT} is id {eot}, not the largest ({vocab - 1}); the text tower pools at the "
+            f"largest id, so it must be: {fix}"
+        )
     if vocab > vocab_size:
         raise ConfigError(
             f"tokenizer {desc} has {vocab} tokens but model.text.vocab_size={vocab_size} (token ids must be < "
-            f"vocab_size, end-of-text is the highest id): set --set model.text.vocab_size={vocab}"
-            + (f", or rebuild the corpus with --vocab-size {vocab_size}" if setting == "corpus" else "")
+            f"vocab_size, end-of-text is the highest id): set --set model.text.vocab_size={vocab}, or {fix}"
         )
 
 

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "growclip-open-clip-export"
 WEIGHTS_FILE = "open_clip_model.safetensors"  # the first name open_clip looks for in a local dir
+PROVENANCE = "growclip_export.json"  # marks a folder as an export (--force replaces only such a folder)
 OPEN_CLIP_TESTED = "3.3.0"  # the open-clip-torch version tests/test_export.py round-trips through
 # text_cfg.hf_tokenizer_name only has to be non-empty for open_clip to use the folder's tokenizer.json
 # (local-dir: always the folder itself); on a model hub it must be the repo id (README.md says so)
@@ -74,11 +75,20 @@ def select_weights(payload: dict[str, Any], checkpoint: Path, weights: Weights |
     return (ema if weights == "ema" else payload["model"]), weights
 
 
-def _check_out(out: Path, force: bool) -> None:
+def _check_out(out: Path, force: bool, checkpoint: Path) -> None:
+    """``out`` is new, empty, or (``force``) an earlier export: ``--force`` never deletes anything else."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file: give a folder (created if missing)")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ExportError(f"--out {out} exists and is not empty: give a new folder, or --force to replace it")
+    if out.resolve() in checkpoint.resolve().parents:
+        raise ExportError(f"--out {out} holds the checkpoint {checkpoint}: give a folder outside it")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise ExportError(f"--out {out} exists and is not empty: give a new folder, or --force to replace it")
+        if not (out / PROVENANCE).is_file():
+            raise ExportError(
+                f"--out {out} is not an earlier export (no {PROVENANCE}): --force only replaces an export; give a "
+                "new or empty folder"
+            )
 
 
 def _tokenizer_file(checkpoint: Path, payload: dict[str, Any], explicit: Path | None) -> Path:
@@ -144,7 +154,7 @@ def export_open_clip(
     from jobs.engine.tokens import text_sha256
 
     checkpoint, out = Path(checkpoint), Path(out)
-    _check_out(out, force)
+    _check_out(out, force, Path(checkpoint))
     payload = load_checkpoint(checkpoint)
     spec = ArchSpec.from_dict(payload["spec"])
     check_exportable(spec)
@@ -192,7 +202,7 @@ def export_open_clip(
             (tmp / WEIGHTS_FILE).chmod(stat.S_IMODE((tmp / "README.md").stat().st_mode))  # safetensors: 0600
             (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
             save_hf_tokenizer(tok, tmp, spec.text.context_length)
-            (tmp / "growclip_export.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+            (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
     except FileExistsError as exc:  # appeared since _check_out
         raise ExportError(f"--out: {exc}; give a new folder, or --force to replace it") from None
     logger.info(

@@ -106,7 +106,7 @@ class CandidateResult:
     grown: str | None = None  # cand_KK/grown.pt
     seconds: float | None = None
     round: int = 1  # the search round this result ends (successive halving, issue #17)
-    estimator: str | None = None  # "loss" (the weights) or "ema" (their EMA): what val_loss was measured on
+    estimator: str | None = None  # search.estimator: "loss", "ema" or "refit" (jobs/engine/score.py ESTIMATED)
     checkpoint: str | None = None  # search.trajectory=train: the training state at the round's end
     history: tuple[dict[str, Any], ...] = ()  # earlier rounds: round, steps, val_loss, val_loss_se, proxy_acc1, score
 

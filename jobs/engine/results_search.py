@@ -80,7 +80,7 @@ def _estimators(agg: dict[str, dict[str, Any]], more: Sequence[Path]) -> list[st
     graded: dict[tuple[str, str, int], list[dict[str, Any]]] = {}  # (corpus, estimator, budget) -> rows
     halving: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     run_dirs = [Path(r["loaded"]["run_dir"]) for e in agg.values() for r in e["runs"]]
-    for run_dir in dict.fromkeys([*run_dirs, *more]):
+    for run_dir in dict.fromkeys(d.resolve() for d in [*run_dirs, *more]):  # a run given twice counts once
         root = load_cfg(RunDir(run_dir).config_yaml).data.root
         corpus = f"{root.name} ({growth_mode(root)})"
         for sd in RunDir(run_dir).stages():

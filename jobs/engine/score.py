@@ -30,7 +30,10 @@ class SearchScore:
     zeroshot_weight: float
     cost_weight: float
 
-    FORMULA: ClassVar[str] = "val_loss - zeroshot_weight*proxy_acc1 + cost_weight*log(cost/cost_prev)"
+    FORMULA: ClassVar[str] = (
+        "val_loss - zeroshot_weight*proxy_acc1 + cost_weight*log(cost/cost_prev); val_loss = search.estimator's "
+        "held-out loss (loss: the weights', ema: their EMA's, refit: at the re-fitted temperature)"
+    )
     TERMS: ClassVar[tuple[str, ...]] = ("val_loss", "zeroshot", "cost")  # result keys term_<name>
     INPUTS: ClassVar[tuple[str, ...]] = ("val_loss", "proxy_acc1", "cost_ratio")  # what a candidate measures
 
@@ -52,10 +55,18 @@ class SearchScore:
         }
         return {"score": sum(terms.values()), **{f"term_{k}": v for k, v in terms.items()}}
 
-    @staticmethod
-    def describe(row: Mapping[str, Any]) -> str:
-        """One candidate's score with what it is made of, for logs and selected.json's reason."""
+    ESTIMATED: ClassVar[dict[str, str]] = {  # search.estimator -> what the score's val_loss term is
+        "loss": "val_loss",
+        "ema": "val_loss of the EMA",
+        "refit": "val_loss at the re-fitted temperature",
+    }
+
+    @classmethod
+    def describe(cls, row: Mapping[str, Any]) -> str:
+        """One candidate's score with what it is made of (the estimator's loss: the ``term_val_loss`` the score
+        adds), for logs and selected.json's reason."""
+        what = cls.ESTIMATED.get(row.get("estimator") or "loss", "val_loss")
+        loss = row.get("term_val_loss", row["val_loss"])
         return (
-            f"{row['score']:.4f} (val_loss {row['val_loss']:.4f}, proxy_acc1 {row['proxy_acc1']:.3f}, "
-            f"cost x{row['cost_ratio']:.2f})"
+            f"{row['score']:.4f} ({what} {loss:.4f}, proxy_acc1 {row['proxy_acc1']:.3f}, cost x{row['cost_ratio']:.2f})"
         )

@@ -83,6 +83,7 @@ def _round_rows(
                 "params": res.params,
                 "round": r,
                 "steps": res.steps,
+                "estimator": res.estimator,
                 **{x: getattr(res, x) for x in keys},
             }
         )

@@ -2,9 +2,10 @@
 
 ``data.tokenizer`` names where a run's tokenizer comes from: ``corpus`` (``DATA_ROOT/tokenizer.json``, the
 byte-level BPE trained on stage 1's captions), ``clip`` (CLIP's standard BPE from the open_clip wheel,
-data_tools/clip_bpe.py) or the path of a ``tokenizer.json``. A training copies it into its directory as
-``tokenizer.json`` the first time (:func:`run_tokenizer`) and from then on uses that copy; the copy's SHA-256
-goes into every checkpoint (``tokenizer_sha256``). Whatever reads a checkpoint later — a resumed training,
+data_tools/clip_bpe.py) or the path of a ``tokenizer.json``. A training copies it into its run dir as
+``tokenizer.json`` once its start checks pass (:func:`keep_run_tokenizer`) and from then on uses that copy,
+whatever happens to the source (:func:`run_tokenizer_text`); its SHA-256 goes into every checkpoint
+(``tokenizer_sha256``). Whatever reads a checkpoint later — a resumed training,
 the next stage's training of a grown model, ``evaluate``, ``export`` — takes the tokenizer with that hash
 (:func:`checkpoint_tokenizer`) and refuses any other, naming both.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,8 @@ __all__ = [
     "TOKENIZER_NAME",
     "checkpoint_tokenizer",
     "check_same_tokenizer",
-    "run_tokenizer",
+    "keep_run_tokenizer",
+    "run_tokenizer_text",
     "source_text",
     "text_sha256",
 ]
@@ -66,42 +69,61 @@ def source_text(setting: str, data_root: Path) -> tuple[str, str]:
     return path.read_text(), desc
 
 
-def run_tokenizer(run_dir: Path, setting: str, data_root: Path) -> Path:
-    """The run's own tokenizer: ``RUN_DIR/tokenizer.json``, copied from ``data.tokenizer`` the first time
-    (atomically; every rank may write it: same bytes); later calls check that the source still is the same.
+def run_tokenizer_text(run_dir: Path, setting: str, data_root: Path, hashes: Sequence[str] = ()) -> tuple[str, str]:
+    """The tokenizer a training in ``run_dir`` uses, as ``(tokenizer.json text, where it comes from)``:
 
-    Raises:
-        ConfigError: the source changed since the training copied it (a resumed run would tokenize differently).
+    1. the run's own copy ``RUN_DIR/tokenizer.json`` when it exists — the authority from its first training
+       on (a source that changed since is only warned about: the run goes on with its own);
+    2. else the nearest ``tokenizer.json`` above ``run_dir`` whose hash is one of ``hashes`` (the checkpoints the
+       training starts from: a search candidate's or the oracle's work dir inherits its run's tokenizer);
+    3. else ``data.tokenizer`` (``setting``).
+
+    Nothing is written here: :func:`keep_run_tokenizer` copies it once every start check has passed.
     """
+    own = RunDir(run_dir).tokenizer_json
+    if own.is_file():
+        text = own.read_text()
+        try:
+            src, desc = source_text(setting, data_root)
+        except ConfigError:
+            src, desc = text, ""
+        if text_sha256(src) != text_sha256(text):
+            logger.warning(
+                "%s differs from the run's own tokenizer %s: the run goes on with its own (sha256 %s)",
+                desc, own, text_sha256(text)[:12],
+            )  # fmt: skip
+        return text, str(own)
+    for d in Path(run_dir).resolve().parents:
+        up = RunDir(d).tokenizer_json
+        if up.is_file() and text_sha256(up.read_text()) in hashes:
+            return up.read_text(), str(up)
+    return source_text(setting, data_root)
+
+
+def keep_run_tokenizer(run_dir: Path, text: str, where: str) -> Path:
+    """Copy the training's tokenizer into ``RUN_DIR/tokenizer.json`` unless it is there (atomically; every rank
+    may write it: the same bytes)."""
     from data_tools.atomic import atomic_write_text
 
     own = RunDir(run_dir).tokenizer_json
-    text, desc = source_text(setting, data_root)
-    if own.is_file():
-        have, want = text_sha256(own.read_text()), text_sha256(text)
-        if have != want:
-            raise ConfigError(
-                f"the run's tokenizer {own} (sha256 {have[:12]}) differs from {desc} (sha256 {want[:12]}): "
-                "this training started with the first and must go on with it; restore that tokenizer as the source, "
-                "or train into a new run dir"
-            )
-    else:
+    if not own.is_file():
         own.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(own, text)
-        logger.info("tokenizer: %s copied to %s (sha256 %s)", desc, own, text_sha256(text)[:12])
+        logger.info("tokenizer: %s copied to %s (sha256 %s)", where, own, text_sha256(text)[:12])
     return own
 
 
-def check_same_tokenizer(payload: dict[str, Any], what: Path, tokenizer: Path) -> None:
-    """The checkpoint ``what`` (its ``payload``) was trained with ``tokenizer``.
+def check_same_tokenizer(payload: dict[str, Any], what: Path, tokenizer: Path | str, text: str | None = None) -> None:
+    """The checkpoint ``what`` (its ``payload``) was trained with ``tokenizer`` (a file, or where ``text`` came
+    from).
 
     A checkpoint written before tokenizers were recorded has no hash: accepted with a warning.
 
     Raises:
-        ConfigError: the hashes differ; the message names both files.
+        ConfigError: the hashes differ; the message names both.
     """
     want = payload.get("tokenizer_sha256")
-    have = text_sha256(Path(tokenizer).read_text())
+    have = text_sha256(Path(tokenizer).read_text() if text is None else text)
     if want is None:
         logger.warning("%s records no tokenizer (written before runs kept theirs): assuming %s", what, tokenizer)
     elif want != have:

@@ -35,7 +35,7 @@ from jobs.engine.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from jobs.engine.data import BatchStream, DataPosition, check_corpus
+from jobs.engine.data import BatchStream, DataPosition, check_corpus, check_tokenizer_text
 from jobs.engine.dist import DistEnv
 from jobs.engine.evaluate import evaluate_stage
 from jobs.engine.loop import (
@@ -49,7 +49,7 @@ from jobs.engine.loop import (
 )
 from jobs.engine.metrics import MetricsLog
 from jobs.engine.rundir import RunDir, TrainDir, check_run_dir
-from jobs.engine.tokens import check_same_tokenizer, run_tokenizer, text_sha256
+from jobs.engine.tokens import check_same_tokenizer, keep_run_tokenizer, run_tokenizer_text, text_sha256
 from jobs.engine.train_state import TrainState, lr_factor, seed_everything
 from model.spec import ArchSpec
 from model.structs import to_dict
@@ -322,11 +322,13 @@ def run_training(
     payload, resume_path, init_payload = _resolve_start(dirs.checkpoints, resume, init, continue_init)
     source = payload or init_payload
     spec = ArchSpec.from_dict(source["spec"]) if source is not None else cfg.model
-    check_corpus(cfg.data.root, stage, spec.text.vocab_size, cfg.data.tokenizer)
-    tokenizer = run_tokenizer(run_dir, cfg.data.tokenizer, cfg.data.root)  # the run's own copy from now on
-    for start, start_path in ((payload, resume_path), (init_payload, init)):
-        if start is not None:
-            check_same_tokenizer(start, Path(str(start_path)), tokenizer)
+    check_corpus(cfg.data.root, stage, spec.text.vocab_size, tokenizer=None)
+    starts = [(p, Path(str(path))) for p, path in ((payload, resume_path), (init_payload, init)) if p is not None]
+    hashes = [h for p, _ in starts if (h := p.get("tokenizer_sha256"))]
+    tok_text, tok_from = run_tokenizer_text(run_dir, cfg.data.tokenizer, cfg.data.root, hashes)
+    check_tokenizer_text(tok_text, tok_from, spec.text.vocab_size, "fix data.tokenizer")
+    for start, start_path in starts:
+        check_same_tokenizer(start, start_path, tok_from, tok_text)
     batching = _batching(tc, env)
     kernels = _kernels(spec, tc, env, batching, stage)
 
@@ -341,7 +343,7 @@ def run_training(
     init_name = str(init) if init else None
     state = TrainState.build(
         spec, model, tc, env.device, stage=stage, config=to_dict(cfg), growth_history=history, init=init_name,
-        tokenizer=text_sha256(tokenizer.read_text()),
+        tokenizer=text_sha256(tok_text),
     )  # fmt: skip
     position = DataPosition()
     if payload is not None:
@@ -352,6 +354,7 @@ def run_training(
         dirs.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(dirs.config_yaml, dump_cfg(cfg))
         atomic_write_json(dirs.spec_json, spec.to_dict())
+    tokenizer = keep_run_tokenizer(run_dir, tok_text, tok_from)  # the run's own copy from now on (every rank)
     continued = payload is not None and init is not None and resume_path == Path(init)
     if payload is not None and not continued:
         metrics.truncate_after(state.step)
