@@ -172,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer",
         type=Path,
         metavar="FILE",
-        help="the tokenizer.json the run trained with (default: the run dir's, found from the checkpoint's path, "
-        "else DATA_ROOT's; checked against the checkpoint's hash)",
+        help="the tokenizer.json the run trained with, or its folder (default: the run dir's, found from the "
+        "checkpoint's path, else DATA_ROOT's; checked against the checkpoint's hash)",
     )
     p.add_argument(
         "--clip-benchmark-dir",

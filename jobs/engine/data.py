@@ -73,9 +73,6 @@ def check_tokenizer(root: Path, vocab_size: int, setting: str = "corpus") -> Non
     """
     from jobs.engine.tokens import source_text
 
-    if setting == "corpus" and not (Path(root) / "tokenizer.json").is_file():
-        tok = Path(root) / "tokenizer.json"
-        raise ConfigError(f"{tok} does not exist: build the corpus (python -m data_tools build-offline {root})")
     text, desc = source_text(setting, root)
     fix = (
         f"rebuild it with `python -m data_tools train-tokenizer {root} --vocab-size {vocab_size}`"

@@ -138,7 +138,7 @@ def evaluate_model(
             f"no eval task: {data_root}/eval holds no tasks.json and no dataset folder (test/nshards.txt), and no "
             "eval.task_dirs / --task-dir is given"
         )
-    tok = load_tokenizer(tokenizer or Path(data_root) / "tokenizer.json")
+    tok = load_tokenizer(tokenizer or data_root)  # a file, or the corpus holding tokenizer.json
     enc = _Encoders(model, tok, spec.text.context_length, device, cfg)
     was_training = model.training
     model.eval()

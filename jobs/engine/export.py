@@ -95,8 +95,6 @@ def _tokenizer_file(checkpoint: Path, payload: dict[str, Any], explicit: Path | 
     """The run's tokenizer (jobs/engine/tokens.py: explicit, the run dir's, or the corpus's), hash-checked."""
     from jobs.engine.tokens import checkpoint_tokenizer
 
-    if explicit is not None and explicit.is_dir():
-        explicit = explicit / "tokenizer.json"
     root = payload.get("config", {}).get("data", {}).get("root")
     return checkpoint_tokenizer(checkpoint, payload, explicit, Path(root) if root else None)
 

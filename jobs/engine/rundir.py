@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from data_tools.tokenizer import TOKENIZER_NAME
 from jobs.config import ConfigError, EvalCfg, RunCfg, config_differences, load_cfg
 from jobs.engine.records import (  # the typed records of the files below (re-exported: one module for a run dir)
     CandidateList,
@@ -260,7 +261,7 @@ class RunDir:
     @property
     def tokenizer_json(self) -> Path:
         """The tokenizer the run trains with (jobs/engine/tokens.py: copied once, its hash in every checkpoint)."""
-        return self.path / "tokenizer.json"
+        return self.path / TOKENIZER_NAME
 
     @property
     def lock(self) -> Path:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from data_tools.tokenizer import TOKENIZER_NAME
 from jobs.config import ConfigError
 from jobs.engine.rundir import RunDir
 
@@ -32,8 +33,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-TOKENIZER_NAME = "tokenizer.json"
 
 
 def text_sha256(text: str) -> str:
@@ -64,9 +63,19 @@ def source_text(setting: str, data_root: Path) -> tuple[str, str]:
             raise ConfigError(str(exc)) from None
     path = Path(data_root) / TOKENIZER_NAME if setting == "corpus" else Path(setting)
     if not path.is_file():
-        fix = f"python -m data_tools train-tokenizer {data_root}" if setting == "corpus" else "fix data.tokenizer"
+        fix = "fix data.tokenizer"
+        if setting == "corpus":
+            fix = (
+                f"build the corpus (python -m data_tools build-offline {data_root}) or train one on it "
+                f"(python -m data_tools train-tokenizer {data_root})"
+            )
         raise ConfigError(f"{path} does not exist ({desc}): {fix}")
     return path.read_text(), desc
+
+
+def _tokenizers_above(path: Path) -> list[Path]:
+    """Every ``tokenizer.json`` in the run dirs holding ``path`` (its folder and up), nearest first."""
+    return [RunDir(d).tokenizer_json for d in Path(path).resolve().parents if RunDir(d).tokenizer_json.is_file()]
 
 
 def run_tokenizer_text(run_dir: Path, setting: str, data_root: Path, hashes: Sequence[str] = ()) -> tuple[str, str]:
@@ -93,9 +102,8 @@ def run_tokenizer_text(run_dir: Path, setting: str, data_root: Path, hashes: Seq
                 desc, own, text_sha256(text)[:12],
             )  # fmt: skip
         return text, str(own)
-    for d in Path(run_dir).resolve().parents:
-        up = RunDir(d).tokenizer_json
-        if up.is_file() and text_sha256(up.read_text()) in hashes:
+    for up in _tokenizers_above(own):
+        if text_sha256(up.read_text()) in hashes:
             return up.read_text(), str(up)
     return source_text(setting, data_root)
 
@@ -134,17 +142,17 @@ def check_same_tokenizer(payload: dict[str, Any], what: Path, tokenizer: Path | 
 
 
 def checkpoint_tokenizer(ckpt: Path, payload: dict[str, Any], explicit: Path | None, data_root: Path | None) -> Path:
-    """The tokenizer to read checkpoint ``ckpt`` with: ``explicit`` if given, else the nearest ``tokenizer.json``
+    """The tokenizer to read checkpoint ``ckpt`` with: ``explicit`` if given (a file, or a folder holding
+    ``tokenizer.json``), else the nearest ``tokenizer.json``
     in the checkpoint's folder or above (its run dir), else ``data_root``'s; checked against the checkpoint's hash.
 
     Raises:
         ConfigError: none found, or the one found is not the checkpoint's (both named).
     """
     if explicit is not None:
-        candidates = [Path(explicit)]
+        candidates = [Path(explicit) / TOKENIZER_NAME if Path(explicit).is_dir() else Path(explicit)]
     else:
-        ckpt = Path(ckpt).resolve()
-        candidates = [d / TOKENIZER_NAME for d in ckpt.parents if (d / TOKENIZER_NAME).is_file()][:1]
+        candidates = _tokenizers_above(ckpt)[:1]
         if not candidates and data_root is not None:
             candidates = [Path(data_root) / TOKENIZER_NAME]
     if not candidates or not candidates[0].is_file():
