@@ -34,6 +34,14 @@ def _image_args(p: argparse.ArgumentParser) -> None:
         help="(default %(default)s)",
     )
     g.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="re-encoding quality (default %(default)s)")
+    g.add_argument(
+        "--no-reencode",
+        dest="reencode",
+        action="store_false",
+        help="store images that already fit (JPEG, RGB or grey, no EXIF rotation, --image-size square; short side "
+        "for keep_ratio) as their own bytes: decoded once to validate and hash, never resized or re-encoded; the "
+        "others are re-encoded (counted in the stage's image.as_is / image.reencoded)",
+    )
     g.add_argument("--min-size", type=int, default=d.min_size, help="drop images whose short side is smaller")
     g.add_argument("--max-aspect-ratio", type=float, default=d.max_aspect_ratio, help="drop images more elongated")
     g.add_argument(
@@ -62,6 +70,7 @@ def _image_opts(args: argparse.Namespace):  # -> ImageOptions
         max_pixels=args.max_pixels,
         max_caption_chars=args.max_caption_chars,
         max_file_bytes=args.max_file_bytes,
+        reencode=args.reencode,
     )
 
 

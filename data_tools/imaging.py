@@ -30,6 +30,7 @@ __all__ = [
     "Dropped",
     "check_caption",
     "process_pair",
+    "fits_as_is",
     "to_rgb",
     "resize_image",
     "encode_jpeg",
@@ -53,6 +54,9 @@ class ImageOptions:
     max_pixels: int = 64_000_000  # decompression-bomb guard: drop before decoding (too_large)
     max_caption_chars: int = 512  # drop longer captions (caption_too_long)
     max_file_bytes: int = 64 * 2**20  # bounds memory per read: longer files and table rows are dropped, not read
+    # False (ingest --no-reencode): an image that already fits (``fits_as_is``) is stored as its own bytes, decoded
+    # once (validity, filters, pixel hash) but never resized or re-encoded; one that does not fit is re-encoded
+    reencode: bool = True
 
     def __post_init__(self) -> None:
         if self.resize_mode not in ("border", "center_crop", "keep_ratio"):
@@ -77,6 +81,7 @@ class ProcessedPair:
     orig_width: int
     orig_height: int
     jpg_sha256: str = ""  # sha256 of ``jpg``: lets validate check each sample
+    reencoded: bool = True  # False: ``jpg`` is the input's own bytes (``ImageOptions.reencode`` off and it fit)
 
 
 @dataclass(frozen=True)
@@ -224,6 +229,24 @@ def encode_jpeg(img: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
+def fits_as_is(img: Image.Image, opts: ImageOptions) -> bool:
+    """Whether the just-opened ``img`` can be stored as its own bytes: what re-encoding would have made of it.
+
+    A baseline or progressive JPEG, RGB or greyscale (the reader's ``convert("RGB")`` is exactly ``to_rgb`` for
+    these), no orientation to apply (EXIF or XMP), already ``opts.image_size``: square at that side for resize
+    modes ``border`` and ``center_crop``, that short side for ``keep_ratio``.
+    """
+    if img.format != "JPEG" or img.mode not in ("RGB", "L") or "transparency" in img.info:
+        return False
+    try:
+        if img.getexif().get(0x0112, 1) != 1:  # Pillow folds an XMP tiff:Orientation in here too
+            return False
+    except Exception:  # a damaged EXIF block: re-encode (to_rgb shows it as stored)
+        return False
+    w, h, size = img.width, img.height, opts.image_size
+    return min(w, h) == size if opts.resize_mode == "keep_ratio" else w == h == size
+
+
 def process_pair(image_bytes: bytes | None, caption: object, opts: ImageOptions) -> ProcessedPair | Dropped:
     """Run every filter on one pair and re-encode its image.
 
@@ -233,7 +256,8 @@ def process_pair(image_bytes: bytes | None, caption: object, opts: ImageOptions)
         opts: image options and filters.
 
     Returns:
-        The processed pair, or ``Dropped(reason)``: no image can make this raise.
+        The processed pair, or ``Dropped(reason)``: no image can make this raise. With ``opts.reencode`` off, an
+        image that ``fits_as_is`` keeps its bytes (``reencoded`` False); the filters and the hash are the same.
     """
     text = check_caption(caption, opts.max_caption_chars)
     if isinstance(text, Dropped):
@@ -251,6 +275,7 @@ def process_pair(image_bytes: bytes | None, caption: object, opts: ImageOptions)
             w, h = img.size  # header only: the bomb guard runs before any pixel is decoded
             if w * h > opts.max_pixels:
                 return Dropped("too_large", f"{w}x{h} > max_pixels={opts.max_pixels}")
+            as_is = not opts.reencode and fits_as_is(img, opts)
             img.load()  # the first frame of an animation
             img = to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -264,6 +289,8 @@ def process_pair(image_bytes: bytes | None, caption: object, opts: ImageOptions)
         return Dropped("bad_aspect_ratio", f"{w}x{h} > {opts.max_aspect_ratio}")
     digest = hashlib.sha256(f"{w}x{h}:".encode()).copy()
     digest.update(img.tobytes())
-    out = resize_image(img, opts.image_size, opts.resize_mode, opts.border_color)
-    jpg = encode_jpeg(out, opts.jpeg_quality)
-    return ProcessedPair(jpg, text, digest.hexdigest(), w, h, hashlib.sha256(jpg).hexdigest())
+    if as_is:
+        jpg = image_bytes
+    else:
+        jpg = encode_jpeg(resize_image(img, opts.image_size, opts.resize_mode, opts.border_color), opts.jpeg_quality)
+    return ProcessedPair(jpg, text, digest.hexdigest(), w, h, hashlib.sha256(jpg).hexdigest(), reencoded=not as_is)

@@ -210,11 +210,16 @@ def _stage_options(opts: ImageOptions, shard_size: int) -> dict[str, Any]:
     return json.loads(json.dumps({**dataclasses.asdict(opts), "shard_size": shard_size}))
 
 
+# options added after stages were ingested without them, at the value those stages had (an older stage holding the same
+# input with the same options is still recognised)
+_OPTION_DEFAULTS = {"reencode": True}
+
+
 def _ingested_as(manifest: dict[str, Any], input_sha256: str, options: dict[str, Any]) -> dict[str, Any] | None:
     """The stage entry that already holds this input with these options, if any."""
     for entry in manifest["stages"]:
         same_input = any(src.get("input_sha256") == input_sha256 for src in entry.get("sources", []))
-        if same_input and entry.get("options") == options:
+        if same_input and {**_OPTION_DEFAULTS, **entry.get("options", {})} == options:
             return entry
     return None
 
@@ -436,6 +441,7 @@ def _ingest_stage(
 
     seen_stage: set[str] = {h for sh in journal["shards"] for h in sh["hashes"]}
     drops: Counter[str] = Counter(journal["drops"])
+    stored: Counter[str] = Counter(journal.get("image", {}))  # kept images stored as_is / reencoded
     kept = sum(sh["count"] for sh in journal["shards"])
     consumed = journal["consumed"]
     pending: list[dict[str, Any]] = []
@@ -453,6 +459,7 @@ def _ingest_stage(
         )
         journal["consumed"] = consumed_upto
         journal["drops"] = dict(sorted(drops.items()))
+        journal["image"] = dict(sorted(stored.items()))
         atomic_write_json(journal_path, journal)
         logger.info("stage %d: wrote %s (%d samples)", stage, name, len(pending))
         pending.clear()
@@ -474,6 +481,7 @@ def _ingest_stage(
                 seen_stage.add(result.pixel_sha256)
                 key = f"s{stage:02d}_{kept:08d}"
                 kept += 1
+                stored["reencoded" if result.reencoded else "as_is"] += 1
                 meta = {
                     "key": key,
                     "stage": stage,
@@ -513,6 +521,13 @@ def _ingest_stage(
         "hashes": f"{stage_dir_name(stage)}/hashes.txt",
         "sources": [{**source, "input_sha256": input_sha256}],
         "options": options,
+        "image": {
+            "size": options["image_size"],
+            "format": "jpeg",
+            "resize_mode": options["resize_mode"],
+            "as_is": stored["as_is"],
+            "reencoded": stored["reencoded"],
+        },
         "drops": dict(sorted(drops.items())),
         "dedupe": {
             "method": DEDUPE_METHOD,
@@ -530,8 +545,10 @@ def _ingest_stage(
     with contextlib.suppress(OSError):  # only if no other stage is pending
         journal_path.parent.parent.rmdir()
     logger.info(
-        "stage %d: %d pairs kept of %d in %d shards; drops %s", stage, kept, len(records), len(shards), dict(drops)
-    )
+        "stage %d: %d pairs kept of %d in %d shards (%d images stored as is, %d re-encoded to %d px); drops %s",
+        stage, kept, len(records), len(shards), stored["as_is"], stored["reencoded"], options["image_size"],
+        dict(drops),
+    )  # fmt: skip
     return IngestResult(stage, kept, shards, dict(drops), len(records), input_sha256)
 
 

@@ -11,6 +11,7 @@ Schema (version 1)::
          "hashes": "shards/stage_01/hashes.txt",
          "sources": [{"path": "...", "format": "table", "records": n, "input_sha256": "..."}],
          "options": {...ingest options: image size, resize mode, filters...},
+         "image": {"size": 64, "format": "jpeg", "resize_mode": "border", "as_is": n, "reencoded": n},
          "drops": {"reason": n, ...}, "dedupe": {"within_stage": n, "across_stages": n},
          "repairs": [...]}
       ]
@@ -42,6 +43,7 @@ __all__ = [
     "empty_stages",
     "check_no_empty_stages",
     "stage_entry",
+    "stage_image",
     "stage_dir_name",
     "sha256_file",
     "shard_paths",
@@ -161,6 +163,20 @@ def stage_entry(manifest: dict[str, Any], stage: int) -> dict[str, Any] | None:
         if entry["stage"] == stage:
             return entry
     return None
+
+
+def stage_image(entry: dict[str, Any]) -> dict[str, Any]:
+    """What the stage's shard images are: ``{"size", "format", "resize_mode"}``.
+
+    ``size`` is the side of the square images (resize modes ``border`` and ``center_crop``) or their short side
+    (``keep_ratio``); ``format`` is ``jpeg``. Stages ingested before the ``image`` field existed (issue #19) are read
+    from their ``options``, which always held the size and mode.
+    """
+    image = entry.get("image")
+    if isinstance(image, dict) and isinstance(image.get("size"), int):
+        return {"size": image["size"], "format": image.get("format", "jpeg"), "resize_mode": image.get("resize_mode")}
+    options = entry.get("options") or {}
+    return {"size": options.get("image_size"), "format": "jpeg", "resize_mode": options.get("resize_mode")}
 
 
 def shard_paths(

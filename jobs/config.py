@@ -90,6 +90,9 @@ class DataCfg:
     # "corpus" = DATA_ROOT/tokenizer.json (byte-level BPE trained on stage 1's captions), "clip" = CLIP's standard BPE
     # (49,408 ids, from the open_clip wheel; model.text.vocab_size >= 49408), or the path of a tokenizer.json
     tokenizer: str = "corpus"
+    # train a model whose model.image.image_size is larger than a stage's shard images (the loader upscales them);
+    # off: plan/submit/train refuse it (jobs/engine/data.py check_corpus), on: they warn
+    allow_upscale: bool = False
 
     def __post_init__(self) -> None:
         _require(

@@ -254,7 +254,10 @@ def _prepare(args: argparse.Namespace) -> tuple[RunCfg, Path, Path, list[int], s
     kind = args.executor or cfg.cluster.executor
     cfg = replace(cfg, cluster=replace(cfg.cluster, executor=kind))
     stages = parse_stages(args.stages, cfg.data.stages)
-    check_corpus(cfg.data.root, cfg.data.stages, cfg.model.text.vocab_size, cfg.data.tokenizer)
+    check_corpus(
+        cfg.data.root, cfg.data.stages, cfg.model.text.vocab_size, cfg.data.tokenizer,
+        image_size=cfg.model.image.image_size, allow_upscale=cfg.data.allow_upscale,
+    )  # fmt: skip
     check_run_dir(run_dir, cfg)  # the run dir's config is this one (launch settings may change)
     return cfg, run_dir, RunDir(run_dir).config_yaml, stages, kind
 

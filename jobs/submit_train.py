@@ -68,7 +68,10 @@ def cmd_submit_train(args: argparse.Namespace) -> int:
         cfg = load_cfg(args.config, args.overrides)
         cfg = with_absolute_paths(cfg)  # the job may start elsewhere
         check_stage(cfg, args.stage)
-        check_corpus(cfg.data.root, args.stage, cfg.model.text.vocab_size, cfg.data.tokenizer)
+        check_corpus(
+            cfg.data.root, args.stage, cfg.model.text.vocab_size, cfg.data.tokenizer,
+            image_size=cfg.model.image.image_size, allow_upscale=cfg.data.allow_upscale,
+        )  # fmt: skip
         check_run_dir(run_dir, cfg)  # refuse before anything is queued, not in the job
     except ConfigError as exc:
         return fail(exc, 2)

@@ -34,13 +34,22 @@ __all__ = ["DataPosition", "BatchStream", "check_corpus", "check_tokenizer", "ch
 logger = logging.getLogger(__name__)
 
 
-def check_corpus(root: Path, stages: int, vocab_size: int, tokenizer: str | None = "corpus") -> None:
-    """The corpus can feed stages 1..``stages`` of a model with ``vocab_size`` tokens (checked before any job
-    starts: ``plan``, ``submit``, ``train``).
+def check_corpus(
+    root: Path,
+    stages: int,
+    vocab_size: int,
+    tokenizer: str | None = "corpus",
+    *,
+    image_size: int | None = None,
+    allow_upscale: bool = False,
+) -> None:
+    """The corpus can feed stages 1..``stages`` of a model with ``vocab_size`` tokens and ``image_size`` px images
+    (checked before any job starts: ``plan``, ``submit``, ``train``).
 
     Raises:
-        ConfigError: no manifest (or an unreadable one), a stage missing or empty, no tokenizer, or a
-            tokenizer larger than the model's vocabulary; each message names the file and the fix.
+        ConfigError: no manifest (or an unreadable one), a stage missing or empty, shard images smaller than
+            ``image_size`` (unless ``allow_upscale``: then a warning), no tokenizer, or a tokenizer larger than the
+            model's vocabulary; each message names the file and the fix.
     """
     from data_tools.manifest import MANIFEST_NAME, check_no_empty_stages, load_manifest, stage_entry
 
@@ -60,8 +69,37 @@ def check_corpus(root: Path, stages: int, vocab_size: int, tokenizer: str | None
         check_no_empty_stages(manifest, root)  # an empty stage (appended by an older ingest) is refused with its fix
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if image_size is not None:
+        _check_image_size(root / MANIFEST_NAME, manifest, stages, image_size, allow_upscale)
     if tokenizer is not None:  # None: the caller checks the run's own tokenizer (jobs/engine/tokens.py)
         check_tokenizer(root, vocab_size, tokenizer)
+
+
+def _check_image_size(where: Path, manifest: dict[str, Any], stages: int, image_size: int, allow_upscale: bool) -> None:
+    """Every stage 1..``stages`` holds images at least ``image_size`` px (``data_tools.manifest.stage_image``)."""
+    from data_tools.manifest import stage_entry, stage_image
+
+    small = {}
+    for s in range(1, stages + 1):
+        size = stage_image(stage_entry(manifest, s) or {})["size"]
+        if isinstance(size, int) and size < image_size:
+            small[s] = size
+    if not small:
+        return
+    what = ", ".join(f"stage {s}: {px} px" for s, px in small.items())
+    if allow_upscale:
+        logger.warning(
+            "the shard images are smaller than model.image.image_size=%d (%s; %s): the loader upscales them "
+            "(data.allow_upscale is on)", image_size, what, where,
+        )  # fmt: skip
+        return
+    largest = min(small.values())
+    raise ConfigError(
+        f"model.image.image_size={image_size} is larger than the shard images ({what}; {where}): the model would "
+        f"train on upscaled images; --set model.image.image_size={largest} (or smaller), or re-ingest the crawl with "
+        f"`python -m data_tools ingest ... --image-size {image_size}`, or --set data.allow_upscale=true to train on "
+        "upscaled images knowingly"
+    )
 
 
 def check_tokenizer(root: Path, vocab_size: int, setting: str = "corpus") -> None:

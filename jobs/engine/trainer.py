@@ -322,7 +322,10 @@ def run_training(
     payload, resume_path, init_payload = _resolve_start(dirs.checkpoints, resume, init, continue_init)
     source = payload or init_payload
     spec = ArchSpec.from_dict(source["spec"]) if source is not None else cfg.model
-    check_corpus(cfg.data.root, stage, spec.text.vocab_size, tokenizer=None)
+    check_corpus(
+        cfg.data.root, stage, spec.text.vocab_size, tokenizer=None,
+        image_size=spec.image.image_size, allow_upscale=cfg.data.allow_upscale,
+    )  # fmt: skip
     starts = [(p, Path(str(path))) for p, path in ((payload, resume_path), (init_payload, init)) if p is not None]
     hashes = [h for p, _ in starts if (h := p.get("tokenizer_sha256"))]
     tok_text, tok_from = run_tokenizer_text(run_dir, cfg.data.tokenizer, cfg.data.root, hashes)
