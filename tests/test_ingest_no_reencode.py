@@ -159,3 +159,15 @@ def test_model_larger_than_shards_is_refused_or_warned(tmp_path: Path, caplog: p
     with caplog.at_level(logging.WARNING, logger="jobs.engine.data"):
         check_corpus(root, 1, 64, tokenizer=None, image_size=64, allow_upscale=True)
     assert "upscales them" in caplog.text
+
+
+def test_plan_refuses_a_model_larger_than_its_shards(tiny_config: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from jobs.cli import main as jobs_main
+
+    base = ["plan", "--config", str(tiny_config), "--run-dir", str(tmp_path / "run"), "--executor", "local"]
+    capsys.readouterr()
+    assert jobs_main([*base, "--set", "model.image.image_size=32"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.image.image_size=32 is larger than the shard images (stage 1: 16 px" in err[0]
+    assert jobs_main([*base, "--set", "model.image.image_size=32", "--set", "data.allow_upscale=true"]) == 0
+    assert jobs_main(base) == 0
