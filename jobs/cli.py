@@ -1,6 +1,6 @@
 """``python -m jobs <verb>``: the command line of the GrowCLIP job suite.
 
-Only verbs that work are registered: the stage pipeline (``plan``, ``submit``, ``status``, ``cancel``),
+Only verbs that work are registered: the stage pipeline (``plan``, ``submit``, ``status``, ``cancel``, ``autopilot``),
 offline analysis (``report``, ``runs``), the per-job entry points the sbatch scripts call
 (``search-candidate``, ``select``, ``train``, ``evaluate``), ``submit-train``, ``export`` (to open_clip) and the checks
 (``check-config``, ``doctor``).
@@ -258,6 +258,26 @@ def _add_pipeline_verbs(verbs: Any) -> None:
     p.add_argument("--break-lock", action="store_true", help="remove a stale RUN_DIR/lock (its process is gone)")
     p.add_argument("--wait", action="store_true", help="slurm: wait until this run's jobs have left the queue")
     p.set_defaults(func=_lazy("jobs.submit", "cmd_submit"))
+
+    p = verbs.add_parser(
+        "autopilot",
+        help="growth on autopilot: crawls landing in autopilot.inbox are ingested once, and when the data grew by "
+        "autopilot.min_growth the next stage is made and its chain submitted",
+        description="slurm: submit a small recurring poll job (it re-submits itself every autopilot.poll_s; "
+        "returns at once). local/debug: poll in the foreground until interrupted. Each poll ingests new complete "
+        "crawls, follows the stage in flight (resubmitting a failed one up to autopilot.retries times), and makes "
+        "the next stage when the trigger is reached. State and events: RUN_DIR/autopilot/.",
+    )
+    p.add_argument("--config", type=Path, required=True, help="run config YAML with an autopilot section")
+    p.add_argument("--run-dir", type=Path, help="RUN_DIR (default: run_root/name of the config)")
+    p.add_argument("--executor", choices=EXECUTORS, help="override cluster.executor")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (repeatable)")  # fmt: skip
+    p.add_argument("--resume", action="store_true", help="resume growth paused after a stage failed too often")
+    p.add_argument("--stop", action="store_true", help="stop the autopilot (cancels its queued poll job)")
+    p.add_argument("--once", action="store_true", help="local/debug: one poll, then exit")
+    p.add_argument("--break-lock", action="store_true", help="remove a stale RUN_DIR/lock (its process is gone)")
+    p.set_defaults(func=_lazy("jobs.autopilot", "cmd_autopilot"))
 
     for verb, fn, text in (
         ("status", "cmd_status", "each stage's steps (run dir + squeue/sacct), candidates and winner"),

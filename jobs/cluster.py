@@ -61,6 +61,7 @@ JOB_KINDS = {
     "evaluate": "evaluate",
     "oracle": "train",  # one full training per candidate
     "oracle-summary": "select",  # reads JSON: CPU only
+    "autopilot": "autopilot",  # one poll: ingests crawls and submits; CPU only, autopilot.time_min
 }
 
 
@@ -73,6 +74,8 @@ def resources(cc: ClusterCfg, step: str) -> dict[str, Any]:
         return {**one, "timeout_min": cc.search_time_min, **({"gpus_per_node": 1} if gpus else {})}
     if step == "select":  # reads JSON and copies one checkpoint: CPU only
         return {**one, "cpus_per_task": 1, "timeout_min": 10}
+    if step == "autopilot":  # the time limit is autopilot.time_min (jobs/autopilot.py sets it)
+        return {**one, "timeout_min": 60}
     if step == "evaluate":
         return {**one, "timeout_min": cc.eval_time_min, **({"gpus_per_node": 1} if gpus else {})}
     return {

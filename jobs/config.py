@@ -13,6 +13,7 @@ Sections:
     train    the full training of the selected architecture at each stage
     eval     zero-shot classification and retrieval evaluation
     cluster  how jobs are launched (SLURM via submitit, local, or in-process debug)
+    autopilot  growth as crawls land: inbox, completeness, trigger, polling (``jobs autopilot``)
 
 Usage::
 
@@ -37,6 +38,7 @@ from model.spec import ArchSpec
 from model.structs import ConfigError, apply_override, from_dict, to_dict
 
 __all__ = [
+    "AutopilotCfg",
     "ClusterCfg",
     "ConfigError",
     "DataCfg",
@@ -307,6 +309,40 @@ class ClusterCfg:
 
 
 @dataclass(frozen=True)
+class AutopilotCfg:
+    """Growth on autopilot (``python -m jobs autopilot``; jobs/engine/autopilot.py): each crawl that lands in ``inbox``
+    is ingested once; when the new pairs make the corpus ``min_growth`` times larger than at the last stage, they become
+    the next stage and its search -> select -> train -> evaluate chain is submitted. Our design (issue #20)."""
+
+    inbox: Path = Path("")  # where crawls land, one folder each (img2dataset output, tables + images); required
+    marker: str = "_SUCCESS"  # a crawl is complete when this file is in its folder (img2dataset writes none: add it)
+    quiet_s: float = 0.0  # also complete when nothing in its folder changed for this many seconds (0 = marker only)
+    # `python -m data_tools ingest` options for every crawl (not --input/--format/--data-root/--stage), e.g.
+    # ["--image-size", "64", "--caption-col", "title"]; staged crawls join a stage with --no-reencode
+    ingest_args: tuple[str, ...] = ()
+    min_growth: float = 1.5  # trigger: (pairs in the corpus + new pairs) / pairs in the corpus >= this
+    min_pairs: int = 1  # and at least this many new pairs (what the first stage needs)
+    max_stages: int = 0  # make no stage beyond this one (0 = no limit)
+    poll_s: float = 300.0  # seconds between polls (the recurring SLURM job starts again this long after one ends)
+    retries: int = 2  # resubmissions of a failed stage; then growth pauses until `jobs autopilot --resume`
+    time_min: int = 60  # SLURM time limit of one poll (ingests included); a poll stops taking crawls at half of it
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.marker) and "/" not in self.marker,
+            f"autopilot.marker={self.marker!r} must be a file name (e.g. _SUCCESS)",
+        )
+        _non_negative("autopilot", quiet_s=self.quiet_s, max_stages=self.max_stages, retries=self.retries)
+        _positive("autopilot", min_pairs=self.min_pairs, poll_s=self.poll_s, time_min=self.time_min)
+        _require(self.min_growth >= 1.0, f"autopilot.min_growth={self.min_growth} must be >= 1 (1 = any new pairs)")
+        reserved = {"--input", "--format", "--data-root", "--stage", "--no-reencode"} & set(self.ingest_args)
+        _require(
+            not reserved,
+            f"autopilot.ingest_args sets {sorted(reserved)}: the autopilot sets those itself; remove them",
+        )
+
+
+@dataclass(frozen=True)
 class RunCfg:
     """One growth run: every job of the run reads this (resolved) config."""
 
@@ -319,6 +355,7 @@ class RunCfg:
     train: TrainCfg = field(default_factory=TrainCfg)  # full training per stage
     eval: EvalCfg = field(default_factory=EvalCfg)  # evaluation per stage
     cluster: ClusterCfg = field(default_factory=ClusterCfg)  # launching
+    autopilot: AutopilotCfg = field(default_factory=AutopilotCfg)  # growth as crawls land (`jobs autopilot`)
 
     def __post_init__(self) -> None:
         _require(
@@ -423,12 +460,19 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def with_absolute_paths(cfg: RunCfg) -> RunCfg:
-    """The config with every path absolute (data.root, a data.tokenizer file, eval.task_dirs): a queued job may
-    start in another directory than the one it was submitted from (``submit``, ``submit-train``)."""
+    """The config with every path absolute (data.root, a data.tokenizer file, eval.task_dirs, a set autopilot.inbox):
+    a queued job may start in another directory than the one it was submitted from (``submit``, ``submit-train``,
+    ``autopilot``)."""
     tok = cfg.data.tokenizer
     tok = tok if tok in ("corpus", "clip") else str(Path(tok).resolve())
     data = replace(cfg.data, root=cfg.data.root.resolve(), tokenizer=tok)
-    return replace(cfg, data=data, eval=replace(cfg.eval, task_dirs=tuple(p.resolve() for p in cfg.eval.task_dirs)))
+    inbox = cfg.autopilot.inbox if cfg.autopilot.inbox == Path("") else cfg.autopilot.inbox.resolve()
+    return replace(
+        cfg,
+        data=data,
+        eval=replace(cfg.eval, task_dirs=tuple(p.resolve() for p in cfg.eval.task_dirs)),
+        autopilot=replace(cfg.autopilot, inbox=inbox),
+    )
 
 
 def load_cfg(path: Path | None, overrides: Sequence[str] = ()) -> RunCfg:
@@ -466,6 +510,8 @@ LAUNCH_KEYS = (
     "name",
     "run_root",
     "cluster",
+    "autopilot",  # when crawls become stages, not what a stage computes
+    "data.stages",  # the plan's length: a stage's work never depends on how many follow (the autopilot raises it)
     "data.num_workers",
     "train.keep_checkpoints",
     "train.log_every",

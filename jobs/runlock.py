@@ -19,7 +19,9 @@ from jobs.engine.rundir import RunDir
 __all__ = ["LockError", "run_lock", "lock_holder_alive"]
 
 
-def run_lock(run_dir: Path, *, break_lock: bool = False) -> contextlib.AbstractContextManager[Path]:
+def run_lock(
+    run_dir: Path, *, break_lock: bool = False, what: str = "jobs submit"
+) -> contextlib.AbstractContextManager[Path]:
     """Hold RUN_DIR/lock for the duration of the block (``with run_lock(run_dir) as path:``).
 
     Raises:
@@ -27,7 +29,7 @@ def run_lock(run_dir: Path, *, break_lock: bool = False) -> contextlib.AbstractC
     """
     return exclusive_lock(
         RunDir(run_dir).lock,
-        "jobs submit",
+        what,
         take_over_stale=break_lock,
         busy="another submitter is working on this run",
         stale_fix="pass --break-lock to remove it",

@@ -45,6 +45,7 @@ from jobs.cluster import (
 from jobs.cluster import accounting_states as accounting_states  # jobs/report.py (runs) asks the queue through these
 from jobs.cluster import queue_states as queue_states
 from jobs.config import ConfigError, RunCfg, dump_cfg, load_cfg, with_absolute_paths
+from jobs.engine.autopilot import status_lines
 from jobs.engine.data import check_corpus
 from jobs.engine.oracle import oracle_status
 from jobs.engine.pipeline import STEPS, Action, max_candidates, plan_actions, stage_candidates, stage_state
@@ -341,6 +342,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     if lock:
         alive = lock_holder_alive(lock)
         print(f"lock: pid {lock['pid']} on {lock['host']} ({'alive' if alive else 'stale' if alive is False else '?'})")
+    autopilot = status_lines(RunDir(run_dir).autopilot)
+    if autopilot:
+        polls = jobs_of(0, ("autopilot",))
+        print(autopilot[0] + (f" [polls {polls}]" if polls else ""))
+        for line in autopilot[1:]:
+            print(line)
     for t in range(1, cfg.data.stages + 1):
         st = stage_state(cfg, run_dir, t)
         parts = []

@@ -155,3 +155,48 @@ def stage_samples(root: Path, stage: int) -> dict[str, dict[str, Any]]:
             meta = json.loads(p["json"])
             out[meta["source"]] = {"txt": p["txt"].decode("utf-8"), "jpg": p["jpg"], "meta": meta}
     return out
+
+
+AUTOPILOT_YAML = """\
+name: autopilot
+run_root: {tmp}/runs
+data: {{root: {tmp}/data, stages: 1, replay_fraction: 0.5, val_fraction: 0.1, num_workers: 0, shuffle_buffer: 16}}
+model:
+  image: {{image_size: 16, patch_size: 4, width: 32, depth: 1, heads: 2, mlp_ratio: 2.0}}
+  text: {{vocab_size: 300, context_length: 16, width: 32, depth: 1, heads: 2, mlp_ratio: 2.0}}
+  shared: {{width: 32, depth: 0, heads: 2}}
+  embed_dim: 32
+growth: {{max_candidates: 2}}
+search: {{steps: 4, batch_size: 16, val_samples: 16, warmup_steps: 1}}
+train: {{steps: 6, batch_size: 16, warmup_steps: 1, checkpoint_every: 6, log_every: 2}}
+eval: {{batch_size: 64, heldout_samples: 16, tasks: [fashion_mnist]}}
+cluster: {{executor: {executor}, cpus_per_task: 1, mem_gb: 2, train_time_min: 10, search_time_min: 10, eval_time_min: 10,
+          signal_delay_s: 30}}
+autopilot: {{inbox: {tmp}/inbox, min_growth: 1.5, poll_s: {poll_s}, time_min: 10,
+            ingest_args: ["--image-size", "16", "--shard-size", "50"]}}
+"""
+
+
+def autopilot_setup(tmp: Path, eval_dir: Path, executor: str, poll_s: float = 1.0) -> Path:
+    """A config for ``jobs autopilot`` on an empty DATA_ROOT (its eval sets linked from ``eval_dir``) and an
+    empty inbox under ``tmp``; returns the config's path. Crawls: :func:`drop_crawl`."""
+    (tmp / "inbox").mkdir(parents=True)
+    (tmp / "data").mkdir()
+    (tmp / "data" / "eval").symlink_to(eval_dir)
+    path = tmp / "autopilot.yaml"
+    path.write_text(AUTOPILOT_YAML.format(tmp=tmp, executor=executor, poll_s=poll_s))
+    return path
+
+
+def drop_crawl(inbox: Path, name: str, pairs: int, seed: int, marker: bool = True) -> Path:
+    """An img2dataset crawl (webdataset tars) written beside the inbox, then moved in, as a crawler finishes one."""
+    import os
+
+    from data_tools.synthetic import make_img2dataset_input
+
+    tmp = inbox.parent / f".writing_{name}"
+    make_img2dataset_input(tmp, pairs, seed=seed)
+    if marker:
+        (tmp / "_SUCCESS").touch()
+    os.replace(tmp, inbox / name)
+    return inbox / name

@@ -46,6 +46,7 @@ __all__ = [
     "EVENTS",
     "METRICS_H5",
     "RUN_CONFIG",
+    "AutopilotDir",
     "CandDir",
     "CandidateList",
     "CandidateResult",
@@ -238,6 +239,31 @@ class StageDir:
 
 
 @dataclass(frozen=True)
+class AutopilotDir:
+    """RUN_DIR/autopilot/: what ``jobs autopilot`` remembers (jobs/engine/autopilot.py)."""
+
+    path: Path
+
+    @property
+    def state_json(self) -> Path:
+        """Crawls seen and ingested (by content), stages made, the stage in flight, pause: written atomically."""
+        return self.path / "state.json"
+
+    @property
+    def events_jsonl(self) -> Path:
+        """Every decision, one JSON object a line."""
+        return self.path / "events.jsonl"
+
+    def staging(self, crawl_id: str) -> Path:
+        """The crawl's pairs, ingested on their own (a data root of one stage) until they join a stage."""
+        return self.path / "staging" / crawl_id
+
+    def batch(self, stage: int) -> Path:
+        """The staged shards that become DATA_ROOT's stage ``stage`` (links), the input of its ingest."""
+        return self.path / "batches" / f"stage_{stage:02d}"
+
+
+@dataclass(frozen=True)
 class RunDir:
     """RUN_DIR: ``RunDir(path).stage(2).cand(3).result_json``."""
 
@@ -270,6 +296,10 @@ class RunDir:
     @property
     def submitit(self) -> Path:
         return self.path / "submitit"
+
+    @property
+    def autopilot(self) -> AutopilotDir:
+        return AutopilotDir(self.path / "autopilot")
 
     def stage(self, stage: int) -> StageDir:
         return StageDir(self.path / f"stage_{stage:02d}", stage)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from data_tools.eval_sets import CLASSIFICATION, RETRIEVAL
+from jobs.engine.autopilot import autopilot_stages
 from jobs.engine.pipeline import arch_summary
 from jobs.engine.report.read import _check_run_dir, _config, _json, _search_part, _train_part
 from jobs.engine.rundir import RunDir
@@ -136,9 +137,11 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     cum_flops, cum_hours, cum_samples = 0, 0.0, 0
     prev: dict[str, Any] | None = None
     last_found = max(found, default=0)
+    made = autopilot_stages(rd.autopilot)
     for t in range(1, max(planned, last_found) + 1):
         sd = rd.stage(t)
-        row: dict[str, Any] = {"stage": t, "status": "not started", "chosen": None, "arch": None, "spec": None}
+        row: dict[str, Any] = {"stage": t, "status": "not started", "chosen": None, "arch": None, "spec": None,
+                               "autopilot": t in made}  # fmt: skip
         if not sd.path.is_dir():
             if t < last_found:
                 row["status"] = "missing"

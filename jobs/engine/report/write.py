@@ -183,6 +183,7 @@ def format_report(run_dir: Path, stages: int | None = None) -> str:
             f"{_num(r['params'], 'params')}  FLOPs spent: search {r['search_flops']:.3g} + train "
             f"{r['train_flops']:.3g}, cumulative {r['cum_flops']:.3g}"
             + ("" if r["status"] == "evaluated" else f"  [{r['status']}]")
+            + ("  [made by the autopilot]" if r.get("autopilot") else "")
         )
     tasks = sorted({name for r in rows for name in r["acc1"]})
     head = ["stage", "chosen", "params", "rounds", "search/train"] + tasks + ["mean_acc1", "i2t_R@1", "t2i_R@1"]
