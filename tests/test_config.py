@@ -178,7 +178,8 @@ def test_missing_file() -> None:
 
 def test_dump_is_plain_yaml() -> None:
     data = yaml.safe_load(dump_cfg(load_cfg(None)))
-    assert set(data) == {"name", "run_root", "data", "model", "growth", "search", "train", "eval", "cluster", "autopilot"}
+    sections = {"name", "run_root", "data", "model", "growth", "search", "train", "eval", "cluster", "autopilot"}
+    assert set(data) == sections
     assert data["data"]["root"] == "data/offline"
     assert data["model"]["shared"]["depth"] == 0
 
