@@ -170,8 +170,8 @@ growth: {{max_candidates: 2}}
 search: {{steps: 4, batch_size: 16, val_samples: 16, warmup_steps: 1}}
 train: {{steps: 6, batch_size: 16, warmup_steps: 1, checkpoint_every: 6, log_every: 2}}
 eval: {{batch_size: 64, heldout_samples: 16, tasks: [fashion_mnist]}}
-cluster: {{executor: {executor}, cpus_per_task: 1, mem_gb: 2, train_time_min: 10, search_time_min: 10, eval_time_min: 10,
-          signal_delay_s: 30}}
+cluster: {{executor: {executor}, cpus_per_task: 1, mem_gb: 2, train_time_min: 10, search_time_min: 10,
+          eval_time_min: 10, signal_delay_s: 30}}
 autopilot: {{inbox: {tmp}/inbox, min_growth: 1.5, poll_s: {poll_s}, time_min: 10,
             ingest_args: ["--image-size", "16", "--shard-size", "50"]}}
 """
