@@ -11,6 +11,8 @@
 #   make experiments  the experiment suite, 23 runs (2 h 16 min on 2 CPU cores, measured 2026-12-01), then docs/results.md
 #   make check-configs validate every config under configs/
 #   make data-sources install the Debian packages of the offline corpus (root; else say which)
+#   make img2dataset-example  img2dataset itself crawls a loopback server; ingest takes its webdataset and parquet outputs
+#   make autopilot-demo  growth on autopilot: crawls land in an inbox and become stages with no command in between
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -25,7 +27,7 @@ PYTEST_ARGS ?=
 DATA_SOURCES := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz:dataset-fashion-mnist \
                 /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf:fonts-noto-color-emoji
 
-.PHONY: venv reference test fuzz demo experiments lint format slurm-up slurm-down slurm-status check-configs data-sources clean
+.PHONY: venv reference test fuzz demo experiments lint format slurm-up slurm-down slurm-status check-configs data-sources img2dataset-example autopilot-demo clean
 
 venv: $(STAMP)
 
@@ -113,6 +115,24 @@ experiments: $(STAMP) data-sources
 	$(PY) -m jobs.experiments run --root $(EXPERIMENT_ROOT) --jobs $(EXPERIMENT_JOBS) \
 	  --set data.root=$(EXPERIMENT_DATA) $(EXPERIMENT_ARGS)
 	$(PY) -m jobs.experiments summarize --root $(EXPERIMENT_ROOT)
+
+# make img2dataset-example: examples/img2dataset/run.sh (issue #19). img2dataset and its dependencies
+# (albumentations, opencv, pandas, wandb, ...) go in their own venv, IMG2DATASET_VENV (default git-ignored), made on
+# first use (~45 s from a local PyPI mirror); the crawl and both ingests then take ~30 s. WORK=DIR keeps the
+# output there (default: a new temp dir). `GROWCLIP_IMG2DATASET=$(IMG2DATASET_VENV) make test` runs the crawl test.
+IMG2DATASET_VENV ?= .venv-img2dataset
+
+img2dataset-example: $(STAMP)
+	IMG2DATASET_VENV=$(IMG2DATASET_VENV) PYTHON=$(PY) examples/img2dataset/run.sh
+
+# make autopilot-demo: examples/autopilot/demo.sh (issue #20): `jobs autopilot` polls in the background (local executor)
+# while three crawls land in its inbox; two stages are made, grown and evaluated with no command in between (~3 min on
+# 2 cores). Needs the offline corpus's eval sets (built here like make demo). AUTOPILOT_DIR (default
+# /tmp/growclip-autopilot) holds the inbox, the corpus and the run.
+autopilot-demo: $(STAMP) data-sources
+	@test -f $(DEMO_DATA)/manifest.json || $(PY) -m data_tools build-offline $(DEMO_DATA) \
+	  --pairs-per-stage $(DEMO_PAIRS) --image-size 32 --vocab-size 2048 > /dev/null
+	PY=$(PY) EVAL_DIR=$(DEMO_DATA)/eval examples/autopilot/demo.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

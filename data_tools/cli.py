@@ -77,11 +77,15 @@ def _image_opts(args: argparse.Namespace):  # -> ImageOptions
 # ------------------------------------------------------------------------------------------ ingest
 def _run_ingest(args: argparse.Namespace) -> int:
     from data_tools.ingest import IngestFailed, ingest
+    from data_tools.inputs import resolve_format
 
+    fmt = resolve_format(args.input, args.format)
+    if fmt != args.format:
+        logger.info("--format %s: reading %s as %s", args.format, args.input, fmt)
     try:
         res = ingest(
             args.input,
-            args.format,
+            fmt,
             args.data_root,
             stage=args.stage,
             opts=_image_opts(args),
@@ -89,6 +93,8 @@ def _run_ingest(args: argparse.Namespace) -> int:
             workers=args.workers,
             caption_col=args.caption_col,
             image_col=args.image_col,
+            separator=args.separator,
+            path_base=args.path_base,
         )
     except IngestFailed as exc:  # the job ran and kept nothing: exit 1, not "bad input"
         return fail(exc, EXIT_FAILED)
@@ -101,13 +107,69 @@ def _run_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _arg_type(name: str) -> Callable[[str], str]:
+    """An argparse ``type`` from ``data_tools.inputs.<name>`` (imported on use: ``--help`` stays fast), whose
+    ValueError argparse prints as its one-line error."""
+
+    def convert(text: str) -> str:
+        from data_tools import inputs
+
+        try:
+            return getattr(inputs, name)(text)
+        except ValueError as exc:  # "--separator 'ab' is not ..." -> "argument --separator: 'ab' is not ..."
+            message = str(exc)
+            raise argparse.ArgumentTypeError(
+                message.split(" ", 1)[1] if message.startswith("--") else message
+            ) from None
+
+    return convert
+
+
 def _configure_ingest(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, help="img2dataset output dir/tar, or a CSV/JSONL/Parquet table")
-    p.add_argument("--format", required=True, choices=["img2dataset", "table"])
+    p.add_argument(
+        "--input",
+        required=True,
+        help="img2dataset output (a folder of its webdataset tars, parquet or files output; a .tar or .parquet), "
+        "webdataset tars (a folder, searched recursively), or a CSV/TSV/JSONL/Parquet table (or a folder of them)",
+    )
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "img2dataset", "webdataset", "table"],
+        help="auto (default): a .tar, an img2dataset parquet or a folder with *_stats.json is img2dataset, a "
+        "table file or a folder of tables is table, a folder holding both tars and tables is refused; "
+        "webdataset: the img2dataset tar reader, tars only",
+    )
     p.add_argument("--data-root", required=True, help="the growing corpus (created if missing)")
     p.add_argument("--stage", type=int, default=None, help="stage number (default: resume a pending one, else next)")
-    p.add_argument("--caption-col", default="caption", help="table caption column (default %(default)s)")
-    p.add_argument("--image-col", default="image", help="table image-path column, relative to the table allowed")
+    p.add_argument(
+        "--caption-col",
+        default="caption",
+        help="caption column (default %(default)s; a table without it but with open_clip's 'title' uses that); "
+        "tars: the caption member's extension (default txt)",
+    )
+    p.add_argument(
+        "--image-col",
+        default="image",
+        help="image column: paths, or the image bytes in a binary parquet column (default %(default)s; without "
+        "it, open_clip's 'filepath' or img2dataset's binary jpg/png/webp column); tars: the image member's "
+        "extensions, e.g. 'png;jpg' (default the first of jpg, jpeg, png, webp, bmp, gif)",
+    )
+    p.add_argument(
+        "--separator",
+        type=_arg_type("parse_separator"),
+        default="auto",
+        help="CSV/TSV field separator: auto (default: the one that splits the header into the caption and image "
+        "columns, logged; open_clip's .csv is tab-separated), tab (or \\t), comma, semicolon, pipe or a character",
+    )
+    p.add_argument(
+        "--path-base",
+        type=_arg_type("parse_path_base"),
+        default="table",
+        metavar="{table,cwd,DIR}",
+        help="relative image paths of a table resolve against: table (its folder, default), cwd (the working "
+        "directory, as open_clip's --train-data CSV) or DIR",
+    )
     _image_args(p)
     p.set_defaults(func=_run_ingest)
 
@@ -233,7 +295,7 @@ def _configure_train_tokenizer(p: argparse.ArgumentParser) -> None:
 
 # verb name -> (one-line help, function that adds its arguments and sets ``func``)
 VERBS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
-    "ingest": ("append a new stage of shards from img2dataset output or a table", _configure_ingest),
+    "ingest": ("append a new stage of shards from img2dataset/webdataset output or a table", _configure_ingest),
     "validate": ("check every shard against the manifest; --repair fixes bad shards", _configure_validate),
     "stats": ("per-stage counts, drop reasons and caption lengths", _configure_stats),
     "build-offline": (

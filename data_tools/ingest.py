@@ -1,6 +1,6 @@
 """``ingest``: crawled image-text pairs -> a NEW append-only stage of webdataset shards (STYLE.md R16).
 
-Inputs (as users have them; read by ``data_tools/inputs.py``):
+Inputs (as users have them; read by ``data_tools/inputs/``):
   * ``img2dataset`` output: its webdataset tars (``key.jpg/.txt/.json``) or its ``files`` layout
     (``00000/000000000.jpg`` + ``.txt`` + ``.json``);
   * ``table``: a CSV / JSONL / Parquet table with a caption column and a local image-path column
@@ -20,9 +20,13 @@ neither scheduling nor the worker count changes which pairs are kept, their keys
 boundaries; tar headers carry a fixed mtime/uid/gid/uname and sorted member names.
 
 Resume: ``DATA_ROOT/.ingest/stage_NN/journal.json`` records every finished shard (name, sha256,
-count, pixel hashes) and how many input records it consumed. A re-run with the same input and
-options verifies those shards, skips the consumed records and completes the stage; the result is
-byte-identical to an uninterrupted run.
+count) and how many input records it consumed; the shard's pixel hashes are in the dedupe index
+(``DATA_ROOT/dedupe.sqlite``, :mod:`data_tools.dedupe`), committed after the tar and before the
+journal names it. A re-run with the same input and options verifies those shards, skips the
+consumed records and completes the stage; the result is byte-identical to an uninterrupted run.
+
+Dedupe: every stage's pixel hashes are looked up in the on-disk index, a batch at a time, so RAM
+does not grow with the corpus; ``hashes.txt`` is streamed from it in sorted order.
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ import logging
 import multiprocessing
 import os
 import shutil
+import sqlite3
 import statistics
 import sys
+import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -46,9 +52,10 @@ from typing import Any
 
 import webdataset as wds
 
-from data_tools.atomic import atomic_write_json, atomic_write_text
+from data_tools.atomic import atomic_write_json
+from data_tools.dedupe import DedupeIndex, IndexDamaged, StageDedupe, write_hashes_file
 from data_tools.imaging import Dropped, ImageOptions, ProcessedPair, process_pair
-from data_tools.inputs import InputFormat, Record, enumerate_records, read_record_image, record_digest
+from data_tools.inputs import InputFormat, Record, enumerate_records, read_record_image, record_digest, resolve_format
 from data_tools.manifest import (
     DEDUPE_METHOD,
     MANIFEST_NAME,
@@ -67,7 +74,6 @@ __all__ = [
     "IngestFailed",
     "enumerate_records",
     "ingest",
-    "read_stage_hashes",
     "write_tar",
 ]
 
@@ -75,7 +81,8 @@ logger = logging.getLogger(__name__)
 
 TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed so that identical input gives identical shard bytes
 TAR_USER = "growclip"
-JOURNAL_VERSION = 2  # 2: the fingerprint covers the input's content (input_sha256)
+JOURNAL_VERSION = 3  # 2: the fingerprint covers the input's content (input_sha256); 3: hashes in dedupe.sqlite
+LOOKUP_BATCH = 512  # pairs whose hashes are looked up in the dedupe index at once
 
 
 @dataclass
@@ -185,14 +192,27 @@ def shard_stats(name: str, samples: list[dict[str, Any]], sha: str, nbytes: int)
     }
 
 
-def read_stage_hashes(data_root: Path, entry: dict[str, Any]) -> set[str]:
-    """Pixel hashes of a finished stage (for cross-stage dedupe)."""
-    path = data_root / entry.get("hashes", f"{entry['dir']}/hashes.txt")
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} is missing: cross-stage dedupe needs it; run `python -m data_tools validate --repair`"
-        )
-    return set(path.read_text().split())
+def shard_pixel_hashes(path: Path) -> Iterator[str]:
+    """The ``pixel_sha256`` of every sample of a shard, from its ``key.json`` members (streamed)."""
+    with tarfile.open(path) as tf:
+        for member in tf:
+            if member.name.endswith(".json"):
+                fh = tf.extractfile(member)
+                assert fh is not None, member.name
+                yield json.loads(fh.read())["pixel_sha256"]
+
+
+def _prefetched(results: Iterable[ProcessedPair | Dropped], dedupe: StageDedupe) -> Iterator[ProcessedPair | Dropped]:
+    """``results`` unchanged, with each batch's pixel hashes looked up in the index before the batch is classified."""
+    batch: list[ProcessedPair | Dropped] = []
+    for result in results:
+        batch.append(result)
+        if len(batch) >= LOOKUP_BATCH:
+            dedupe.prefetch([r.pixel_sha256 for r in batch if not isinstance(r, Dropped)])
+            yield from batch
+            batch = []
+    dedupe.prefetch([r.pixel_sha256 for r in batch if not isinstance(r, Dropped)])
+    yield from batch
 
 
 # ---------------------------------------------------------------------------------------- journal
@@ -275,6 +295,8 @@ def ingest(
     caption_col: str = "caption",
     image_col: str = "image",
     source_name: str | None = None,
+    separator: str = "auto",
+    path_base: str | os.PathLike[str] = "table",
 ) -> IngestResult:
     """Append a new stage built from ``input_path`` to ``data_root`` (or complete an interrupted one).
 
@@ -287,8 +309,11 @@ def ingest(
         shard_size: samples per shard.
         workers: decode/resize worker processes (does not change the output).
         caption_col: table caption column.
-        image_col: table image-path column.
+        image_col: table image column (paths, or image bytes in a binary parquet column).
         source_name: name recorded in the manifest (default: the input path).
+        separator: CSV/TSV field separator, ``"auto"`` (sniffed from the header) by default.
+        path_base: relative image paths of a table resolve against ``"table"`` (its folder, the default),
+            ``"cwd"`` (as open_clip) or a directory. Both change the records, hence ``input_sha256``.
 
     Returns:
         The stage summary; ``already_ingested`` is True (and nothing was written) when a stage already
@@ -316,6 +341,8 @@ def ingest(
             caption_col=caption_col,
             image_col=image_col,
             source_name=source_name,
+            separator=separator,
+            path_base=path_base,
         )
 
 
@@ -331,6 +358,8 @@ def _ingest_locked(
     caption_col: str,
     image_col: str,
     source_name: str | None,
+    separator: str = "auto",
+    path_base: str | os.PathLike[str] = "table",
 ) -> IngestResult:
     """``ingest`` with ``DATA_ROOT/.lock`` held."""
     manifest = load_manifest(root)
@@ -342,14 +371,18 @@ def _ingest_locked(
     if shard_size < 1:
         raise ValueError(f"--shard-size {shard_size} must be >= 1")
 
-    records = enumerate_records(input_path, fmt, caption_col=caption_col, image_col=image_col, opts=opts)
+    fmt = resolve_format(input_path, fmt)  # auto/webdataset -> the reader: recorded in the manifest and input_sha256
+    records = enumerate_records(
+        input_path, fmt, caption_col=caption_col, image_col=image_col, opts=opts,
+        separator=separator, path_base=path_base,
+    )  # fmt: skip
     if not records:
         raise IngestFailed(
             f"the input has no pairs ({input_path}); nothing was written: point --input at a non-empty "
             f"{'table' if fmt == 'table' else 'img2dataset output'}"
         )
     options = _stage_options(opts, shard_size)
-    with _worker_map(opts, workers if len(records) >= 2 else 1) as imap:
+    with _worker_map(opts, workers if len(records) >= 2 else 1) as imap, contextlib.ExitStack() as cleanup:
         input_sha256 = _input_sha256(records, fmt, imap)
         done = _ingested_as(manifest, input_sha256, options)
         if done is not None:  # a retried or requeued job: the stage exists, nothing to do
@@ -366,7 +399,7 @@ def _ingest_locked(
             )
         return _ingest_stage(
             input_path, fmt, root, manifest, records, imap, stage=stage, options=options,
-            input_sha256=input_sha256, source_name=source_name,
+            input_sha256=input_sha256, source_name=source_name, cleanup=cleanup,
         )  # fmt: skip
 
 
@@ -382,8 +415,12 @@ def _ingest_stage(
     options: dict[str, Any],
     input_sha256: str,
     source_name: str | None,
+    cleanup: contextlib.ExitStack,
 ) -> IngestResult:
-    """Process ``records`` into stage ``stage`` (journaled, resumable) and append its manifest entry."""
+    """Process ``records`` into stage ``stage`` (journaled, resumable) and append its manifest entry.
+
+    The dedupe index is opened into ``cleanup`` (closed when the caller's ``with`` ends, whatever happens).
+    """
     shard_size = options["shard_size"]
     fingerprint = _fingerprint(fmt, options, input_sha256)
     sdir = root / stage_dir_name(stage)
@@ -430,22 +467,21 @@ def _ingest_stage(
         raise ValueError(
             f"{sdir} exists but stage {stage} is neither in the manifest nor journaled; move it away first"
         )
-    seen_before: set[str] = set()
-    for entry in manifest["stages"]:
-        if entry["stage"] != stage:
-            seen_before |= read_stage_hashes(root, entry)  # raises (before the journal) if one is missing
+    # raises (before the journal) if a stage's hashes.txt is missing; the pending rows become this journal's
+    index = cleanup.enter_context(DedupeIndex.open(root, manifest))
+    shard_counts = [sh["count"] for sh in journal["shards"]]
+    index.resume(stage, shard_counts, lambda i: shard_pixel_hashes(root / journal["shards"][i]["name"]))
+    dedupe = StageDedupe(index)
     sdir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(journal_path, journal)  # from now on the stage is pending: a re-run resumes it
     for tmp in sdir.glob(".*.tmp"):  # leftovers of a crash mid-write
         tmp.unlink()
 
-    seen_stage: set[str] = {h for sh in journal["shards"] for h in sh["hashes"]}
     drops: Counter[str] = Counter(journal["drops"])
     stored: Counter[str] = Counter(journal.get("image", {}))  # kept images stored as_is / reencoded
     kept = sum(sh["count"] for sh in journal["shards"])
     consumed = journal["consumed"]
     pending: list[dict[str, Any]] = []
-    pending_hashes: list[str] = []
     examples: dict[str, str] = {}
 
     def flush(consumed_upto: int) -> None:
@@ -454,31 +490,29 @@ def _ingest_stage(
         sha = _write_shard(root / name, pending)
         nbytes = (root / name).stat().st_size
         atomic_write_json(root / name.replace(".tar", "_stats.json"), shard_stats(name, pending, sha, nbytes))
-        journal["shards"].append(
-            {"name": name, "count": len(pending), "sha256": sha, "bytes": nbytes, "hashes": list(pending_hashes)}
-        )
+        dedupe.commit_shard(idx)  # one transaction, after the tar and before the journal names the shard
+        journal["shards"].append({"name": name, "count": len(pending), "sha256": sha, "bytes": nbytes})
         journal["consumed"] = consumed_upto
         journal["drops"] = dict(sorted(drops.items()))
         journal["image"] = dict(sorted(stored.items()))
         atomic_write_json(journal_path, journal)
         logger.info("stage %d: wrote %s (%d samples)", stage, name, len(pending))
         pending.clear()
-        pending_hashes.clear()
 
     progress = _Progress(len(records), consumed, f"ingest stage {stage}")
     try:
-        for i, result in enumerate(imap(_process_record, records[consumed:]), start=consumed):
+        for i, result in enumerate(_prefetched(imap(_process_record, records[consumed:]), dedupe), start=consumed):
             record = records[i]
             if isinstance(result, Dropped):
                 drops[result.reason] += 1
                 examples.setdefault(result.reason, f"{record.source}: {result.detail}".rstrip(": "))
-            elif result.pixel_sha256 in seen_before:
+            elif dedupe.in_earlier_stage(result.pixel_sha256):
                 drops["duplicate_across_stages"] += 1
                 examples.setdefault("duplicate_across_stages", record.source)
-            elif result.pixel_sha256 in seen_stage:
+            elif dedupe.in_this_stage(result.pixel_sha256):
                 drops["duplicate_in_stage"] += 1
             else:
-                seen_stage.add(result.pixel_sha256)
+                dedupe.add(result.pixel_sha256)
                 key = f"s{stage:02d}_{kept:08d}"
                 kept += 1
                 stored["reencoded" if result.reencoded else "as_is"] += 1
@@ -495,7 +529,6 @@ def _ingest_stage(
                 pending.append(
                     {"__key__": key, "jpg": result.jpg, "txt": result.caption, "json": json.dumps(meta, sort_keys=True)}
                 )
-                pending_hashes.append(result.pixel_sha256)
                 if len(pending) >= shard_size:
                     flush(i + 1)
             progress.update(kept)
@@ -507,11 +540,10 @@ def _ingest_stage(
     for reason, example in sorted(examples.items()):
         logger.info("stage %d: dropped %d pairs: %s (e.g. %s)", stage, drops[reason], reason, example)
     if kept == 0:  # never append an empty stage: undo the journal and the (empty) stage dir, then fail
-        _discard_pending(root, stage)
+        _discard_pending(root, stage, index)
         raise IngestFailed(_nothing_kept(stage, len(records), drops, examples, input_path))
-    all_hashes = sorted(h for sh in journal["shards"] for h in sh["hashes"])
-    atomic_write_text(sdir / "hashes.txt", "".join(h + "\n" for h in all_hashes))
-    shards = [{k: v for k, v in sh.items() if k != "hashes"} for sh in journal["shards"]]
+    hashes_sha256 = write_hashes_file(sdir / "hashes.txt", index.pending_sorted())  # streamed, sorted
+    shards = journal["shards"]
     source = {"path": source_name or str(input_path), "format": fmt, "records": len(records)}
     entry = {
         "stage": stage,
@@ -539,8 +571,12 @@ def _ingest_stage(
     if stage_entry(manifest, stage) is not None:
         raise ValueError(f"stage {stage} appeared in the manifest while ingesting; stages are append-only")
     manifest["stages"].append(entry)
-    manifest["dedupe"] = {"method": DEDUPE_METHOD, "unique": len(seen_before) + len(all_hashes)}
+    manifest["dedupe"] = {"method": DEDUPE_METHOD, "unique": index.unique()}
     save_manifest(root, manifest)  # the manifest entry is written last: the stage now exists
+    try:
+        index.finish_pending(stage, sdir / "hashes.txt", hashes_sha256)
+    except (sqlite3.Error, OSError, IndexDamaged) as exc:  # the stage exists; the cache catches up next time
+        logger.warning("%s: stage %d not recorded (%s); the next ingest loads its hashes.txt", index.path, stage, exc)
     shutil.rmtree(journal_path.parent, ignore_errors=True)
     with contextlib.suppress(OSError):  # only if no other stage is pending
         journal_path.parent.parent.rmdir()
@@ -552,8 +588,10 @@ def _ingest_stage(
     return IngestResult(stage, kept, shards, dict(drops), len(records), input_sha256)
 
 
-def _discard_pending(root: Path, stage: int) -> None:
-    """Remove the journal and the stage dir of a stage that wrote no shard (nothing else is in them)."""
+def _discard_pending(root: Path, stage: int, index: DedupeIndex) -> None:
+    """Remove the journal, the stage dir and the index rows of a stage that wrote no shard (nothing else is in
+    them); the index itself too if it holds no other stage."""
+    index.discard_pending()
     journal_dir = _journal_path(root, stage).parent
     shutil.rmtree(journal_dir, ignore_errors=True)
     sdir = root / stage_dir_name(stage)

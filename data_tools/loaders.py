@@ -1,4 +1,4 @@
-"""Loaders used by the jobs: replay-weighted training stream, held-out split, eval sets.
+"""Loaders used by the jobs: replay-weighted training stream and held-out split (eval sets: data_tools.eval_sets).
 
 Training stream for growth step t (DESIGN.md "search"/"train"): stages ``≤ t`` are mixed
 per sample with weights ``1 - replay`` for the newest stage and ``replay`` shared equally by the
@@ -10,6 +10,15 @@ Every (rank, worker) pair gets its own seed derived from ``seed``, ``rank`` and 
 (never from the environment). Samples that fail to decode are counted by reason and skipped; a stage
 that yields nothing usable for ``max_consecutive_failures`` samples (or shard opens) in a row stops
 the stream with ``DataStreamError`` naming the stage, shard and reasons instead of spinning forever.
+
+Shards are read and samples decoded by ``data_tools.shard_reader`` (the one reader of training stream,
+held-out split and eval sets: webdataset's ``group_by_keys`` over a ``tarfile`` member stream with
+``ignore_zeros``, plain Pillow decoding). The training augmentation is torchvision's
+``RandomResizedCrop`` (area ``crop_scale``, aspect 3/4..4/3, bicubic) and, with ``flip``,
+``RandomHorizontalFlip``; their draws come from the global torch generator, seeded once per batch from
+the reader's own ``random.Random`` inside ``torch.random.fork_rng``, so batches stay a function of seed,
+rank and worker and the caller's RNG is left as it was. Without augmentation an image not already at the
+model's side is centre cropped (``resize_image(..., "center_crop")``), as in the held-out split.
 
 Batches are ``TrainBatch`` objects: they unpack like ``(images, tokens)`` and also carry ``stats``,
 the per-batch counts of samples by stage and of skipped samples by reason, computed in the process
@@ -23,26 +32,24 @@ val_fraction * 10_000``. Training excludes those keys whenever ``val_fraction > 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import random
-import tarfile
-import zlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import PIL
 import torch
 import webdataset as wds
-from PIL import Image, ImageFile, JpegImagePlugin
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_tools.imaging import resize_image
 from data_tools.manifest import load_manifest, shard_paths
+from data_tools.shard_reader import MAX_CAPTION_BYTES as MAX_CAPTION_BYTES  # re-exported: its old home
+from data_tools.shard_reader import SkipCounter, Skipped, decode_sample, read_shard
 from data_tools.tokenizer import load_tokenizer, tokenize
 
 __all__ = [
@@ -69,9 +76,6 @@ _SCALE = torch.tensor([1.0 / (255.0 * s) for s in STD], dtype=torch.float32).vie
 _SHIFT = torch.tensor([-m / s for m, s in zip(MEAN, STD, strict=True)], dtype=torch.float32).view(3, 1, 1)
 _SCALE_NP, _SHIFT_NP = _SCALE.numpy(), _SHIFT.numpy()
 MAX_CONSECUTIVE_FAILURES = 1000
-# Captions longer than this are skipped (caption_too_long) before tokenizing: ingest keeps <= 512
-# characters by default, and byte-level BPE on a 4 MB caption takes ~7 s (a stall, not a sample).
-MAX_CAPTION_BYTES = 65_536
 
 
 class DataStreamError(RuntimeError):
@@ -135,24 +139,17 @@ def image_to_tensor(img: Image.Image) -> torch.Tensor:
     return normalize_batch(image_to_uint8(img))
 
 
-_LOG_RATIO = (np.log(3 / 4), np.log(4 / 3))  # aspect-ratio range of the random crop (numpy floats, as always)
+def _train_transform(image_size: int, crop_scale: tuple[float, float], flip: bool) -> Callable[[Image.Image], Any]:
+    """torchvision's RandomResizedCrop (area ``crop_scale``, aspect 3/4..4/3, bicubic) [+ RandomHorizontalFlip]."""
+    from model.tv_guard import ensure_torchvision  # torchvision's CUDA wheel beside CPU torch needs the guard
 
+    ensure_torchvision()
+    from torchvision import transforms
 
-def _augment(img: Image.Image, size: int, rng: random.Random, scale: tuple[float, float], flip: bool) -> Image.Image:
-    """Random resized crop (area fraction in ``scale``, aspect 3/4..4/3) and optional horizontal flip."""
-    w, h = img.size
-    for _ in range(10):
-        area = w * h * rng.uniform(*scale)
-        ratio = np.exp(rng.uniform(*_LOG_RATIO))
-        cw, ch = round((area * ratio) ** 0.5), round((area / ratio) ** 0.5)
-        if 0 < cw <= w and 0 < ch <= h:
-            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
-            img = img.crop((x, y, x + cw, y + ch))
-            break
-    img = img.resize((size, size), Image.Resampling.BICUBIC)
-    if flip and rng.random() < 0.5:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return img
+    crop = transforms.RandomResizedCrop(
+        image_size, scale=crop_scale, ratio=(3 / 4, 4 / 3), interpolation=transforms.InterpolationMode.BICUBIC
+    )
+    return transforms.Compose([crop, transforms.RandomHorizontalFlip()]) if flip else crop
 
 
 @dataclass
@@ -247,9 +244,6 @@ class ReplayStream(IterableDataset):
     ``self.errors`` and samples per stage in ``self.stage_counts`` (per process: with ``num_workers >
     0`` use ``TrainLoader.stats`` instead) and logged, never raised, unless a stage yields nothing
     usable ``max_consecutive_failures`` times in a row (``DataStreamError``).
-
-    The sample order, the random draws and hence every batch are the same as when this class
-    yielded single samples for the DataLoader to batch.
     """
 
     def __init__(
@@ -273,23 +267,15 @@ class ReplayStream(IterableDataset):
         self.seed, self.rank, self.world_size, self.shuffle_buffer = seed, rank, world_size, shuffle_buffer
         self.batch_size = batch_size
         self.max_consecutive_failures = max_consecutive_failures
-        self.errors: Counter[str] = Counter()
+        self.skips = SkipCounter("training stream")  # skipped samples and read errors by reason, this process
         self.stage_counts: Counter[int] = Counter()
         self.epoch = 0
-        self._pending: Counter[str] = Counter()  # errors since the last batch (sent with the next one)
         self._failing: dict[int, Counter[str]] = {}  # per stage: reasons since its last usable sample
-        self._last_reason = ""
 
-    def _count(self, reason: str, exc: Exception | None = None) -> None:
-        self.errors[reason] += 1
-        self._last_reason = reason
-        self._pending[reason] += 1
-        n = self.errors[reason]
-        if n & (n - 1) == 0:  # log the 1st, 2nd, 4th, 8th ... occurrence
-            logger.warning("skipped sample (%s, %d so far): %s", reason, n, exc)
-
-    def _read_error(self, exc: Exception) -> None:
-        self._count("shard_read_error", exc)
+    @property
+    def errors(self) -> Counter[str]:
+        """Skipped samples and shard read errors by reason, read in this process."""
+        return self.skips.counts
 
     def _fail(self, stage: int, reason: str, where: str) -> None:
         """One more unusable sample (or empty shard read) of ``stage``; raise once there were too many in a row."""
@@ -316,7 +302,7 @@ class ReplayStream(IterableDataset):
             if last_url:  # a shard read that gave no sample at all counts as one failure
                 self._fail(stage, "shard_unreadable_or_empty", last_url)
             last_url = shard["url"]
-            for sample in _shard_samples(last_url, self._read_error):
+            for sample in read_shard(last_url, self.skips):
                 last_url = ""
                 yield sample
 
@@ -326,68 +312,78 @@ class ReplayStream(IterableDataset):
         reader, readers = self.rank * nworkers + worker, self.world_size * nworkers  # split by node and worker
         worker_seed = (self.seed * 1_000_003 + self.rank * 1009 + worker) * 7919 + self.epoch
         self.epoch += 1
-        self._pending.clear()
+        self.skips.take()  # what was counted after the previous iteration's last batch is not sent again
         self._failing.clear()
         rng = random.Random(worker_seed)
         tokens_of = _CaptionTokens(load_tokenizer(self.tokenizer_path), self.opts.context_length)
+        o = self.opts
+        transform = _train_transform(o.image_size, o.crop_scale, o.flip) if o.augment else None
         stages = sorted(self.weights)
         streams = {s: self._stage_samples(s, worker_seed, reader, readers) for s in stages}
-        probs = [self.weights[s] for s in stages]
-        o, bs = self.opts, self.batch_size
         buffer: list[tuple[int, dict[str, Any]]] = []
         while True:
-            images = np.empty((bs, 3, o.image_size, o.image_size), dtype=np.uint8)
-            texts: list[str] = []
-            batch_stages: Counter[int] = Counter()
-            while len(texts) < bs:
-                stage = rng.choices(stages, probs)[0]
-                sample = next(streams[stage])
-                key = sample.get("__key__", "")
-                if is_heldout(key, o.val_fraction):
-                    self._fail(stage, "held_out", sample.get("__url__", ""))
-                    continue
-                if len(buffer) < self.shuffle_buffer:
-                    buffer.append((stage, sample))
-                    continue
-                i = rng.randrange(len(buffer))
-                (stage, sample), buffer[i] = buffer[i], (stage, sample)
-                text = self._decode(sample, rng, images[len(texts)])
-                if text is None:
-                    self._fail(stage, self._last_reason, f"{sample.get('__url__', '')} {sample.get('__key__', '')}")
-                    continue
-                self._failing.pop(stage, None)
-                self.stage_counts[stage] += 1
-                batch_stages[stage] += 1
-                texts.append(text)
-            errors = dict(self._pending)
-            self._pending.clear()
-            yield TrainBatch(
-                torch.from_numpy(_normalize_u8(images)),
-                tokens_of(texts),
-                {"stages": dict(batch_stages), "errors": errors},
-            )
+            # the crop's draws: torch's global generator seeded from rng, the caller's generator state restored
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(rng.getrandbits(63))
+                batch = self._batch(streams, rng, buffer, transform, tokens_of)
+            yield batch
 
-    def _decode(self, sample: dict[str, Any], rng: random.Random, out: np.ndarray) -> str | None:
+    def _batch(
+        self,
+        streams: dict[int, Iterator[dict[str, Any]]],
+        rng: random.Random,
+        buffer: list[tuple[int, dict[str, Any]]],
+        transform: Callable[[Image.Image], Any] | None,
+        tokens_of: _CaptionTokens,
+    ) -> TrainBatch:
+        """The next ``batch_size`` usable samples: stage drawn by weight, held-out keys left out, shuffled
+        through ``buffer``, decoded (skips counted)."""
+        o, bs = self.opts, self.batch_size
+        stages = sorted(self.weights)
+        probs = [self.weights[s] for s in stages]
+        images = np.empty((bs, 3, o.image_size, o.image_size), dtype=np.uint8)
+        texts: list[str] = []
+        batch_stages: Counter[int] = Counter()
+        while len(texts) < bs:
+            stage = rng.choices(stages, probs)[0]
+            sample = next(streams[stage])
+            if is_heldout(sample.get("__key__", ""), o.val_fraction):
+                self._fail(stage, "held_out", sample.get("__url__", ""))
+                continue
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append((stage, sample))
+                continue
+            i = rng.randrange(len(buffer))
+            (stage, sample), buffer[i] = buffer[i], (stage, sample)
+            text = self._decode(sample, transform, images[len(texts)])
+            if text is None:
+                self._fail(stage, self.skips.last, f"{sample.get('__url__', '')} {sample.get('__key__', '')}")
+                continue
+            self._failing.pop(stage, None)
+            self.stage_counts[stage] += 1
+            batch_stages[stage] += 1
+            texts.append(text)
+        return TrainBatch(
+            torch.from_numpy(_normalize_u8(images)),
+            tokens_of(texts),
+            {"stages": dict(batch_stages), "errors": self.skips.take()},
+        )
+
+    def _decode(
+        self, sample: dict[str, Any], transform: Callable[[Image.Image], Any] | None, out: np.ndarray
+    ) -> str | None:
         """Decode ``sample``'s image into ``out`` (uint8 (3,H,W)) and return its caption, or None (counted)."""
-        o = self.opts
-        if "jpg" not in sample or "txt" not in sample:
-            self._count("missing_part", KeyError(f"{sample.get('__key__')}: has {sorted(sample)}"))
+        got = decode_sample(sample)
+        if isinstance(got, Skipped):
+            self.skips.count(got.reason, got.detail)
             return None
-        text, reason = _caption(sample["txt"])
-        if text is None:
-            self._count(reason, ValueError(f"{sample.get('__key__')}: {reason}"))
-            return None
-        try:
-            img = _open_image(sample["jpg"])
-        except Exception as exc:  # any decoder error on untrusted bytes (PIL raises many types) = a bad sample
-            self._count("image_decode_error", exc)
-            return None
-        if o.augment:
-            img = _augment(img, o.image_size, rng, o.crop_scale, o.flip)
-        elif img.size != (o.image_size, o.image_size):
-            img = resize_image(img, o.image_size, "center_crop")
+        img, size = got.image, self.opts.image_size
+        if transform is not None:
+            img = transform(img)
+        elif img.size != (size, size):
+            img = resize_image(img, size, "center_crop")
         out[...] = np.asarray(img).transpose(2, 0, 1)
-        return text
+        return got.text
 
 
 class _CaptionTokens:
@@ -417,333 +413,6 @@ class _CaptionTokens:
             self.rows[start : start + len(new)] = tokenize(new, self.context_length, self.tok).numpy()
             index.update((t, start + i) for i, t in enumerate(new))
         return torch.from_numpy(self.rows[[index[t] for t in texts]])
-
-
-def _caption(raw: bytes) -> tuple[str | None, str]:
-    """``(text, "")``, or ``(None, reason)`` with reason caption_too_long, caption_decode_error, caption_binary or
-    caption_empty (the ingest rules, so that a damaged shard cannot feed the model what ingest would drop)."""
-    if len(raw) > MAX_CAPTION_BYTES:
-        return None, "caption_too_long"
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None, "caption_decode_error"
-    if not text.isprintable() and any(ord(ch) < 32 and ch not in "\t\n\r" for ch in text):  # NUL, other controls
-        return None, "caption_binary"
-    if not text.strip():
-        return None, "caption_empty"
-    return text, ""
-
-
-def _open_image(data: bytes) -> Image.Image:
-    """Decode fully to RGB (raises on anything that is not a complete, sane image).
-
-    What ``Image.open(io.BytesIO(data))``, ``load()``, ``convert("RGB")`` give, faster for the JPEGs that
-    ingest writes: see ``_JpegHeaders``.
-    """
-    try:
-        img = _JPEG_HEADERS.decode(data)
-    except (AttributeError, TypeError) as exc:  # Pillow's internals moved (another version): use its public path
-        _JPEG_HEADERS.disable(exc)
-        img = None
-    if img is not None:
-        return img
-    fp = _ReadMark(data)
-    img = Image.open(fp)
-    header, tile = data[: fp.high], list(img.tile)
-    img.load()
-    _JPEG_HEADERS.learn(img, header, tile)
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-class _ReadMark(io.BytesIO):
-    """A BytesIO that remembers how far it was read (how many header bytes ``Image.open`` looked at)."""
-
-    high = 0
-
-    def read(self, size: int | None = -1) -> bytes:
-        out = super().read(size)
-        self.high = max(self.high, self.tell())
-        return out
-
-    def read1(self, size: int | None = -1) -> bytes:
-        return self.read(size)
-
-    def readinto(self, buffer: Any) -> int:
-        n = super().readinto(buffer)
-        self.high = max(self.high, self.tell())
-        return n
-
-    def readline(self, size: int | None = -1) -> bytes:
-        out = super().readline(size)
-        self.high = max(self.high, self.tell())
-        return out
-
-    def getvalue(self) -> bytes:
-        self.high = len(super().getbuffer())
-        return super().getvalue()
-
-
-class _JpegHeaders:
-    """Decode JPEGs whose header bytes equal those of a JPEG already opened by PIL, without PIL's Python parser.
-
-    ``Image.open`` parses a JPEG's markers in Python up to the start of scan (~30 us for a 32 px image,
-    about as long as libjpeg's decoding) and ``load()`` then hands the WHOLE file to libjpeg. The
-    outcome of that parse (format, mode, size, decoder arguments) depends only on the bytes it read,
-    and ingest writes every image of a corpus with the same header (same size, quality and tables).
-    So once a JPEG has been opened and loaded the normal way, its header bytes (exactly those
-    ``Image.open`` read) are remembered with the parse result; a later image that starts with the same
-    bytes is decoded by running ``ImageFile.load``'s decoder loop directly (same decoder, arguments,
-    block size, truncation and error checks). Pixels and errors are the same as PIL's (checked
-    by tests/test_data_loaders.py on clean, mutated and truncated JPEGs). Only plain RGB JPEGs (no EXIF,
-    no multi-picture data, within ``MAX_IMAGE_PIXELS``) are remembered, at most ``MAX`` headers per
-    process; anything else takes the normal path. Uses Pillow internals (``Image.core.new``,
-    ``Image._getdecoder``, ``ImageFile._get_oserror``, ``Image._new``), written against Pillow 13.0:
-    the test fails, rather than the loader drifting, if a later Pillow changes them.
-    """
-
-    MAX = 16
-    PLAIN_INFO = frozenset({"jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi", "progressive", "progression"})
-
-    def __init__(self) -> None:
-        self.known: list[tuple[bytes, tuple[int, int], tuple[Any, ...]]] = []  # header, size, decoder args
-
-    def learn(self, img: Image.Image, header: bytes, tile: list[Any]) -> None:
-        """Remember ``header`` (the bytes ``Image.open`` read) if ``img`` is a plain RGB JPEG that was opened with
-        the decoder tile ``tile`` and then loaded the normal way."""
-        if len(self.known) >= self.MAX or type(img) is not JpegImagePlugin.JpegImageFile or img.mode != "RGB":
-            return
-        w, h = img.size
-        limit = Image.MAX_IMAGE_PIXELS
-        if (limit is not None and w * h > limit) or not set(img.info) <= self.PLAIN_INFO or img.decoderconfig:
-            return
-        if len(tile) != 1 or tuple(tile[0])[:3] != ("jpeg", (0, 0, w, h), 0) or len(header) < 16:
-            return
-        if all(header != known for known, _, _ in self.known):
-            self.known.append((header, (w, h), tuple(tile[0])[3]))
-
-    def disable(self, exc: Exception) -> None:
-        """Stop using the fast path for good (this Pillow's internals differ from 13.0's); say so once."""
-        if self.MAX:
-            logger.warning("fast JPEG decoding disabled (Pillow %s internals differ: %s)", PIL.__version__, exc)
-        self.MAX, self.known = 0, []
-
-    def decode(self, data: bytes) -> Image.Image | None:
-        """The decoded RGB image, or None when ``data`` does not start with a known header."""
-        if ImageFile.LOAD_TRUNCATED_IMAGES:  # PIL would pad truncated data: leave that to it
-            return None
-        found = next((k for k in self.known if data.startswith(k[0])), None)
-        if found is None:
-            return None
-        _, size, args = found
-        limit = Image.MAX_IMAGE_PIXELS  # lowered since the header was learnt: PIL's bomb check decides
-        if limit is not None and size[0] * size[1] > limit:
-            return None
-        im = Image.core.new("RGB", size)
-        decoder = Image._getdecoder("RGB", "jpeg", args, ())
-        err = -3
-        try:  # ImageFile.ImageFile.load, one tile at offset 0, read through JpegImageFile.load_read
-            decoder.setimage(im, (0, 0, *size))
-            block, pos, buf = ImageFile.MAXBLOCK, 0, b""
-            while True:
-                chunk = data[pos : pos + block]
-                pos += len(chunk)
-                if not chunk:
-                    raise OSError(f"image file is truncated ({len(buf)} bytes not processed)")
-                buf += chunk
-                n, err = decoder.decode(buf)
-                if n < 0:
-                    break
-                buf = buf[n:]
-        finally:
-            decoder.cleanup()
-        if err < 0:
-            raise ImageFile._get_oserror(err, encoder=False)
-        return Image.Image()._new(im)
-
-
-_JPEG_HEADERS = _JpegHeaders()
-
-
-# --- shard reading --------------------------------------------------------------------------------------------------
-# The training reader parses tar headers itself instead of going through ``tarfile`` (whose per-member Python cost
-# was ~30 % of the loader's time), but accepts, skips and fails exactly like ``tarfile.open(mode="r|*",
-# ignore_zeros=True)`` followed by webdataset's ``group_by_keys``: a header whose checksum (or any number field)
-# is bad is skipped one 512-byte block at a time until reading resynchronises at the next valid header, so one
-# damaged header costs one member; a shard cut short keeps the members before the damage and counts one
-# ``shard_read_error``. Fast path: a header whose unsigned checksum matches and whose number fields parse as plain
-# octal; anything else goes through ``tarfile.TarInfo.frombuf`` (exact), and GNU long names, sparse files, pax
-# headers and compressed shards are handed to ``tarfile`` itself for the rest of the shard.
-
-_BLOCK = 512
-_TAR_ENCODING = tarfile.ENCODING  # what tarfile decodes member names with ("surrogateescape" errors)
-_FAST_REGULAR = (tarfile.REGTYPE, tarfile.CONTTYPE)  # regular-file types that need no further processing
-_HANDED_TO_TARFILE = (
-    tarfile.GNUTYPE_LONGNAME,
-    tarfile.GNUTYPE_LONGLINK,
-    tarfile.GNUTYPE_SPARSE,
-    tarfile.XHDTYPE,
-    tarfile.XGLTYPE,
-    tarfile.SOLARIS_XHDTYPE,
-)
-_COMPRESSED = (b"\x1f\x8b\x08", b"\x5d\x00\x00\x80", b"\xfd7zXZ")  # gzip, lzma, xz (bz2 checked apart)
-_SHARD_BUFFER = 1 << 20
-_NUMBER_FIELDS_CACHE_MAX = 4096
-
-
-class _HeaderError(Exception):
-    """A block that is not a valid tar header (``tarfile`` skips it with ``ignore_zeros``)."""
-
-
-def _octal(field: bytes) -> int:
-    """Fast path of ``tarfile.nti`` for plain octal fields, empty = 0 (ValueError for anything else, e.g. base-256:
-    the caller then asks ``tarfile``)."""
-    return int(field.split(b"\0", 1)[0] or b"0", 8)
-
-
-def _byte_sum(buf: bytes) -> int:
-    """``sum(buf)`` of a 512-byte block, 6x faster: adler32's low half is 1 + the byte sum mod 65521, and the sum of
-    256 bytes is at most 65280, so each half's sum comes out exact."""
-    return (zlib.adler32(buf[:256]) & 0xFFFF) + (zlib.adler32(buf[256:]) & 0xFFFF) - 2
-
-
-def _parse_header(buf: bytes, valid_numbers: dict[bytes, bool]) -> tuple[str, int, bytes, bool]:
-    """``(name, size, type, regular)`` of the 512-byte header ``buf``, exactly as ``tarfile.TarInfo.frombuf``.
-
-    Raises ``_HeaderError`` where frombuf raises EOFHeaderError or InvalidHeaderError (all zeros, bad checksum,
-    a number field that does not parse). ``valid_numbers`` caches number-field combinations already checked.
-    """
-    try:  # fast path: plain octal checksum that matches the unsigned sum (the one every writer we know uses)
-        fast = _octal(buf[148:156]) == _byte_sum(buf) - sum(buf[148:156]) + 256
-        numbers = buf[100:124] + buf[136:148] + buf[329:345]  # mode uid gid, mtime, devmajor devminor
-        if fast and numbers not in valid_numbers:
-            for a, b in ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345)):
-                _octal(buf[a:b])
-            if len(valid_numbers) < _NUMBER_FIELDS_CACHE_MAX:
-                valid_numbers[numbers] = True
-        size = _octal(buf[124:136])
-        typ = buf[156:157]
-        name = buf[0:100].split(b"\0", 1)[0]
-        fast = fast and size >= 0 and (typ in _FAST_REGULAR or (typ == tarfile.AREGTYPE and not name.endswith(b"/")))
-    except ValueError:
-        fast = False
-    if fast:
-        prefix = buf[345:500].split(b"\0", 1)[0]
-        text = name.decode(_TAR_ENCODING, "surrogateescape")
-        if prefix:
-            text = prefix.decode(_TAR_ENCODING, "surrogateescape") + "/" + text
-        return text, size, typ, True
-    try:
-        info = tarfile.TarInfo.frombuf(buf, _TAR_ENCODING, "surrogateescape")
-    except (tarfile.EOFHeaderError, tarfile.InvalidHeaderError) as exc:
-        raise _HeaderError(str(exc)) from None
-    return info.name, info.size, info.type, info.isreg()
-
-
-class _MemberCount:
-    n = 0
-
-
-def _tar_entries(f: Any, count: _MemberCount) -> Iterator[tuple[str, bytes]]:
-    """``(name, data)`` of the regular members not named ``__*`` of the plain tar ``f``, like ``tarfile``'s stream
-    mode with ``ignore_zeros`` (see above); raises ``tarfile.ReadError`` where it would. ``count.n`` counts every
-    member (of any type)."""
-    valid_numbers: dict[bytes, bool] = {}
-    offset = pos = 0  # start of the next header; where f is
-    while True:
-        if offset != pos:  # tarfile seeks to offset - 1 and needs a byte there
-            f.seek(offset - 1)
-            if not f.read(1):
-                raise tarfile.ReadError("unexpected end of data")
-            pos = offset
-        while True:
-            buf = f.read(_BLOCK)
-            pos += len(buf)
-            if len(buf) < _BLOCK:  # end of the data: the end of the archive unless nothing was read yet
-                if offset == 0:
-                    raise tarfile.ReadError("truncated header" if buf else "empty file")
-                return
-            try:
-                name, size, typ, regular = _parse_header(buf, valid_numbers)
-                break
-            except _HeaderError:
-                offset += _BLOCK  # ignore_zeros: skip the block, try the next one
-        if typ in _HANDED_TO_TARFILE or size < 0:  # rare formats: tarfile reads the rest of the shard
-            f.seek(offset)
-            yield from _tarfile_entries(f, "r|", count)
-            return
-        count.n += 1
-        offset = pos
-        if regular or typ not in tarfile.SUPPORTED_TYPES:  # data blocks follow (else: nothing does)
-            offset += -(-size // _BLOCK) * _BLOCK
-        if regular and not name.startswith("__"):
-            data = f.read(size)
-            pos += len(data)
-            if len(data) != size:
-                raise tarfile.ReadError("unexpected end of data")
-            yield name, data
-
-
-def _tarfile_entries(f: Any, mode: str, count: _MemberCount) -> Iterator[tuple[str, bytes]]:
-    """``_tar_entries`` through ``tarfile`` itself (compressed shards, pax/GNU extensions)."""
-    with tarfile.open(fileobj=f, mode=mode, ignore_zeros=True) as tf:
-        for info in tf:
-            count.n += 1
-            if not info.isreg() or info.name.startswith("__"):
-                continue
-            fh = tf.extractfile(info)
-            yield info.name, fh.read() if fh else b""
-
-
-def _split_name(name: str) -> tuple[str | None, str]:
-    """``webdataset.tariterators.base_plus_ext``: key = the name up to the first dot of its last component."""
-    if "/" in name:
-        key, ext = wds.tariterators.base_plus_ext(name)
-        return key, ext or ""
-    dot = name.find(".")
-    return (name[:dot], name[dot + 1 :]) if dot > 0 else (None, "")
-
-
-def _shard_samples(url: str, on_error: Any) -> Iterator[dict[str, Any]]:
-    """Samples ``{"__key__", "__url__", ext: bytes}`` of one shard, in order, tolerant of damage.
-
-    Members are grouped by key like webdataset's ``group_by_keys`` (lower-case extensions, a
-    repeated extension within a sample is an error and skipped). Read errors (cannot open, truncated,
-    not a tar, no member at all) go to ``on_error`` once, at the point where they happen; the
-    samples before the damage are kept (the one being read when it came may lack parts).
-    """
-    current: dict[str, Any] | None = None
-    count = _MemberCount()
-    try:
-        f = open(url, "rb", buffering=_SHARD_BUFFER)  # noqa: SIM115 (closed in the finally below)
-    except Exception as exc:
-        on_error(exc)
-        return
-    try:
-        head = f.peek(10)[:10]
-        compressed = head.startswith(_COMPRESSED) or (head[0:3] == b"BZh" and head[4:10] == b"1AY&SY")
-        entries = _tarfile_entries(f, "r|*", count) if compressed else _tar_entries(f, count)
-        for name, data in entries:
-            key, ext = _split_name(name)
-            if key is None:
-                continue
-            ext = ext.lower()
-            if current is None or key != current["__key__"]:
-                if current is not None and not current.get("__bad__", False):
-                    yield current
-                current = {"__key__": key, "__url__": url}
-            if ext in current:
-                on_error(ValueError(f"{url}: {name}: duplicate file name in tar file ({ext})"))
-                continue
-            current[ext] = data
-        if count.n == 0:
-            raise tarfile.ReadError(f"{url}: no tar member (empty, or not a tar)")
-    except Exception as exc:  # truncated data, not a tar, I/O error: counted, then the next shard
-        on_error(exc)
-    finally:
-        f.close()
-    if current is not None and not current.get("__bad__", False):
-        yield current
 
 
 class TrainLoader(DataLoader):
@@ -804,7 +473,7 @@ def make_train_loader(
         world_size: number of ranks.
         num_workers: DataLoader workers.
         shuffle_buffer: samples held for shuffling per worker.
-        augment: random resized crop (``crop_scale``) and optional ``flip``.
+        augment: torchvision's random resized crop (``crop_scale``) and optional ``flip``; off: centre crop.
         crop_scale: area fraction range of the crop.
         flip: random horizontal flip. Off by default: captions talk about left and right.
         val_fraction: exclude the held-out split (see ``is_heldout``).
@@ -834,6 +503,8 @@ def make_train_loader(
             f"`python -m data_tools validate {root} --repair`"
         )
     weights = stage_weights(list(paths), replay)
+    if augment:  # imports torchvision in this process, before DataLoader workers fork from it
+        _train_transform(image_size, crop_scale, flip)
     opts = _Opts(image_size, context_length, augment, crop_scale, flip, val_fraction)
     ds = ReplayStream(
         {s: [str(p) for p in ps] for s, ps in paths.items()},
@@ -864,21 +535,6 @@ def _check_val_fraction(val_fraction: float) -> None:
         )
 
 
-def _iter_tar(path: Path, errors: Counter[str] | None = None) -> Iterator[dict[str, Any]]:
-    """Samples of one tar in order (``__key__`` + extension -> bytes), read by the training reader
-    (``_shard_samples``): a damaged header costs one member, a truncated tar keeps the samples before
-    the damage (the one complete when it came included); read errors are counted in
-    ``errors["shard_read_error"]`` and logged instead of raised.
-    """
-
-    def on_error(exc: Exception) -> None:
-        logger.warning("%s: read error, keeping the samples before it: %s", path, exc)
-        if errors is not None:
-            errors["shard_read_error"] += 1
-
-    yield from _shard_samples(str(path), on_error)
-
-
 def make_val_loader(
     data_root: str | Path,
     stage: int,
@@ -894,6 +550,8 @@ def make_val_loader(
     """The held-out split of ``stage`` as a finite, ordered list of batches (this rank's share).
 
     Deterministic: the same keys, in shard order, every time; rank r takes every world_size-th sample.
+    Read and decoded like the training stream (``data_tools.shard_reader``: damaged shards keep every good
+    sample, skips counted by reason and logged), centre cropped to ``image_size`` (no augmentation).
     """
     _check_val_fraction(val_fraction)
     root = Path(data_root)
@@ -901,29 +559,22 @@ def make_val_loader(
     tok = load_tokenizer(_tokenizer_file(root, tokenizer))
     images, texts = [], []
     n = 0
-    skipped: Counter[str] = Counter()
+    skips = SkipCounter(f"held-out split of stage {stage}")
     for path in paths:
-        for sample in _iter_tar(path, skipped):
+        for sample in read_shard(str(path), skips):
             if not is_heldout(sample["__key__"], val_fraction):
                 continue
-            if "jpg" not in sample or "txt" not in sample:
-                skipped["missing_part"] += 1
-                continue
-            text, reason = _caption(sample["txt"])
-            if text is None:
-                skipped[reason] += 1
-                continue
-            try:
-                img = _open_image(sample["jpg"])
-            except Exception:  # any decoder error on untrusted bytes = a bad sample
-                skipped["image_decode_error"] += 1
+            got = decode_sample(sample)
+            if isinstance(got, Skipped):
+                skips.count(got.reason, got.detail)
                 continue
             if n % world_size == rank:  # counted after the checks: every rank skips the same samples
-                images.append(image_to_uint8(resize_image(img, image_size, "center_crop")))
-                texts.append(text)
+                images.append(image_to_uint8(resize_image(got.image, image_size, "center_crop")))
+                texts.append(got.text)
             n += 1
-    if skipped:
-        logger.warning("held-out split of stage %d: skipped %s (%d usable)", stage, dict(sorted(skipped.items())), n)
+    if skips.counts:
+        counts = dict(sorted(skips.counts.items()))
+        logger.warning("held-out split of stage %d: skipped %s (%d usable)", stage, counts, n)
     batches = []
     for i in range(0, len(images), batch_size):
         batches.append(

@@ -41,10 +41,11 @@ from PIL import Image, ImageDraw
 
 from data_tools.atomic import atomic_write_json
 from data_tools.corpus_pool import POOL, base_reuse, stage_pairs
+from data_tools.dedupe import DedupeIndex
 from data_tools.eval_sets import write_classification_task, write_retrieval_task
 from data_tools.imaging import ImageOptions, encode_jpeg, resize_image
-from data_tools.ingest import ingest, read_stage_hashes
-from data_tools.manifest import load_manifest
+from data_tools.ingest import ingest
+from data_tools.manifest import load_manifest, writer_lock
 from data_tools.offline_sources import (
     BACKGROUNDS,
     COLORS,
@@ -232,8 +233,23 @@ def _write_stage_input(work: Path, stage: int, n: int, seed: int) -> tuple[Path,
     return table, names
 
 
+class _SeenInIndex:
+    """The ``seen`` set :func:`data_tools.corpus_pool.stage_pairs` checks and adds to: the pixel hashes of the
+    finished stages (in the dedupe index) and those drawn for this stage (in memory: one stage of the offline pool)."""
+
+    def __init__(self, index: DedupeIndex) -> None:
+        self.index = index
+        self.drawn: set[str] = set()
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self.drawn or digest in self.index.lookup([digest]).earlier
+
+    def add(self, digest: str) -> None:
+        self.drawn.add(digest)
+
+
 def _write_pool_input(
-    work: Path, stage: int, stage_sizes: Sequence[int], seed: int, seen: set[str]
+    work: Path, stage: int, stage_sizes: Sequence[int], seed: int, seen: _SeenInIndex
 ) -> tuple[Path, dict[str, Any]]:
     """Render stage ``stage`` of the iid pool as a crawled-pair table, rows shuffled so every shard is a mixture."""
     shutil.rmtree(work, ignore_errors=True)
@@ -518,9 +534,8 @@ def build_offline(
             table, names = _write_stage_input(work, stage, n, seed)
             source_name = f"offline:{'+'.join(names)}"
         else:
-            manifest = load_manifest(root)
-            seen = set().union(*(read_stage_hashes(root, e) for e in manifest["stages"]))
-            table, info = _write_pool_input(work, stage, sizes, seed, seen)
+            with writer_lock(root, "build-offline"), DedupeIndex.open(root, load_manifest(root)) as index:
+                table, info = _write_pool_input(work, stage, sizes, seed, _SeenInIndex(index))
             names = list(info["per_source"])
             csv = ",".join(map(str, sizes))
             source_name = f"offline:iid:seed={seed}:stage_sizes={csv}:{'+'.join(names)}"

@@ -7,11 +7,14 @@ then atomically replaces it (temp name + rename) with a shard holding every samp
 these per-sample checks (read with a tolerant tar scanner that skips damaged headers): at every
 instant a shard exists under its name, so a crash mid-repair loses nothing. The stage's
 ``hashes.txt`` is rebuilt from the surviving samples (dropped samples no longer count as
-duplicates), then the manifest is updated atomically. A missing shard (or one that is not a regular
-file) cannot be repaired; ``--repair`` removes it from the manifest, records it under the stage's
-``repairs`` and reports the lost count. A stage that holds no pairs (an ingest before issue #14
-appended one on a re-run) is a problem too; ``--repair`` removes its entry (it holds no data) and its
-directory when that holds nothing but an empty ``hashes.txt``, so ``ingest --stage N`` can fill it.
+duplicates; also when it is missing or holds a line that is not a pixel hash), then the manifest is
+updated atomically. The dedupe index (``dedupe.sqlite``, a cache) notices the rewritten file by its
+size, mtime and sha256 and reloads that stage the next time ingest opens it. A missing shard (or
+one that is not a regular file) cannot be repaired; ``--repair`` removes it from the manifest,
+records it under the stage's ``repairs`` and reports the lost count. A stage that holds no pairs
+(an ingest before issue #14 appended one on a re-run) is a problem too; ``--repair`` removes its
+entry (it holds no data) and its directory when that holds nothing but an empty ``hashes.txt``, so
+``ingest --stage N`` can fill it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from typing import Any
 
 from PIL import Image
 
-from data_tools.atomic import atomic_write_json, atomic_write_text, fsync_dir
+from data_tools.atomic import atomic_write_json, fsync_dir
+from data_tools.dedupe import stage_hashes_path, write_hashes_file
 from data_tools.ingest import shard_stats, write_tar
 from data_tools.manifest import empty_stages, load_manifest, save_manifest, sha256_file, writer_lock
 
@@ -182,12 +186,27 @@ def _quarantine_copy(src: Path, dest: Path) -> None:
     fsync_dir(dest.parent)
 
 
+def _hashes_unusable(root: Path, stage: dict[str, Any]) -> bool:
+    """Whether the stage's ``hashes.txt`` is missing or holds a line that is not a pixel hash (sha256 hex)."""
+    path = stage_hashes_path(root, stage)
+    if not path.is_file():
+        return True
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return not all(_is_pixel_hash(line.strip()) for line in fh if line.strip())
+
+
+def _is_pixel_hash(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
 def _rebuild_hashes(root: Path, stage: dict[str, Any], hashes: set[str]) -> int:
     """Rewrite the stage's ``hashes.txt`` (atomically) from its surviving samples; return how many left it."""
-    path = root / stage.get("hashes", f"{stage['dir']}/hashes.txt")
-    old = set(path.read_text().split()) if path.exists() else set()
-    if hashes != old:
-        atomic_write_text(path, "".join(h + "\n" for h in sorted(hashes)))
+    path = stage_hashes_path(root, stage)
+    lines = path.read_text(errors="replace").split() if path.is_file() else []
+    old = {h for h in lines if _is_pixel_hash(h)}  # a damaged line was never a hash
+    if not path.is_file() or len(lines) != len(old) or old != hashes:
+        logger.info("rewriting %s from the stage's surviving samples", path)
+        write_hashes_file(path, sorted(hashes))
     return len(old - hashes)
 
 
@@ -237,7 +256,8 @@ def _validate(root: Path, repair: bool) -> ValidationReport:
                 continue
             problems, good, bad = _check_shard(path, sh)
             report.samples += len(good)
-            survivors.update(h for h in map(_pixel_hash, good) if h)
+            if repair:
+                survivors.update(h for h in map(_pixel_hash, good) if h)
             if not problems:
                 kept_shards.append(sh)
                 continue
@@ -271,7 +291,8 @@ def _validate(root: Path, repair: bool) -> ValidationReport:
             changed = stage_changed = True
             logger.warning("repaired %s: %d good samples kept, %d bad dropped", sh["name"], len(good), bad)
         stage["shards"] = kept_shards
-        if repair and stage_changed:  # dropped samples must not count as duplicates of later stages
+        # dropped samples must not count as duplicates of later stages; ingest's dedupe needs a readable file
+        if repair and (stage_changed or _hashes_unusable(root, stage)):
             gone = _rebuild_hashes(root, stage, survivors)
             if gone and "dedupe" in manifest:
                 manifest["dedupe"]["unique"] = max(0, manifest["dedupe"].get("unique", 0) - gone)

@@ -45,7 +45,6 @@ from jobs.engine.autopilot import (
     Events,
     crawl_content_id,
     crawl_folders,
-    crawl_format,
     crawl_signature,
     is_complete,
     load_state,
@@ -157,18 +156,18 @@ class Autopilot:
             if known.get("folder") != crawl.name:
                 self.events("crawl_duplicate", crawl=crawl.name, same_as=known.get("folder"), id=cid)
             return
-        fmt = crawl_format(crawl)
-        self.events("crawl_complete", crawl=crawl.name, id=cid, why=why, format=fmt)
+        self.events("crawl_complete", crawl=crawl.name, id=cid, why=why)
         staging = self.ad.staging(cid)
-        rc, msg = _data_tools("ingest", "--input", str(crawl), "--format", fmt, "--data-root", str(staging),
+        rc, msg = _data_tools("ingest", "--input", str(crawl), "--format", "auto", "--data-root", str(staging),
                               "--stage", "1", *self.ac.ingest_args)  # fmt: skip
-        entry: dict[str, Any] = {"folder": crawl.name, "format": fmt, "ingested": time.time(), "stage": None}
+        entry: dict[str, Any] = {"folder": crawl.name, "ingested": time.time(), "stage": None}
         if rc == 0:
             (stage,) = _stage_entries(staging)
             src = stage["sources"][0]
-            entry.update(status="staged", pairs=stage["count"], records=src["records"], drops=stage.get("drops", {}))
-            self.events("crawl_ingested", crawl=crawl.name, id=cid, pairs=stage["count"], records=src["records"],
-                        drops=stage.get("drops", {}))  # fmt: skip
+            entry.update(status="staged", pairs=stage["count"], records=src["records"], drops=stage.get("drops", {}),
+                         format=src["format"])  # fmt: skip
+            self.events("crawl_ingested", crawl=crawl.name, id=cid, format=src["format"], pairs=stage["count"],
+                        records=src["records"], drops=stage.get("drops", {}))  # fmt: skip
         elif rc in (1, 2):  # 1: it kept no pair; 2: not an input ingest can read
             entry.update(status="empty" if rc == 1 else "rejected", pairs=0, error=msg)
             self.events("crawl_ingested" if rc == 1 else "crawl_rejected", crawl=crawl.name, id=cid, pairs=0,
@@ -444,6 +443,9 @@ def cmd_autopilot(args: argparse.Namespace) -> int:
             job = schedule_poll(cfg, cfg_path, run_dir, 0)
             print(f"autopilot: poll job {job} submitted; it re-submits itself every {cfg.autopilot.poll_s:g} s")
             return 0
+        # in the foreground until SIGINT or SIGTERM (a background job started by a script ignores SIGINT)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         with run_lock(run_dir, break_lock=args.break_lock, what="jobs autopilot"):
             while True:
                 Autopilot(cfg, cfg_path, run_dir, kind).poll()

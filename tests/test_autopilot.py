@@ -15,7 +15,6 @@ from jobs.config import AutopilotCfg, ConfigError, load_cfg
 from jobs.engine.autopilot import (
     Events,
     crawl_content_id,
-    crawl_format,
     is_complete,
     load_state,
     save_state,
@@ -57,7 +56,6 @@ def test_completeness_and_identity(tmp_path: Path) -> None:
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     crawl = drop_crawl(inbox, "a", 3, seed=1, marker=False)
-    assert crawl_format(crawl) == "img2dataset"
     cfg = AutopilotCfg(inbox=inbox)
     entry: dict = {}
     assert is_complete(crawl, cfg, entry, now=100.0) is None  # no marker, quiet_s = 0: marker only

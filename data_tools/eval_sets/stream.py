@@ -1,13 +1,17 @@
 """Reading an eval task: its shards through webdataset, decoded and batched as they are consumed.
 
 Memory is independent of the task's size: a DataLoader over ``wds.DataPipeline`` (shard list, split by
-worker, ``tarfile_to_samples``, decode, ``batched``) holds a few batches at a time, never the task.
-:func:`decode_image` is the one decode of evaluation for every task type (webp, png, jpg or jpeg bytes ->
-RGB -> centre crop to the model's side -> uint8); :func:`preprocess` is its second half, for an image
-already opened (tests/test_eval_clip_benchmark.py hands it to CLIP_benchmark as its transform). Damage is
-handled like the training reader: a shard that cannot be read further is logged and the samples before
-the damage are kept; a sample that lost a part is skipped and counted (one warning per stream). An image
-that does not decode or a label that does not fit the task's classes is an error naming the sample.
+worker, the shard reader, decode, ``batched``) holds a few batches at a time, never the task. Shards are
+read and images decoded by ``data_tools.shard_reader``, the reader of the training stream and the held-out
+split (webdataset's ``group_by_keys`` over a ``tarfile`` member stream with ``ignore_zeros``; the image is a
+sample's first webp, png, jpg or jpeg member, opened with Pillow as RGB). :func:`decode_image` (bytes) and
+:func:`preprocess` (an opened image: tests/test_eval_clip_benchmark.py hands it to CLIP_benchmark as its
+transform) then centre crop to the model's side as CLIP does. Damage is handled like in training: a shard
+that cannot be read further keeps the samples before the damage; a sample that lost a part (the one a cut
+went through) is skipped; both are counted by reason, and at the end of the stream one warning names the
+counts and how many samples were read, so a damaged or half-downloaded set shows in the log (the metrics
+cover the samples read). An image that does not decode or a label that does not fit the task's classes is
+an error naming the sample.
 """
 
 from __future__ import annotations
@@ -26,14 +30,14 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from data_tools.eval_sets.tasks import (
-    IMAGE_EXTENSIONS,
     MULTILABEL,
     RETRIEVAL,
     EvalTask,
     find_eval_tasks,
 )
 from data_tools.imaging import resize_shortest_and_crop
-from data_tools.loaders import _open_image, image_to_uint8, normalize_batch
+from data_tools.loaders import image_to_uint8, normalize_batch
+from data_tools.shard_reader import ShardSamples, SkipCounter, Skipped, decode_sample, open_image
 
 __all__ = [
     "ClassificationSet",
@@ -59,7 +63,7 @@ def preprocess(img: Image.Image, image_size: int) -> torch.Tensor:
 
 def decode_image(data: bytes, image_size: int) -> torch.Tensor:
     """Encoded image bytes (webp, png, jpg, jpeg) -> uint8 (3, S, S): see :func:`preprocess`."""
-    return preprocess(_open_image(data), image_size)
+    return preprocess(open_image(data), image_size)
 
 
 def _label(task: EvalTask, sample: dict[str, Any]) -> Any:
@@ -80,25 +84,35 @@ def _label(task: EvalTask, sample: dict[str, Any]) -> Any:
 
 @dataclass(frozen=True)
 class _Decode:
-    """Pipeline stage: webdataset samples -> (uint8 image, label); incomplete samples are skipped and counted."""
+    """Pipeline stage: samples -> (uint8 image, label); incomplete samples are skipped and counted in ``skips``
+    (with the read errors), and the counts logged once at the end of the stream."""
 
     task: EvalTask
     image_size: int
+    skips: SkipCounter
 
     def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[tuple[torch.Tensor, Any]]:
-        incomplete = 0
+        read = 0
         for sample in samples:
-            ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-            if ext is None or self.task.label_key not in sample:
-                incomplete += 1  # the sample a truncation cut through: its parts are not all there
+            got = decode_sample(sample, caption=False, parts=(self.task.label_key,))
+            if isinstance(got, Skipped):
+                if got.reason != "missing_part":  # an image that does not decode: the set is broken, say where
+                    raise ValueError(f"eval task {self.task.name}: sample {got.detail}")
+                self.skips.count(got.reason, got.detail)  # e.g. the sample a truncation cut through
                 continue
             try:
-                yield decode_image(sample[ext], self.image_size), _label(self.task, sample)
-            except Exception as exc:  # PIL raises many types; numpy, int() others
-                where = f"{sample.get('__url__')} {sample['__key__']}.{ext}/.{self.task.label_key}"
+                label = _label(self.task, sample)
+            except Exception as exc:  # numpy, int() and utf-8 raise many types
+                where = f"{sample.get('__url__')} {sample['__key__']}.{got.ext}/.{self.task.label_key}"
                 raise ValueError(f"eval task {self.task.name}: sample {where}: {exc}") from exc
-        if incomplete:
-            logger.warning("eval task %s: skipped %d incomplete samples (damaged shard?)", self.task.name, incomplete)
+            yield preprocess(got.image, self.image_size), label
+            read += 1
+        if self.skips.counts:
+            logger.warning(
+                "eval task %s: read %d samples, skipped %s (a damaged or half-downloaded shard?); the metrics "
+                "cover only the samples read",
+                self.task.name, read, dict(sorted(self.skips.counts.items())),
+            )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -117,17 +131,6 @@ class _Collate:
         return images, torch.tensor(labels, dtype=torch.long)  # (B,)
 
 
-@dataclass(frozen=True)
-class _ReadErrors:
-    """webdataset's exception handler: log a shard read error and go on (the samples before it are kept)."""
-
-    task: str
-
-    def __call__(self, exc: Exception) -> bool:
-        logger.warning("eval task %s: read error, keeping the samples before it: %s", self.task, exc)
-        return True
-
-
 def _as_is(batch: Any) -> Any:
     return batch
 
@@ -139,13 +142,15 @@ def eval_batches(
 
     Labels: ``LongTensor (B,)`` (classification), float ``(B, C)`` multi-hot (multilabel), or a list of
     each image's captions (retrieval). With ``workers`` > 0 the shards are shared out among that many
-    DataLoader processes (a task of one shard keeps one busy), so batches come in another order.
+    DataLoader processes (a task of one shard keeps one busy), so batches come in another order. Skipped samples
+    and shard read errors are counted by reason and logged (see the module docstring; per worker process).
     """
+    skips = SkipCounter(f"eval task {task.name}")
     pipeline = wds.DataPipeline(
         wds.SimpleShardList([str(s) for s in task.shards]),
         wds.split_by_worker,
-        wds.tarfile_to_samples(handler=_ReadErrors(task.name)),
-        _Decode(task, image_size),
+        ShardSamples(skips),
+        _Decode(task, image_size, skips),
         wds.batched(batch_size, collation_fn=_Collate(task.type), partial=True),
     )
     return DataLoader(pipeline, batch_size=None, num_workers=workers, collate_fn=_as_is)

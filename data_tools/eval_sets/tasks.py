@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data_tools.shard_reader import IMAGE_EXTENSIONS  # a sample's image: the first of these it has
+
 __all__ = [
     "CLASSIFICATION",
     "IMAGE_EXTENSIONS",
@@ -37,8 +39,6 @@ RETRIEVAL = "retrieval"
 MULTILABEL = "multilabel"
 # task type -> extension of its label member (CLIP_benchmark: .cls int, .npy multi-hot vector, .txt captions)
 TASK_TYPES: dict[str, str] = {CLASSIFICATION: "cls", RETRIEVAL: "txt", MULTILABEL: "npy"}
-# the image member: the first of these a sample has (CLIP_benchmark's order; its exporter writes webp by default)
-IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
 SPLIT = "test"
 _LAYOUT = "test/nshards.txt, test/0.tar ..., classnames.txt, zeroshot_classification_templates.txt"
 

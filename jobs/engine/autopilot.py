@@ -38,7 +38,6 @@ __all__ = [
     "Trigger",
     "crawl_content_id",
     "crawl_folders",
-    "crawl_format",
     "crawl_signature",
     "is_complete",
     "load_state",
@@ -149,18 +148,6 @@ def is_complete(crawl: Path, cfg: AutopilotCfg, entry: dict[str, Any], now: floa
     if not _files(crawl, cfg.marker):
         return None  # an empty folder is a crawl that has not started
     return "quiet" if now - entry["sig_since"] >= cfg.quiet_s else None
-
-
-def crawl_format(crawl: Path) -> str:
-    """``img2dataset`` for webdataset tars or img2dataset's parquet output (``*.parquet`` beside ``*_stats.json``),
-    else ``table`` (tables and the images they name)."""
-    if any(crawl.glob("*.tar")) or any(crawl.glob("*.tar.gz")):
-        return "img2dataset"
-    if any(crawl.glob("*.parquet")) and any(crawl.glob("*_stats.json")):
-        return "img2dataset"
-    if any(crawl.glob("*/*.jpg")) and not any(crawl.glob("*.csv")) and not any(crawl.glob("*.tsv")):
-        return "img2dataset"  # its `files` layout: 00000/000000000.jpg + .txt
-    return "table"
 
 
 # ------------------------------------------------------------------------------------------------------ trigger

@@ -1,0 +1,60 @@
+"""``Record``: one input pair as the readers list it, before its image is read.
+
+Every row becomes a ``Record``: one that is already known to be bad (a JSONL line that is not an
+object, a CSV row with an invalid byte, a caption that is not text, a path with a NUL byte, ...)
+carries the drop reason in ``Record.drop`` and is counted like any other dropped pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from data_tools.imaging import Dropped, ImageOptions, check_caption
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One input pair before processing; the image is read by the worker, never held here.
+
+    The image is one of: ``image_path`` (a file: table and files layouts), ``image_member`` (a member
+    of an uncompressed tar: ``(tar path, data offset, size)``, img2dataset tars), ``image_cell`` (a
+    binary parquet cell: ``(parquet path, row group, row in the group, column)``, img2dataset's
+    parquet output) or ``image_bytes`` (already in memory; only for compressed tars, which cannot be
+    read at an offset).
+    """
+
+    source: str  # stable id relative to the input: "table.jsonl#12" or "00000/000000012"
+    caption: str | None  # the checked caption (``imaging.check_caption``); None when ``drop`` is set
+    image_path: str | None = None  # read by the worker (table and files layouts)
+    image_bytes: bytes | None = None  # already read (compressed tars only)
+    url: str | None = None
+    image_member: tuple[str, int, int] | None = None  # (tar path, offset of the data, size): read by the worker
+    drop: tuple[str, str] | None = None  # (reason, detail): the row is bad before its image is read
+    image_cell: tuple[str, int, int, str] | None = None  # (parquet, row group, row, column): read by the worker
+
+
+def _record(source: str, caption: object, opts: ImageOptions, *, drop: Dropped | None = None, **kw: Any) -> Record:
+    """A Record whose caption is checked first (caption reasons win, as in ``process_pair``)."""
+    text = check_caption(caption, opts.max_caption_chars)
+    if isinstance(text, Dropped):
+        return Record(source, None, drop=(text.reason, text.detail))
+    if drop is not None:
+        return Record(source, None, drop=(drop.reason, drop.detail))
+    return Record(source, text, **kw)
+
+
+def _clean_url(value: object) -> str | None:
+    """A URL worth recording in ``key.json``: text only (bytes if UTF-8), never a lone surrogate."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
