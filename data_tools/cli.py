@@ -13,10 +13,11 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from data_tools.cli_errors import EXIT_FAILED, EXIT_USAGE, OneLineParser, fail, unexpected
 
-__all__ = ["main", "build_parser", "VERBS"]
+__all__ = ["main", "build_parser", "VERBS", "IngestArgsError", "parse_ingest_args", "run_ingest"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,27 +76,54 @@ def _image_opts(args: argparse.Namespace):  # -> ImageOptions
 
 
 # ------------------------------------------------------------------------------------------ ingest
-def _run_ingest(args: argparse.Namespace) -> int:
-    from data_tools.ingest import IngestFailed, ingest
+class IngestArgsError(ValueError):
+    """``ingest`` options that do not parse (``parse_ingest_args``): argparse's message, one line."""
+
+
+def parse_ingest_args(argv: Sequence[str]) -> argparse.Namespace:
+    """``python -m data_tools ingest ARGV`` parsed, for a caller in this process (``jobs autopilot``).
+
+    Raises:
+        IngestArgsError: an unknown option, a bad value (argparse's message).
+    """
+
+    class Parser(OneLineParser):
+        def error(self, message: str) -> NoReturn:
+            raise IngestArgsError(f"python -m data_tools ingest: {message}")
+
+    p = Parser(prog="python -m data_tools ingest")
+    _configure_ingest(p)
+    return p.parse_args(list(argv))
+
+
+def run_ingest(args: argparse.Namespace):  # -> IngestResult
+    """The ingest that parsed ``args`` asks for (``--format auto`` resolved first); raises what ``ingest`` raises."""
+    from data_tools.ingest import ingest
     from data_tools.inputs import resolve_format
 
     fmt = resolve_format(args.input, args.format)
     if fmt != args.format:
         logger.info("--format %s: reading %s as %s", args.format, args.input, fmt)
+    return ingest(
+        args.input,
+        fmt,
+        args.data_root,
+        stage=args.stage,
+        opts=_image_opts(args),
+        shard_size=args.shard_size,
+        workers=args.workers,
+        caption_col=args.caption_col,
+        image_col=args.image_col,
+        separator=args.separator,
+        path_base=args.path_base,
+    )
+
+
+def _run_ingest(args: argparse.Namespace) -> int:
+    from data_tools.ingest import IngestFailed
+
     try:
-        res = ingest(
-            args.input,
-            fmt,
-            args.data_root,
-            stage=args.stage,
-            opts=_image_opts(args),
-            shard_size=args.shard_size,
-            workers=args.workers,
-            caption_col=args.caption_col,
-            image_col=args.image_col,
-            separator=args.separator,
-            path_base=args.path_base,
-        )
+        res = run_ingest(args)
     except IngestFailed as exc:  # the job ran and kept nothing: exit 1, not "bad input"
         return fail(exc, EXIT_FAILED)
     if res.already_ingested:

@@ -30,6 +30,7 @@ __all__ = [
     "Dropped",
     "check_caption",
     "process_pair",
+    "process_registered",
     "fits_as_is",
     "to_rgb",
     "resize_image",
@@ -82,6 +83,7 @@ class ProcessedPair:
     orig_height: int
     jpg_sha256: str = ""  # sha256 of ``jpg``: lets validate check each sample
     reencoded: bool = True  # False: ``jpg`` is the input's own bytes (``ImageOptions.reencode`` off and it fit)
+    source: str | None = None  # the pair's first source, when it comes from a GrowCLIP shard (``process_registered``)
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,29 @@ def fits_as_is(img: Image.Image, opts: ImageOptions) -> bool:
         return False
     w, h, size = img.width, img.height, opts.image_size
     return min(w, h) == size if opts.resize_mode == "keep_ratio" else w == h == size
+
+
+def process_registered(
+    image_bytes: bytes, caption: object, origin: tuple[str, int, int, str, str], opts: ImageOptions
+) -> ProcessedPair | None:
+    """A sample of a GrowCLIP shard registered as is (``ingest --no-reencode`` of shards an earlier ingest wrote, e.g.
+    the autopilot's staged crawls): when its bytes are still the ones that ingest wrote (``jpg_sha256``) and they fit
+    the target, the pair keeps what that ingest measured on the original picture — pixel hash (so dedupe treats it
+    as the original), original size, source — without being decoded or filtered again (its filters ran there, on
+    the original). None: not such a sample; ``process_pair`` handles it.
+    """
+    pixel_sha256, width, height, jpg_sha256, source = origin
+    text = check_caption(caption, opts.max_caption_chars)
+    if opts.reencode or isinstance(text, Dropped) or hashlib.sha256(image_bytes).hexdigest() != jpg_sha256:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if not fits_as_is(Image.open(io.BytesIO(image_bytes)), opts):  # the header only
+                return None
+    except Exception:
+        return None
+    return ProcessedPair(image_bytes, text, pixel_sha256, width, height, jpg_sha256, reencoded=False, source=source)
 
 
 def process_pair(image_bytes: bytes | None, caption: object, opts: ImageOptions) -> ProcessedPair | Dropped:

@@ -54,7 +54,7 @@ import webdataset as wds
 
 from data_tools.atomic import atomic_write_json
 from data_tools.dedupe import DedupeIndex, IndexDamaged, StageDedupe, write_hashes_file
-from data_tools.imaging import Dropped, ImageOptions, ProcessedPair, process_pair
+from data_tools.imaging import Dropped, ImageOptions, ProcessedPair, process_pair, process_registered
 from data_tools.inputs import InputFormat, Record, enumerate_records, read_record_image, record_digest, resolve_format
 from data_tools.manifest import (
     DEDUPE_METHOD,
@@ -119,6 +119,10 @@ def _process_record(record: Record) -> ProcessedPair | Dropped:
     data = read_record_image(record, _WORKER_OPTS.max_file_bytes)
     if isinstance(data, Dropped):
         return data
+    if record.origin is not None and data:
+        registered = process_registered(data, record.caption, record.origin, _WORKER_OPTS)
+        if registered is not None:
+            return registered
     return process_pair(data, record.caption, _WORKER_OPTS)
 
 
@@ -519,7 +523,7 @@ def _ingest_stage(
                 meta = {
                     "key": key,
                     "stage": stage,
-                    "source": record.source,
+                    "source": result.source or record.source,
                     "url": record.url,
                     "orig_width": result.orig_width,
                     "orig_height": result.orig_height,

@@ -1,369 +1,121 @@
 """``python -m jobs autopilot``: crawls land, the next stage is ingested, grown, trained and evaluated (issue #20).
 
-One **poll** (:meth:`Autopilot.poll`, under RUN_DIR/lock) does, in order:
+What one poll does is ``jobs/autopilot_poll.py``; this module runs polls:
 
-1. **Crawls**: every complete crawl folder of ``autopilot.inbox`` whose content is new is ingested on its own
-   (``python -m data_tools ingest`` with ``autopilot.ingest_args``) into RUN_DIR/autopilot/staging/<id>/, so its
-   pairs are counted (kept, dropped by reason) before they join a stage. A poll stops taking crawls at half of
-   ``autopilot.time_min``; the rest wait for the next.
-2. **The stage in flight** (at most one): finished once every stage up to it is evaluated; failed when it is not and
-   none of its jobs is queued or running. A failed stage is resubmitted (only its missing work, as ``submit`` does)
-   up to ``autopilot.retries`` times; then growth pauses until ``jobs autopilot --resume`` (crawls are still taken).
-3. **The trigger** (nothing in flight, not paused; jobs/engine/autopilot.py): the waiting crawls' staged shards
-   become DATA_ROOT's next stage in one ``ingest --no-reencode`` (dedupe across stages and crawls happens there),
-   the run's ``data.stages`` is raised to it, and the stage's search -> select -> train -> evaluate chain is
-   submitted (afterok). A corpus with stages the run has not finished (e.g. stage 1 ingested by hand) is caught up
-   first.
+* ``--executor slurm``: a small recurring SLURM job (:class:`AutopilotJob`, CPU only, ``autopilot.time_min``). Each
+  poll job first submits its successor, ``--dependency=afterany:<itself> --begin=now+poll_s``, then polls: so the
+  chain survives a poll that is killed, runs out of time or fails (no login-node process, no busy waiting, no
+  scrontab needed). Preemption with requeue reruns the poll as is (a poll is idempotent). ``--stop`` (or
+  ``jobs cancel``) ends the chain; a second ``jobs autopilot`` while a poll job is queued submits nothing.
+* ``--executor local|debug``: polls in the foreground, every ``poll_s``, until SIGINT or SIGTERM.
 
-Every step is recorded before and after it runs (state.json, atomic) and every ingest and submission is idempotent,
-so a poll killed anywhere (preemption, requeue, ``scancel``) is completed by the next without repeating anything.
-
-Executors: ``slurm`` — the poll is a small SLURM job that, when done, submits the next one ``--begin=now+poll_s``
-(no busy waiting, no login-node process; ``--stop`` ends it, ``jobs cancel`` too); ``local``/``debug`` — polls in
-the foreground, the stage chain run in place, until interrupted.
+SIGTERM during a poll (``scancel``, preemption) ends it at once (:class:`PollStopped`, the locks released on the way
+out), except while jobs are being submitted and recorded, where it is held back until the record is written
+(:func:`deferred_stop`). The poll jobs are recorded in RUN_DIR/autopilot/polls.json (the newest
+``POLLS_KEPT``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import submitit
 
-from data_tools.atomic import atomic_write_text
+from data_tools.atomic import atomic_write_json, atomic_write_text
 from data_tools.cli_errors import fail
+from jobs.autopilot_poll import Autopilot
 from jobs.config import ConfigError, RunCfg, dump_cfg, load_cfg, with_absolute_paths
-from jobs.engine.autopilot import (
-    Events,
-    crawl_content_id,
-    crawl_folders,
-    crawl_signature,
-    is_complete,
-    load_state,
-    pending_pairs,
-    save_state,
-    trigger,
-)
-from jobs.engine.pipeline import stage_state
-from jobs.engine.rundir import RunDir, check_run_dir
+from jobs.engine.autopilot import Events, load_state, save_state
+from jobs.engine.rundir import RunDir, check_run_dir, read_json
 from jobs.runlock import LockError, run_lock
 
-__all__ = ["Autopilot", "AutopilotJob", "cmd_autopilot"]
+__all__ = ["AutopilotJob", "PollStopped", "cmd_autopilot", "deferred_stop", "poll_jobs", "schedule_poll"]
 
 logger = logging.getLogger(__name__)
 
-# ingest options that say how to read a crawl; the staged shards are read without them
-_INPUT_ARGS = ("--caption-col", "--image-col", "--separator", "--path-base")
+POLLS_KEPT = 20  # poll jobs kept in polls.json (older ones have left the queue long ago)
 
 
-def _image_args(ingest_args: tuple[str, ...]) -> list[str]:
-    """``ingest_args`` without the options that read a crawl (each ``--opt value`` or ``--opt=value``)."""
-    out, skip = [], False
-    for arg in ingest_args:
-        if skip:
-            skip = False
-        elif arg in _INPUT_ARGS:
-            skip = True
-        elif not arg.startswith(tuple(f"{o}=" for o in _INPUT_ARGS)):
-            out.append(arg)
-    return out
-
-
-def _data_tools(*args: str) -> tuple[int, str]:
-    """``python -m data_tools ARGS`` in a child process: (exit code, its last stderr line)."""
-    from jobs.cluster import REPO
-
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "data_tools", *args], capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    if proc.returncode:
-        logger.warning("python -m data_tools %s: exit %d: %s", " ".join(args), proc.returncode, proc.stderr[-2000:])
-    return proc.returncode, (lines[-1] if lines else "")
-
-
-def _stage_entries(root: Path) -> list[dict[str, Any]]:
-    from data_tools.manifest import load_manifest
-
-    return list(load_manifest(root)["stages"]) if (root / "manifest.json").exists() else []
-
-
-class Autopilot:
-    """The autopilot of one run: ``Autopilot(cfg, cfg_path, run_dir, executor).poll()``."""
-
-    def __init__(self, cfg: RunCfg, cfg_path: Path, run_dir: Path, executor: str) -> None:
-        from jobs.cluster import get_cluster
-
-        self.cfg, self.cfg_path, self.run_dir, self.kind = cfg, cfg_path, run_dir, executor
-        self.ac = cfg.autopilot
-        self.ad = RunDir(run_dir).autopilot
-        self.events = Events(self.ad)
-        self.cluster = get_cluster(executor)
-        self.state = load_state(self.ad)
-
-    def save(self) -> None:
-        save_state(self.ad, self.state)
-
-    # ------------------------------------------------------------------------------------------------ poll
-    def poll(self) -> None:
-        """One poll (see the module docstring); the caller holds RUN_DIR/lock."""
-        start = time.time()
-        self.state["last_poll"] = start
-        self.take_crawls(deadline=start + 30 * self.ac.time_min)
-        self.follow()
-        if self.state["in_flight"] is None and not self.state["paused"]:
-            self.grow()
-        self.state["last_poll_end"] = time.time()
-        self.save()
-
-    # ---------------------------------------------------------------------------------------------- crawls
-    def take_crawls(self, deadline: float) -> None:
-        inbox = self.ac.inbox
-        if not inbox.is_dir():
-            self.events("inbox_missing", inbox=str(inbox))
-            return
-        folders = self.state.setdefault("folders", {})
-        for crawl in crawl_folders(inbox):
-            now = time.time()
-            f = folders.get(crawl.name)
-            if f is None:
-                f = folders[crawl.name] = {"seen": now}
-                self.events("crawl_seen", crawl=crawl.name)
-            if f.get("done_sig") and f["done_sig"] == crawl_signature(crawl, self.ac.marker):
-                continue  # handled, unchanged since
-            why = is_complete(crawl, self.ac, f, now)
-            if why is None:
-                continue
-            if time.time() > deadline:
-                self.events("poll_time_up", crawl=crawl.name, note="left for the next poll")
-                break
-            self.take_crawl(crawl, f, why)
-            self.save()
-
-    def take_crawl(self, crawl: Path, f: dict[str, Any], why: str) -> None:
-        sig = crawl_signature(crawl, self.ac.marker)
-        cid = crawl_content_id(crawl, self.ac.marker)[:16]
-        known = self.state["crawls"].get(cid)
-        if known is not None:
-            f.update(done_sig=sig, id=cid)
-            if known.get("folder") != crawl.name:
-                self.events("crawl_duplicate", crawl=crawl.name, same_as=known.get("folder"), id=cid)
-            return
-        self.events("crawl_complete", crawl=crawl.name, id=cid, why=why)
-        staging = self.ad.staging(cid)
-        rc, msg = _data_tools("ingest", "--input", str(crawl), "--format", "auto", "--data-root", str(staging),
-                              "--stage", "1", *self.ac.ingest_args)  # fmt: skip
-        entry: dict[str, Any] = {"folder": crawl.name, "ingested": time.time(), "stage": None}
-        if rc == 0:
-            (stage,) = _stage_entries(staging)
-            src = stage["sources"][0]
-            entry.update(status="staged", pairs=stage["count"], records=src["records"], drops=stage.get("drops", {}),
-                         format=src["format"])  # fmt: skip
-            self.events("crawl_ingested", crawl=crawl.name, id=cid, format=src["format"], pairs=stage["count"],
-                        records=src["records"], drops=stage.get("drops", {}))  # fmt: skip
-        elif rc in (1, 2):  # 1: it kept no pair; 2: not an input ingest can read
-            entry.update(status="empty" if rc == 1 else "rejected", pairs=0, error=msg)
-            self.events("crawl_ingested" if rc == 1 else "crawl_rejected", crawl=crawl.name, id=cid, pairs=0,
-                        error=msg)  # fmt: skip
-        else:  # killed or crashed: its journal resumes it at the next poll
-            self.events("crawl_ingest_failed", crawl=crawl.name, id=cid, exit=rc, error=msg)
-            return
-        self.state["crawls"][cid] = entry
-        f.update(done_sig=sig, id=cid)
-
-    # ------------------------------------------------------------------------------------------- in flight
-    def _evaluated(self, t: int) -> bool:
-        cfg = replace(self.cfg, data=replace(self.cfg.data, stages=t))
-        return all(stage_state(cfg, self.run_dir, s).evaluated for s in range(1, t + 1))
-
-    def follow(self) -> None:
-        t = self.state["in_flight"]
-        if t is None:
-            return
-        st = self.state["stages"][str(t)]
-        if self._evaluated(t):
-            st["status"] = "finished"
-            self.state["in_flight"] = None
-            self.events("stage_finished", stage=t, attempts=st["attempts"])
-            self.save()
-            return
-        if st["status"] == "launching":  # a poll stopped between recording the launch and making it
-            self.launch(t)
-            return
-        if self.cluster.queues:
-            live = [r.job_id for (s, _), recs in self.cluster.active(self.run_dir).items() if 1 <= s <= t for r in recs]
-            if live:
-                return
-        if self.state["paused"]:
-            return
-        if st["attempts"] > self.ac.retries:
-            self.state["paused"] = (
-                f"stage {t} failed {st['attempts']} times (autopilot.retries={self.ac.retries}); see python -m jobs "
-                f"status {self.run_dir}, fix the cause, then run python -m jobs autopilot ... --resume"
-            )
-            st["status"] = "failed"
-            self.events("stage_failed", stage=t, attempts=st["attempts"], paused=True)
-            self.events("paused", reason=self.state["paused"])
-            self.save()
-            return
-        self.events("stage_failed", stage=t, attempts=st["attempts"], resubmit=True)
-        st["attempts"] += 1
-        self.launch(t)
-
-    def launch(self, t: int) -> None:
-        """Submit (or, locally, run) the missing work of stages 1..t with data.stages raised to t."""
-        st = self.state["stages"][str(t)]
-        st["status"] = "launching"
-        self.state["in_flight"] = t
-        self.save()
-        cfg = replace(self.cfg, data=replace(self.cfg.data, stages=max(t, 1)))
-        atomic_write_text(self.cfg_path, dump_cfg(cfg))  # the run's plan now reaches stage t
-        stages = list(range(1, t + 1))
-        if self.cluster.queues:
-            from jobs.submit import submit_chained
-
-            new = submit_chained(cfg, self.cfg_path, self.run_dir, stages, self.cluster)
-            st["status"] = "submitted"
-            self.events("stage_submitted", stage=t, attempt=st["attempts"], jobs=[r["job_id"] for r in new])
-            self.save()
-            return
-        from jobs.submit import run_local
-
-        st["status"] = "submitted"
-        self.events("stage_submitted", stage=t, attempt=st["attempts"], jobs=[], executor=self.kind)
-        self.save()
-        run_local(cfg, self.cfg_path, self.run_dir, stages, self.kind)
-        self.follow()  # ran in place: finished, or failed (and resubmitted until the retries are spent)
-
-    # ---------------------------------------------------------------------------------------------- trigger
-    def grow(self) -> None:
-        root = self.cfg.data.root
-        entries = _stage_entries(root)
-        last = max((e["stage"] for e in entries), default=0)
-        registering = [int(t) for t, s in self.state["stages"].items() if s["status"] == "registering"]
-        if registering:  # a poll stopped while making this stage: finish it (its ingest is idempotent)
-            t = registering[0]
-            return self._make_stage(t, self.state["stages"][str(t)]["crawls"])
-        if last >= 1 and not self._evaluated(last):  # the corpus is ahead of the run: catch up first
-            self.state["stages"].setdefault(str(last), {"crawls": [], "catch_up": True})
-            self.state["stages"][str(last)].update(status="launching", attempts=1)
-            self.events("stage_catch_up", stage=last)
-            return self.launch(last)
-        ids, new = pending_pairs(self.state)
-        reading = trigger(sum(int(e["count"]) for e in entries), new, self.ac)
-        summary = {"base": reading.base, "new": reading.new, "ratio": reading.ratio, "min_growth": self.ac.min_growth,
-                   "fire": reading.fire, "why": reading.why}  # fmt: skip
-        if not reading.fire:
-            if summary != self.state.get("trigger"):
-                self.events("trigger_not_reached", **summary)
-            self.state["trigger"] = summary
-            return
-        self.state["trigger"] = summary
-        if self.ac.max_stages and last + 1 > self.ac.max_stages:
-            if not self.state.get("max_stages_noted"):
-                self.events("max_stages_reached", max_stages=self.ac.max_stages, waiting_pairs=new)
-                self.state["max_stages_noted"] = True
-            return
-        t = last + 1
-        self.state["stages"][str(t)] = {"crawls": ids, "status": "registering", "attempts": 0, "trigger": summary}
-        self.events("trigger_reached", stage=t, crawls=ids, **summary)
-        self.save()
-        self._make_stage(t, ids)
-
-    def _make_stage(self, t: int, ids: list[str]) -> None:
-        """The staged shards of crawls ``ids`` -> DATA_ROOT stage ``t`` (``ingest --no-reencode``), then launch it."""
-        root = self.cfg.data.root
-        batch = self.ad.batch(t)
-        batch.mkdir(parents=True, exist_ok=True)
-        for i, cid in enumerate(ids):  # links named in crawl order: the stage's order is the crawls' order
-            staging = self.ad.staging(cid)
-            for shard in _stage_entries(staging)[0]["shards"]:
-                link = batch / f"{i:04d}_{cid}_{Path(shard['name']).name}"
-                if not link.is_symlink():
-                    link.symlink_to((staging / shard["name"]).resolve())
-        rc, msg = _data_tools("ingest", "--input", str(batch), "--format", "img2dataset", "--data-root", str(root),
-                              "--stage", str(t), "--no-reencode", *_image_args(self.ac.ingest_args))  # fmt: skip
-        st = self.state["stages"][str(t)]
-        if rc == 1:  # every pair was already in the corpus: no stage
-            for cid in ids:
-                self.state["crawls"][cid]["stage"] = 0
-            del self.state["stages"][str(t)]
-            self.events("stage_empty", stage=t, crawls=ids, error=msg)
-            self.save()
-            return
-        if rc != 0:
-            self.state["paused"] = f"making stage {t} from the crawls failed: {msg}"
-            self.events("paused", reason=self.state["paused"])
-            self.save()
-            return
-        entry = next(e for e in _stage_entries(root) if e["stage"] == t)
-        for cid in ids:
-            self.state["crawls"][cid]["stage"] = t
-        st.update(status="launching", attempts=1, pairs=entry["count"])
-        self.state["trigger"] = None  # read again at the next poll, on the grown corpus
-        self.events("stage_ingested", stage=t, crawls=ids, pairs=entry["count"], drops=entry.get("drops", {}))
-        if self.cfg.data.tokenizer == "corpus" and not (root / "tokenizer.json").exists():
-            vocab = str(self.cfg.model.text.vocab_size)
-            rc, msg = _data_tools("train-tokenizer", str(root), "--vocab-size", vocab, "--stage", str(t))
-            self.events("tokenizer_trained" if rc == 0 else "tokenizer_failed", stage=t, error=msg if rc else None)
-        self.save()
-        self.launch(t)
-
-
-# ---------------------------------------------------------------------------------------------- SLURM job
 class PollStopped(BaseException):
-    """SIGTERM during a poll (scancel, preemption): the poll ends at once, releasing RUN_DIR/lock."""
+    """SIGTERM during a poll: the poll ends at once (a BaseException: no ``except Exception`` swallows it)."""
 
 
-def _poll_locked(cfg: RunCfg, cfg_path: Path, run_dir: Path, executor: str) -> None:
-    """One poll under RUN_DIR/lock; SIGTERM raises :class:`PollStopped` (the lock is released on the way out)."""
+_DEFER: dict[str, Any] = {"on": False, "signum": None}
 
-    def stop(signum: int, frame: Any) -> None:
-        raise PollStopped(f"autopilot poll stopped by signal {signum}")
 
-    old = signal.signal(signal.SIGTERM, stop)
+def _on_sigterm(signum: int, frame: Any) -> None:
+    if _DEFER["on"]:
+        _DEFER["signum"] = signum
+        return
+    raise PollStopped(f"autopilot poll stopped by signal {signum}")
+
+
+@contextlib.contextmanager
+def deferred_stop() -> Iterator[None]:
+    """Hold SIGTERM back for the block (jobs submitted and recorded, or neither); raise it at the end."""
+    _DEFER["on"], _DEFER["signum"] = True, None
     try:
-        with run_lock(run_dir, what="jobs autopilot"):
-            Autopilot(cfg, cfg_path, run_dir, executor).poll()
+        yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        _DEFER["on"] = False
+        if _DEFER["signum"] is not None:
+            signum, _DEFER["signum"] = _DEFER["signum"], None
+            raise PollStopped(f"autopilot poll stopped by signal {signum} (held back while submitting)")
 
 
-def _poll_jobs(run_dir: Path) -> list[str]:
-    """The run's autopilot poll jobs still queued or running."""
-    from jobs.cluster import get_cluster
+def _poll(cfg: RunCfg, cfg_path: Path, run_dir: Path, executor: str) -> None:
+    """One poll under RUN_DIR/lock. A lock whose holder died on this host (a poll killed by SIGKILL) is taken over:
+    every poll step is idempotent; a live holder, or another host's, skips this poll (``poll_skipped``)."""
+    with run_lock(run_dir, break_lock=True, what="jobs autopilot"):
+        Autopilot(cfg, cfg_path, run_dir, executor, no_stop=deferred_stop).poll()
 
-    return [r.job_id for r in get_cluster("slurm").active(run_dir).get((0, "autopilot"), [])]
+
+# ------------------------------------------------------------------------------------------------- poll jobs
+def poll_jobs(run_dir: Path) -> dict[str, str]:
+    """The run's autopilot poll jobs still queued or running: job id -> state."""
+    from jobs.cluster import queue_states
+
+    polls = (read_json(RunDir(run_dir).autopilot.polls_json) or {}).get("jobs", [])
+    return {j: st for j, (st, _) in queue_states([p["job_id"] for p in polls]).items()}
 
 
-def schedule_poll(cfg: RunCfg, cfg_path: Path, run_dir: Path, delay_s: float) -> str | None:
-    """Submit the next poll job ``--begin=now+delay_s`` unless one is queued (or the autopilot was stopped)."""
-    from jobs.cluster import Slurm, make_executor, record_jobs
+def _record_poll(run_dir: Path, job_id: str) -> None:
+    path = RunDir(run_dir).autopilot.polls_json
+    polls = (read_json(path) or {}).get("jobs", [])
+    polls.append({"job_id": job_id, "time": time.time()})
+    atomic_write_json(path, {"jobs": polls[-POLLS_KEPT:]})
 
-    mine = os.environ.get("SLURM_JOB_ID")
-    if [j for j in _poll_jobs(run_dir) if j != mine] or load_state(RunDir(run_dir).autopilot).get("stopped"):
+
+def schedule_poll(cfg: RunCfg, cfg_path: Path, run_dir: Path, *, after: str | None = None) -> str | None:
+    """Submit a poll job: at once, or (``after`` a running poll job) ``afterany`` it and ``poll_s`` from now. None
+    when another poll job is queued, or after ``--stop``."""
+    from jobs.cluster import Slurm, make_executor
+
+    ad = RunDir(run_dir).autopilot
+    if ad.stop_flag.exists() or [j for j in poll_jobs(run_dir) if j != after]:
         return None
     ex = make_executor(cfg.cluster, RunDir(run_dir).submitit, "slurm", "autopilot", run=cfg.name)
-    extra = Slurm().parameters(cfg.cluster, [])["slurm_additional_parameters"]
     params: dict[str, Any] = {"timeout_min": cfg.autopilot.time_min}
-    if delay_s > 0:
-        params["slurm_additional_parameters"] = {**extra, "begin": f"now+{max(1, round(delay_s))}"}
+    if after is not None:
+        extra = Slurm().parameters(cfg.cluster, Slurm().dependency("afterany", [after]))["slurm_additional_parameters"]
+        params["slurm_additional_parameters"] = {**extra, "begin": f"now+{max(1, round(cfg.autopilot.poll_s))}"}
     ex.update_parameters(**params)
     job = ex.submit(AutopilotJob(str(cfg_path), str(run_dir)))
-    record_jobs(run_dir, [{"stage": 0, "step": "autopilot", "job_id": job.job_id, "executor": "slurm",
-                           "time": time.time()}])  # fmt: skip
+    _record_poll(run_dir, job.job_id)
     return job.job_id
 
 
 class AutopilotJob(submitit.helpers.Checkpointable):
-    """One poll as a SLURM job, which then schedules the next; requeued as is (a poll is idempotent)."""
+    """One poll as a SLURM job; its successor is submitted first, so the chain outlives a poll that dies."""
 
     def __init__(self, config: str, run_dir: str) -> None:
         self.config, self.run_dir = config, run_dir
@@ -372,31 +124,59 @@ class AutopilotJob(submitit.helpers.Checkpointable):
         from jobs.logs import setup_logging
 
         setup_logging()
-        cfg, cfg_path, run_dir = load_cfg(Path(self.config)), Path(self.config), Path(self.run_dir)
+        run_dir, cfg_path = Path(self.run_dir), Path(self.config)
+        events = Events(RunDir(run_dir).autopilot)
         try:
-            _poll_locked(cfg, cfg_path, run_dir, "slurm")
+            cfg = load_cfg(cfg_path)
+        except ConfigError as exc:  # the run's config was damaged: say so where status shows it, and stop
+            events("paused", reason=f"the run's config does not load: {exc}")
+            raise
+        old = signal.signal(signal.SIGTERM, _on_sigterm)  # submitit would only log it and go on until SIGKILL
+        try:
+            mine = os.environ.get("SLURM_JOB_ID")
+            with deferred_stop():  # the successor submitted and recorded, or neither
+                nxt = schedule_poll(cfg, cfg_path, run_dir, after=mine) if mine else None
+            logger.info("next autopilot poll: %s", f"job {nxt}" if nxt else "already queued, or stopped")
+            _poll(cfg, cfg_path, run_dir, "slurm")
         except LockError as exc:
             logger.warning("autopilot poll skipped: %s", exc)
-            Events(RunDir(run_dir).autopilot)("poll_skipped", reason=str(exc))
-        except PollStopped as exc:  # cancelled: schedule nothing (a preempted job is requeued by SLURM itself)
-            Events(RunDir(run_dir).autopilot)("poll_stopped", reason=str(exc))
+            events("poll_skipped", reason=str(exc))
+        except PollStopped as exc:
+            events("poll_stopped", reason=str(exc))
             raise
-        finally:  # also after a failed poll: the next one retries (the event log and the job's log say why)
-            if sys.exc_info()[0] is not PollStopped:
-                nxt = schedule_poll(cfg, cfg_path, run_dir, cfg.autopilot.poll_s)
-                logger.info("next autopilot poll: %s", f"job {nxt}" if nxt else "already queued or stopped")
+        finally:
+            signal.signal(signal.SIGTERM, old)
         return "polled"
 
 
-# ----------------------------------------------------------------------------------------------------- CLI
+# ------------------------------------------------------------------------------------------------------- CLI
 def _prepare(args: argparse.Namespace) -> tuple[RunCfg, Path, Path, str]:
+    """The config (paths absolute, the run's plan length kept), the run dir, its config file and the executor.
+
+    Raises:
+        ConfigError: no inbox, ``ingest_args`` that do not parse, shards smaller than the model, another config.
+    """
+    from data_tools.cli import IngestArgsError, parse_ingest_args
+
     cfg = with_absolute_paths(load_cfg(args.config, args.overrides))
-    if cfg.autopilot.inbox == Path(""):
+    ac = cfg.autopilot
+    if ac.inbox == Path(""):
         raise ConfigError(
             "autopilot.inbox is not set; set it in the config or --set autopilot.inbox=DIR (where crawls land)"
         )
-    if not cfg.autopilot.inbox.is_dir():
-        raise ConfigError(f"autopilot.inbox {cfg.autopilot.inbox} is not a directory; create it or fix the path")
+    if not ac.inbox.is_dir():
+        raise ConfigError(f"autopilot.inbox {ac.inbox} is not a directory; create it or fix the path")
+    try:
+        ingest = parse_ingest_args(["--input", str(ac.inbox), "--data-root", str(cfg.data.root), *ac.ingest_args])
+    except IngestArgsError as exc:
+        raise ConfigError(f"autopilot.ingest_args: {exc}; fix the option") from None
+    size = cfg.model.image.image_size
+    if ingest.image_size < size and not cfg.data.allow_upscale:
+        raise ConfigError(
+            f"autopilot.ingest_args make {ingest.image_size} px shards but model.image.image_size is {size}: every "
+            f"stage would be refused; add --image-size {size} to autopilot.ingest_args (or --set "
+            "data.allow_upscale=true)"
+        )
     run_dir = Path(args.run_dir or cfg.run_dir).resolve()
     kind = args.executor or cfg.cluster.executor
     cfg = replace(cfg, cluster=replace(cfg.cluster, executor=kind))
@@ -406,41 +186,50 @@ def _prepare(args: argparse.Namespace) -> tuple[RunCfg, Path, Path, str]:
     return cfg, run_dir, RunDir(run_dir).config_yaml, kind
 
 
+def _stop(run_dir: Path) -> int:
+    """``--stop``: no further poll is scheduled and the queued ones are cancelled (no lock: a poll may be running)."""
+    from jobs.cluster import get_cluster
+
+    ad = RunDir(run_dir).autopilot
+    ad.path.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(ad.stop_flag, f"{time.time()}\n")
+    cancelled = get_cluster("slurm").cancel(list(poll_jobs(run_dir)))
+    Events(ad)("stopped", jobs=cancelled)
+    print(f"autopilot stopped{' (cancelled ' + ' '.join(cancelled) + ')' if cancelled else ''}; a running poll "
+          "finishes its work and schedules no other")  # fmt: skip
+    return 0
+
+
 def cmd_autopilot(args: argparse.Namespace) -> int:
     from jobs.logs import setup_logging
 
     setup_logging()
     try:
         cfg, run_dir, cfg_path, kind = _prepare(args)
+        if args.stop:
+            return _stop(run_dir)
+        queued = poll_jobs(run_dir) if kind == "slurm" else {}
+        if queued and not args.resume:
+            print(f"the autopilot of {run_dir} is already scheduled (job {' '.join(queued)}); nothing to do")
+            return 0
         ad = RunDir(run_dir).autopilot
         with run_lock(run_dir, break_lock=args.break_lock, what="jobs autopilot"):
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(cfg_path, dump_cfg(cfg))
-            state, events = load_state(ad), Events(ad)
+            ad.stop_flag.unlink(missing_ok=True)
+            state = load_state(ad)
             if args.resume and state.get("paused"):
-                events("resumed", was=state["paused"])
+                Events(ad)("resumed", was=state["paused"])
                 state["paused"] = None
                 t = state.get("in_flight")
                 if t is not None:
                     state["stages"][str(t)]["attempts"] = 0
-            if args.stop:
-                state["stopped"] = True
-                events("stopped", jobs=_poll_jobs(run_dir) if kind == "slurm" else [])
-            else:
-                state.pop("stopped", None)
             save_state(ad, state)
-        if args.stop:
-            from jobs.cluster import get_cluster
-
-            cancelled = get_cluster("slurm").cancel(_poll_jobs(run_dir))
-            print(f"autopilot stopped{' (cancelled ' + ' '.join(cancelled) + ')' if cancelled else ''}")
-            return 0
         if kind == "slurm":
-            queued = _poll_jobs(run_dir)
             if queued:
-                print(f"the autopilot of {run_dir} is already scheduled (job {' '.join(queued)}); nothing to do")
+                print(f"autopilot resumed; its next poll (job {' '.join(queued)}) goes on")
                 return 0
-            job = schedule_poll(cfg, cfg_path, run_dir, 0)
+            job = schedule_poll(cfg, cfg_path, run_dir)
             print(f"autopilot: poll job {job} submitted; it re-submits itself every {cfg.autopilot.poll_s:g} s")
             return 0
         # in the foreground until SIGINT or SIGTERM (a background job started by a script ignores SIGINT)

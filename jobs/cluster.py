@@ -49,6 +49,7 @@ __all__ = [
     "job_states",
     "cancel_jobs",
     "queue_states",
+    "queue_reachable",
     "accounting_states",
 ]
 
@@ -158,6 +159,11 @@ def _slurm(cmd: list[str]) -> str | None:
         return None
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     return proc.stdout if proc.returncode == 0 else None
+
+
+def queue_reachable() -> bool:
+    """Whether squeue answers now (a timed-out slurmctld reads as an empty queue to ``queue_states``)."""
+    return _slurm(["squeue", "-h", "-o", "%i"]) is not None
 
 
 def queue_states(job_ids: Sequence[str]) -> dict[str, tuple[str, str]]:

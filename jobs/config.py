@@ -335,7 +335,9 @@ class AutopilotCfg:
         _non_negative("autopilot", quiet_s=self.quiet_s, max_stages=self.max_stages, retries=self.retries)
         _positive("autopilot", min_pairs=self.min_pairs, poll_s=self.poll_s, time_min=self.time_min)
         _require(self.min_growth >= 1.0, f"autopilot.min_growth={self.min_growth} must be >= 1 (1 = any new pairs)")
-        reserved = {"--input", "--format", "--data-root", "--stage", "--no-reencode"} & set(self.ingest_args)
+        reserved = {"--input", "--format", "--data-root", "--stage", "--no-reencode"} & {
+            a.split("=", 1)[0] for a in self.ingest_args
+        }
         _require(
             not reserved,
             f"autopilot.ingest_args sets {sorted(reserved)}: the autopilot sets those itself; remove them",

@@ -344,10 +344,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"lock: pid {lock['pid']} on {lock['host']} ({'alive' if alive else 'stale' if alive is False else '?'})")
     autopilot = status_lines(RunDir(run_dir).autopilot)
     if autopilot:
-        polls = jobs_of(0, ("autopilot",))
-        print(autopilot[0] + (f" [polls {polls}]" if polls else ""))
+        from jobs.autopilot import poll_jobs
+
+        polls = poll_jobs(run_dir) if cfg.cluster.executor == "slurm" else {}
+        print(autopilot[0] + (f" [poll jobs {' '.join(f'{j}:{s}' for j, s in polls.items())}]" if polls else ""))
         for line in autopilot[1:]:
             print(line)
+        if cfg.cluster.executor == "slurm" and not polls and not RunDir(run_dir).autopilot.stop_flag.exists():
+            print("  WARNING: no poll job is queued: the autopilot is not running; start it with python -m jobs "
+                  f"autopilot --config {RunDir(run_dir).config_yaml}")  # fmt: skip
     for t in range(1, cfg.data.stages + 1):
         st = stage_state(cfg, run_dir, t)
         parts = []
@@ -375,7 +380,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     """Cancel this run's queued/running jobs (ids from RUN_DIR/jobs.json) — nothing else."""
     run_dir = Path(args.run_dir).resolve()
-    live = cancel_jobs(load_jobs(run_dir))
+    from jobs.autopilot import poll_jobs
+
+    live = get_cluster("slurm").cancel(list(poll_jobs(run_dir)))  # the autopilot's poll jobs first: no new stage
+    live += cancel_jobs(load_jobs(run_dir))
     if live:
         print(f"cancelled {' '.join(live)}")
     lock = read_json(RunDir(run_dir).lock)

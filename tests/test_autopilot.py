@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.autopilot import Autopilot, _image_args
+from jobs.autopilot_poll import INPUT_ARGS, Autopilot, _without
 from jobs.cli import main as jobs_main
 from jobs.config import AutopilotCfg, ConfigError, load_cfg
 from jobs.engine.autopilot import (
@@ -45,11 +45,10 @@ def test_config_checks() -> None:
         load_cfg(None, ["autopilot.ingest_args=[--stage, '3']"])
     with pytest.raises(ConfigError, match=r"min_growth=0\.5 must be >= 1"):
         load_cfg(None, ["autopilot.min_growth=0.5"])
-    assert _image_args(("--image-size", "16", "--caption-col", "title", "--separator=,", "--no-foo")) == [
-        "--image-size",
-        "16",
-        "--no-foo",
-    ]
+    args = ("--image-size", "16", "--caption-col", "title", "--separator=,", "--no-foo")
+    assert _without(args, INPUT_ARGS) == ["--image-size", "16", "--no-foo"]
+    with pytest.raises(ConfigError, match="autopilot sets those itself"):
+        load_cfg(None, ["autopilot.ingest_args=[--stage=3]"])
 
 
 def test_completeness_and_identity(tmp_path: Path) -> None:
@@ -157,7 +156,7 @@ def test_failed_stage_is_retried_then_paused_until_resume(
     assert runs == [[1], [1], [1]]
     state = load_state(RunDir(run_dir).autopilot)
     assert state["in_flight"] == 1 and "stage 1 failed 3 times" in state["paused"]
-    assert [e.get("resubmit", False) for e in events_of(run_dir, "stage_failed")] == [True, True, False]
+    assert [e["resubmit"] for e in events_of(run_dir, "stage_failed")] == [True, True, False]
     drop_crawl(inbox, "crawl_2", 40, seed=2)
     poll(cfg_path, run_dir)  # paused: crawls are still taken, nothing is submitted
     assert runs == [[1], [1], [1]] and [e["crawl"] for e in events_of(run_dir, "crawl_ingested")][-1] == "crawl_2"
@@ -189,3 +188,44 @@ def test_a_poll_stopped_while_making_a_stage_is_completed_once(setup: tuple[Path
     assert [e["stage"] for e in events_of(run_dir, "stage_ingested")] == [1]
     assert len(events_of(run_dir, "crawl_ingested")) == 1
     assert any("stage 1 in flight" in line or "no stage in flight" in line for line in status_lines(ap.ad))
+
+
+def test_a_failing_ingest_is_retried_then_rejected_and_taken_again_under_new_args(
+    setup: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import data_tools.cli
+
+    cfg, inbox, run_dir = setup
+    drop_crawl(inbox, "crawl_1", 10, seed=1)
+    real = data_tools.cli.run_ingest
+
+    def disk_full(args):  # type: ignore[no-untyped-def]
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(data_tools.cli, "run_ingest", disk_full)
+    wait = ["--set", "autopilot.min_pairs=1000"]  # no stage: this is about the crawl
+    for _ in range(3):
+        assert jobs_main(["autopilot", "--config", str(cfg), "--run-dir", str(run_dir), "--once", *wait]) == 0
+    assert [e["failures"] for e in events_of(run_dir, "crawl_ingest_failed")] == [1, 2, 3]
+    (rejected,) = events_of(run_dir, "crawl_rejected")
+    assert "failed 3 times" in rejected["error"] and "No space left" in rejected["error"]
+    monkeypatch.setattr(data_tools.cli, "run_ingest", real)
+    assert jobs_main(["autopilot", "--config", str(cfg), "--run-dir", str(run_dir), "--once", *wait]) == 0
+    assert not events_of(run_dir, "crawl_ingested")  # final under these ingest_args
+    new_args = ["--set", 'autopilot.ingest_args=["--image-size", "16", "--shard-size", "25"]']
+    assert jobs_main(["autopilot", "--config", str(cfg), "--run-dir", str(run_dir), "--once", *wait, *new_args]) == 0
+    (ingested,) = events_of(run_dir, "crawl_ingested")
+    assert ingested["crawl"] == "crawl_1" and ingested["pairs"] == 10
+
+
+def test_start_refuses_bad_ingest_args_and_small_shards(setup: tuple[Path, Path, Path], capsys) -> None:  # type: ignore[no-untyped-def]
+    cfg, _, run_dir = setup
+    base = ["autopilot", "--config", str(cfg), "--run-dir", str(run_dir), "--once"]
+    typo = ["--set", 'autopilot.ingest_args=["--image_size", "16"]']
+    capsys.readouterr()
+    assert jobs_main([*base, *typo]) == 2
+    assert "unrecognized arguments: --image_size" in capsys.readouterr().err
+    small = ["--set", 'autopilot.ingest_args=["--image-size", "8"]']
+    assert jobs_main([*base, *small]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "8 px shards but model.image.image_size is 16" in err[0] and "--image-size 16" in err[0]

@@ -171,3 +171,29 @@ def test_plan_refuses_a_model_larger_than_its_shards(tiny_config: Path, tmp_path
     assert len(err) == 1 and "model.image.image_size=32 is larger than the shard images (stage 1: 16 px" in err[0]
     assert jobs_main([*base, "--set", "model.image.image_size=32", "--set", "data.allow_upscale=true"]) == 0
     assert jobs_main(base) == 0
+
+
+def test_registering_growclip_shards_keeps_what_was_measured_on_the_originals(tmp_path: Path) -> None:
+    """Shards an earlier ingest wrote (the autopilot's staged crawls) registered with --no-reencode: not filtered
+    again (their filters ran on the originals: here --min-size 40 > the 32 px they were shrunk to), not decoded,
+    and their pixel hash, original size and source are the originals', so a later ingest of the raw crawl is
+    recognised as a duplicate."""
+    src, _ = crawl(tmp_path)
+    opts = ImageOptions(image_size=SIZE, min_size=40, reencode=False)
+    staged = ingest(src, "img2dataset", tmp_path / "staging", opts=opts)
+    assert staged.count == 1 and staged.drops["too_small"] == 6  # only the 48 px picture passes --min-size 40
+    root = tmp_path / "root"
+    res = ingest(tmp_path / "staging" / "shards" / "stage_01", "img2dataset", root, opts=opts)
+    assert res.count == 1 and res.drops == {}
+    before = stage_samples(tmp_path / "staging", 1)
+    after = {s["meta"]["source"]: s for s in stage_samples(root, 1).values()}
+    assert set(after) == set(before) == {"00000.tar/000000004"}
+    for source, sample in before.items():
+        kept = after[source]
+        assert kept["jpg"] == sample["jpg"]
+        for field in ("pixel_sha256", "orig_width", "orig_height", "jpg_sha256"):
+            assert kept["meta"][field] == sample["meta"][field]
+    (entry,) = load_manifest(root)["stages"]
+    assert entry["image"]["as_is"] == 1
+    with pytest.raises(IngestFailed, match="duplicate_across_stages=1"):
+        ingest(src, "img2dataset", root, opts=opts)  # the raw crawl again: its one kept picture is a duplicate

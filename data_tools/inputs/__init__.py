@@ -75,7 +75,10 @@ def record_digest(record: Record, max_bytes: int) -> bytes:
     Folded in record order into the input's ``input_sha256`` (re-run detection and resume check).
     Images are read as the worker reads them (regular files only, at most ``max_bytes``), one at a time.
     """
-    h = hashlib.sha256(json.dumps([record.source, record.caption, record.url, record.drop]).encode())
+    decides = [record.source, record.caption, record.url, record.drop]
+    if record.origin is not None:  # a GrowCLIP shard's key.json decides the pair too (``process_registered``)
+        decides.append(record.origin)
+    h = hashlib.sha256(json.dumps(decides).encode())
     if record.drop is not None:
         return h.digest()
     if record.image_bytes is not None:

@@ -23,7 +23,7 @@ from data_tools.inputs.parquet import (
     _parquet_records,
     _pyarrow,
 )
-from data_tools.inputs.record import Record, _clean_url, _record
+from data_tools.inputs.record import Record, _clean_url, _origin, _record
 
 logger = logging.getLogger(__package__)  # "data_tools.inputs": the whole package logs as one
 
@@ -138,6 +138,7 @@ def _img2dataset_tar_records(
                     image_bytes=image if isinstance(image, bytes) else None,
                     image_member=image if isinstance(image, tuple) else None,
                     url=_clean_url(meta.get("url")),
+                    origin=_origin(meta),
                 )
             )
     return records

@@ -32,6 +32,9 @@ class Record:
     image_member: tuple[str, int, int] | None = None  # (tar path, offset of the data, size): read by the worker
     drop: tuple[str, str] | None = None  # (reason, detail): the row is bad before its image is read
     image_cell: tuple[str, int, int, str] | None = None  # (parquet, row group, row, column): read by the worker
+    # a GrowCLIP shard's sample (its key.json): (pixel_sha256, orig_width, orig_height, jpg_sha256, source) of the
+    # earlier ingest that wrote it; ``ingest --no-reencode`` keeps them for an image whose bytes still match
+    origin: tuple[str, int, int, str, str] | None = None
 
 
 def _record(source: str, caption: object, opts: ImageOptions, *, drop: Dropped | None = None, **kw: Any) -> Record:
@@ -58,3 +61,15 @@ def _clean_url(value: object) -> str | None:
     except UnicodeEncodeError:
         return None
     return value
+
+
+def _origin(meta: dict[str, Any]) -> tuple[str, int, int, str, str] | None:
+    """What an earlier GrowCLIP ingest recorded of a sample in its ``key.json`` (None for anyone else's metadata)."""
+    fields = (meta.get("pixel_sha256"), meta.get("orig_width"), meta.get("orig_height"), meta.get("jpg_sha256"))
+    hexes, sizes = (fields[0], fields[3]), (fields[1], fields[2])
+    if not all(isinstance(h, str) and len(h) == 64 for h in hexes):
+        return None
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes):
+        return None
+    source = meta.get("source")
+    return (fields[0], fields[1], fields[2], fields[3], source if isinstance(source, str) else "")  # type: ignore[return-value]

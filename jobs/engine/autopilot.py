@@ -1,7 +1,7 @@
 """Growth on autopilot: the inbox, its crawls, the data-aware trigger and what the autopilot remembers (issue #20).
 
-Our design; the orchestration (ingest, submit, the recurring job) is ``jobs/autopilot.py``. Everything here is plain
-file and arithmetic work, testable without a cluster.
+Our design; a poll is ``jobs/autopilot_poll.py``, the command and the recurring job ``jobs/autopilot.py``. Everything
+here is plain file and arithmetic work, testable without a cluster.
 
 * **A crawl** is a folder directly under ``autopilot.inbox`` (img2dataset's output folder, or a folder of tables and
   their images; names starting with ``.`` or ``_`` are skipped, so a crawler can write ``_tmp_xyz`` first). It is

@@ -207,11 +207,9 @@ class JobRecord:
     round: int = 1  # search and select: the search round
 
     def __post_init__(self) -> None:
-        first = 0 if self.step == "autopilot" else 1  # the autopilot's polls belong to no stage
-        if self.stage < first or not self.step or not self.job_id:
+        if self.stage < 1 or not self.step or not self.job_id:
             raise ValueError(
-                f"a job record needs stage >= 1 (0 for an autopilot poll), step and job_id (got {self.stage}, "
-                f"{self.step!r}, {self.job_id!r})"
+                f"a job record needs stage >= 1, step and job_id (got {self.stage}, {self.step!r}, {self.job_id!r})"
             )
 
 

@@ -254,6 +254,16 @@ class AutopilotDir:
         """Every decision, one JSON object a line."""
         return self.path / "events.jsonl"
 
+    @property
+    def polls_json(self) -> Path:
+        """The recurring SLURM poll jobs (the newest few; ``jobs cancel`` and ``--stop`` cancel them)."""
+        return self.path / "polls.json"
+
+    @property
+    def stop_flag(self) -> Path:
+        """Present after ``jobs autopilot --stop``: no poll is scheduled any more (``jobs autopilot`` removes it)."""
+        return self.path / "stopped"
+
     def staging(self, crawl_id: str) -> Path:
         """The crawl's pairs, ingested on their own (a data root of one stage) until they join a stage."""
         return self.path / "staging" / crawl_id
