@@ -50,6 +50,7 @@ __all__ = [
     "DedupeIndex",
     "Found",
     "StageDedupe",
+    "pixel_hash_key",
     "IndexDamaged",
     "stage_hashes_path",
     "write_hashes_file",
@@ -96,6 +97,15 @@ class _StageFile(NamedTuple):
 def stage_hashes_path(data_root: str | os.PathLike[str], entry: dict[str, Any]) -> Path:
     """A manifest stage's ``hashes.txt`` (the durable list of its pixel hashes)."""
     return Path(data_root) / entry.get("hashes", f"{entry['dir']}/hashes.txt")
+
+
+def pixel_hash_key(text: str | bytes) -> bytes | None:
+    """A ``hashes.txt`` line (the sha256 hex of an image's pixels) as its 32-byte key; None when it is not one."""
+    try:
+        key = bytes.fromhex(text.decode("ascii") if isinstance(text, bytes) else text) if len(text) == 64 else b""
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return key if len(key) == 32 else None
 
 
 def write_hashes_file(path: str | os.PathLike[str], hashes: Iterable[str]) -> str:
@@ -275,11 +285,8 @@ class DedupeIndex:
 
     def _blob(self, text: bytes, path: Path, line: int) -> bytes:
         """One ``hashes.txt`` line as the 32-byte key."""
-        try:
-            key = bytes.fromhex(text.decode("ascii")) if len(text) == 64 else b""
-        except (UnicodeDecodeError, ValueError):
-            key = b""
-        if len(key) != 32:
+        key = pixel_hash_key(text)
+        if key is None:
             raise ValueError(
                 f"{path} line {line} is not a pixel hash ({text[:80]!r}): the file was edited or damaged; restore it, "
                 f"or delete it and run `python -m data_tools validate {self.data_root} --repair` to rewrite it from "

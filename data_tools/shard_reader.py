@@ -33,6 +33,8 @@ from typing import Any
 from PIL import Image
 from webdataset.tariterators import group_by_keys
 
+from data_tools.imaging import Dropped, check_caption
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_CAPTION_BYTES",
@@ -173,18 +175,16 @@ def open_image(data: bytes) -> Image.Image:
 
 
 def _caption(raw: bytes) -> str | Skipped:
-    """The caption, or why it is skipped: the rules of ingest (``imaging.check_caption``) on raw shard bytes."""
+    """The caption, or why it is skipped: ingest's rules (``imaging.check_caption``, the one place for them) on
+    raw shard bytes, after a size bound (no decoding a 4 MB "caption") and a UTF-8 check of the file."""
     if len(raw) > MAX_CAPTION_BYTES:
         return Skipped("caption_too_long", f"{len(raw)} bytes > {MAX_CAPTION_BYTES}")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         return Skipped("caption_decode_error", f"not UTF-8 ({exc.reason} at byte {exc.start})")
-    if not text.isprintable() and any(ord(ch) < 32 and ch not in "\t\n\r" for ch in text):  # NUL, other controls
-        return Skipped("caption_binary", "control characters")
-    if not text.strip():
-        return Skipped("caption_empty", "")
-    return text
+    checked = check_caption(text, MAX_CAPTION_BYTES)
+    return Skipped(checked.reason, checked.detail) if isinstance(checked, Dropped) else checked
 
 
 def decode_sample(sample: dict[str, Any], *, caption: bool = True, parts: Sequence[str] = ()) -> Decoded | Skipped:

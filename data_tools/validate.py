@@ -34,7 +34,7 @@ from typing import Any
 from PIL import Image
 
 from data_tools.atomic import atomic_write_json, fsync_dir
-from data_tools.dedupe import stage_hashes_path, write_hashes_file
+from data_tools.dedupe import pixel_hash_key, stage_hashes_path, write_hashes_file
 from data_tools.ingest import shard_stats, write_tar
 from data_tools.manifest import empty_stages, load_manifest, save_manifest, sha256_file, writer_lock
 
@@ -196,7 +196,7 @@ def _hashes_unusable(root: Path, stage: dict[str, Any]) -> bool:
 
 
 def _is_pixel_hash(text: str) -> bool:
-    return len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
+    return pixel_hash_key(text) is not None
 
 
 def _rebuild_hashes(root: Path, stage: dict[str, Any], hashes: set[str]) -> int:
