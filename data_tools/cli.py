@@ -84,14 +84,15 @@ def parse_ingest_args(argv: Sequence[str]) -> argparse.Namespace:
     """``python -m data_tools ingest ARGV`` parsed, for a caller in this process (``jobs autopilot``).
 
     Raises:
-        IngestArgsError: an unknown option, a bad value (argparse's message).
+        IngestArgsError: an unknown or abbreviated option, ``-h``, a bad value (argparse's message).
     """
 
     class Parser(OneLineParser):
         def error(self, message: str) -> NoReturn:
             raise IngestArgsError(f"python -m data_tools ingest: {message}")
 
-    p = Parser(prog="python -m data_tools ingest")
+    # whole option names only (the autopilot reserves and drops options by name), and no -h that would exit
+    p = Parser(prog="python -m data_tools ingest", allow_abbrev=False, add_help=False)
     _configure_ingest(p)
     return p.parse_args(list(argv))
 

@@ -249,19 +249,33 @@ def fits_as_is(img: Image.Image, opts: ImageOptions) -> bool:
     return min(w, h) == size if opts.resize_mode == "keep_ratio" else w == h == size
 
 
+def size_filters(w: int, h: int, opts: ImageOptions) -> Dropped | None:
+    """The filters on a picture's size: ``too_large`` (``max_pixels``), ``too_small``, ``bad_aspect_ratio``."""
+    if w * h > opts.max_pixels:
+        return Dropped("too_large", f"{w}x{h} > max_pixels={opts.max_pixels}")
+    if min(w, h) < opts.min_size or min(w, h) == 0:
+        return Dropped("too_small", f"{w}x{h} < min_size={opts.min_size}")
+    if max(w, h) / min(w, h) > opts.max_aspect_ratio:
+        return Dropped("bad_aspect_ratio", f"{w}x{h} > {opts.max_aspect_ratio}")
+    return None
+
+
 def process_registered(
     image_bytes: bytes, caption: object, origin: tuple[str, int, int, str, str], opts: ImageOptions
-) -> ProcessedPair | None:
+) -> ProcessedPair | Dropped | None:
     """A sample of a GrowCLIP shard registered as is (``ingest --no-reencode`` of shards an earlier ingest wrote, e.g.
     the autopilot's staged crawls): when its bytes are still the ones that ingest wrote (``jpg_sha256``) and they fit
     the target, the pair keeps what that ingest measured on the original picture — pixel hash (so dedupe treats it
-    as the original), original size, source — without being decoded or filtered again (its filters ran there, on
-    the original). None: not such a sample; ``process_pair`` handles it.
+    as the original), original size, source — without being decoded again; this ingest's size filters apply to
+    the original's recorded size (they may be stricter than that ingest's). None: not such a sample;
+    ``process_pair`` handles it.
     """
     pixel_sha256, width, height, jpg_sha256, source = origin
     text = check_caption(caption, opts.max_caption_chars)
     if opts.reencode or isinstance(text, Dropped) or hashlib.sha256(image_bytes).hexdigest() != jpg_sha256:
         return None
+    if (dropped := size_filters(width, height, opts)) is not None:
+        return dropped
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -298,7 +312,7 @@ def process_pair(image_bytes: bytes | None, caption: object, opts: ImageOptions)
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(image_bytes))
             w, h = img.size  # header only: the bomb guard runs before any pixel is decoded
-            if w * h > opts.max_pixels:
+            if w * h > opts.max_pixels:  # before decoding (size_filters checks the rest after it)
                 return Dropped("too_large", f"{w}x{h} > max_pixels={opts.max_pixels}")
             as_is = not opts.reencode and fits_as_is(img, opts)
             img.load()  # the first frame of an animation
@@ -308,10 +322,8 @@ def process_pair(image_bytes: bytes | None, caption: object, opts: ImageOptions)
     except Exception as exc:  # Pillow raises many types on bad bytes; one image never stops an ingest
         return Dropped("decode_error", f"{type(exc).__name__}: {exc}")
     w, h = img.size
-    if min(w, h) < opts.min_size or min(w, h) == 0:
-        return Dropped("too_small", f"{w}x{h} < min_size={opts.min_size}")
-    if max(w, h) / min(w, h) > opts.max_aspect_ratio:
-        return Dropped("bad_aspect_ratio", f"{w}x{h} > {opts.max_aspect_ratio}")
+    if (dropped := size_filters(w, h, opts)) is not None:
+        return dropped
     digest = hashlib.sha256(f"{w}x{h}:".encode()).copy()
     digest.update(img.tobytes())
     if as_is:

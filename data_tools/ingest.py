@@ -39,6 +39,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import sqlite3
 import statistics
 import sys
@@ -111,6 +112,12 @@ def _init_worker(opts: ImageOptions) -> None:
     _WORKER_OPTS = opts
 
 
+def _init_pool_worker(opts: ImageOptions) -> None:
+    """A pool worker: SIGTERM ends it quietly (the pool's own shutdown), whatever handler its parent forked with."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_worker(opts)
+
+
 def _process_record(record: Record) -> ProcessedPair | Dropped:
     """Worker entry: read the image (if not in memory) and run every filter."""
     assert _WORKER_OPTS is not None
@@ -144,7 +151,7 @@ def _worker_map(opts: ImageOptions, workers: int) -> Iterator[RecordMap]:
         yield map
         return
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(opts,)) as pool:
+    with ctx.Pool(workers, initializer=_init_pool_worker, initargs=(opts,)) as pool:
         yield lambda fn, records: pool.imap(fn, records, chunksize=8)
 
 

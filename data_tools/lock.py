@@ -15,7 +15,9 @@ argv), and:
 * a lock whose pid is dead on this host is *stale*: taken over (with a warning) when the caller allows
   it (``take_over_stale``), otherwise refused with the caller's fix (e.g. ``--break-lock``);
 * a lock taken on another host is never taken over (its processes cannot be checked from here): the
-  error names the host and says how to clear it by hand once that process is known to be gone;
+  error names the host and says how to clear it by hand once that process is known to be gone; except
+  where it was taken inside a SLURM job (its ``slurm_job``) that ``squeue`` answers is no longer queued or
+  running: SLURM has ended every process of that job, so the lock is stale like a dead pid on this host;
 * an empty or garbled lock file is being written by its creator if it is younger than a few seconds,
   and stale (its creator died between creating and writing it) once older.
 
@@ -30,7 +32,9 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -58,10 +62,23 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _slurm_job_ended(job_id: str) -> bool:
+    """Whether ``squeue`` answers and no longer lists SLURM job ``job_id`` (False when it cannot tell)."""
+    if shutil.which("squeue") is None:
+        return False
+    try:
+        proc = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return proc.returncode == 0 and job_id not in proc.stdout.split()
+
+
 def holder_alive(info: Mapping[str, Any]) -> bool | None:
-    """True/False for a lock taken on this host; None when taken on another host (cannot tell)."""
+    """True/False for a lock taken on this host, or in a SLURM job that has ended (False); None when taken on
+    another host (cannot tell)."""
     if info.get("host") != socket.gethostname():
-        return None
+        job = info.get("slurm_job")
+        return False if isinstance(job, str) and job and _slurm_job_ended(job) else None
     return _pid_alive(int(info.get("pid", -1)))
 
 
@@ -111,6 +128,8 @@ def _refuse_or_take_over(
         _remove_if_unchanged(path, raw)
         return
     who, alive = describe_holder(info), holder_alive(info)
+    if alive is False and info.get("host") != socket.gethostname():
+        who += f", in SLURM job {info['slurm_job']} which has ended"
     if alive is True:
         raise LockError(f"{path} is held by {who}: {busy}")
     if alive is None:
@@ -146,7 +165,7 @@ def exclusive_lock(
         stale_fix: how to break a stale lock when ``take_over_stale`` is False: the end of the error.
 
     Yields:
-        ``path``, holding this process's record (JSON: pid, host, time, what, argv).
+        ``path``, holding this process's record (JSON: pid, host, time, what, argv; slurm_job inside a job).
 
     Raises:
         LockError: held by a live process or another host, being created, or stale and not taken over;
@@ -154,9 +173,10 @@ def exclusive_lock(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = json.dumps(
-        {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), "what": what, "argv": sys.argv}
-    ).encode()
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), "what": what, "argv": sys.argv}
+    if os.environ.get("SLURM_JOB_ID"):  # inside a SLURM job: once it has ended, any host may take the lock over
+        record["slurm_job"] = os.environ["SLURM_JOB_ID"]
+    body = json.dumps(record).encode()
     for _ in range(3):  # a stale lock removed, then (rarely) a lock vanishing between our create and read
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

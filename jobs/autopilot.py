@@ -34,7 +34,7 @@ from data_tools.atomic import atomic_write_json, atomic_write_text
 from data_tools.cli_errors import fail
 from jobs.autopilot_poll import Autopilot
 from jobs.config import ConfigError, RunCfg, dump_cfg, load_cfg, with_absolute_paths
-from jobs.engine.autopilot import Events, load_state, save_state
+from jobs.engine.autopilot import Events, load_state, retry_spent_crawls, save_state
 from jobs.engine.rundir import RunDir, check_run_dir, read_json
 from jobs.runlock import LockError, run_lock
 
@@ -42,6 +42,7 @@ __all__ = ["AutopilotJob", "PollStopped", "cmd_autopilot", "deferred_stop", "pol
 
 logger = logging.getLogger(__name__)
 
+PENDING = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED")  # squeue states of a poll job yet to start
 POLLS_KEPT = 20  # poll jobs kept in polls.json (older ones have left the queue long ago)
 
 
@@ -97,11 +98,12 @@ def _record_poll(run_dir: Path, job_id: str) -> None:
 
 def schedule_poll(cfg: RunCfg, cfg_path: Path, run_dir: Path, *, after: str | None = None) -> str | None:
     """Submit a poll job: at once, or (``after`` a running poll job) ``afterany`` it and ``poll_s`` from now. None
-    when another poll job is queued, or after ``--stop``."""
+    when another poll job is pending (one running or completing does not count: its successor may be the caller,
+    released by ``afterany`` while squeue still lists it), or after ``--stop``."""
     from jobs.cluster import Slurm, make_executor
 
     ad = RunDir(run_dir).autopilot
-    if ad.stop_flag.exists() or [j for j in poll_jobs(run_dir) if j != after]:
+    if ad.stop_flag.exists() or [j for j, st in poll_jobs(run_dir).items() if j != after and st in PENDING]:
         return None
     ex = make_executor(cfg.cluster, RunDir(run_dir).submitit, "slurm", "autopilot", run=cfg.name)
     params: dict[str, Any] = {"timeout_min": cfg.autopilot.time_min}
@@ -134,10 +136,13 @@ class AutopilotJob(submitit.helpers.Checkpointable):
         old = signal.signal(signal.SIGTERM, _on_sigterm)  # submitit would only log it and go on until SIGKILL
         try:
             mine = os.environ.get("SLURM_JOB_ID")
-            with deferred_stop():  # the successor submitted and recorded, or neither
-                nxt = schedule_poll(cfg, cfg_path, run_dir, after=mine) if mine else None
-            logger.info("next autopilot poll: %s", f"job {nxt}" if nxt else "already queued, or stopped")
+            nxt = self._successor(cfg, cfg_path, run_dir, mine, events) if mine else None
+            if RunDir(run_dir).autopilot.stop_flag.exists():  # --stop came after this job was queued: no work
+                events("poll_skipped", reason="the autopilot was stopped (--stop)")
+                return "stopped"
             _poll(cfg, cfg_path, run_dir, "slurm")
+            if mine and nxt is None:  # submitting failed before the poll: try once more, or the chain ends here
+                self._successor(cfg, cfg_path, run_dir, mine, events)
         except LockError as exc:
             logger.warning("autopilot poll skipped: %s", exc)
             events("poll_skipped", reason=str(exc))
@@ -147,6 +152,19 @@ class AutopilotJob(submitit.helpers.Checkpointable):
         finally:
             signal.signal(signal.SIGTERM, old)
         return "polled"
+
+    @staticmethod
+    def _successor(cfg: RunCfg, cfg_path: Path, run_dir: Path, mine: str, events: Events) -> str | None:
+        """Schedule the next poll (``afterany`` this one); a failed sbatch is logged and returns None."""
+        try:
+            with deferred_stop():  # the successor submitted and recorded, or neither
+                nxt = schedule_poll(cfg, cfg_path, run_dir, after=mine)
+        except Exception as exc:  # sbatch refused or timed out (submitit raises its own types): say so, poll anyway
+            logger.exception("scheduling the next autopilot poll failed")
+            events("poll_schedule_failed", error=f"{type(exc).__name__}: {exc}")
+            return None
+        logger.info("next autopilot poll: %s", f"job {nxt}" if nxt else "already pending, or stopped")
+        return nxt or ""
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
@@ -224,6 +242,8 @@ def cmd_autopilot(args: argparse.Namespace) -> int:
                 t = state.get("in_flight")
                 if t is not None:
                     state["stages"][str(t)]["attempts"] = 0
+            if args.resume and (retried := retry_spent_crawls(state)):
+                Events(ad)("crawls_retried", ids=retried)
             save_state(ad, state)
         if kind == "slurm":
             if queued:

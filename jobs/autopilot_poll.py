@@ -82,8 +82,10 @@ def _without(args: tuple[str, ...] | list[str], names: tuple[str, ...]) -> list[
 
 def ingest_outcome(*argv: str) -> tuple[str, Any]:
     """``python -m data_tools ingest ARGV`` in this process: ``("ok", IngestResult)``, ``("empty", why)`` (it kept no
-    pair), ``("rejected", why)`` (the input, or the options, are not something ingest reads) or ``("retry", why)``
-    (a lock held, an I/O error, anything else: worth another try). SIGTERM's :class:`PollStopped` goes through."""
+    pair), ``("rejected", why)`` (the input, or the options, are not something ingest reads), ``("locked", why)``
+    (another process holds the data root: the next poll tries again, not counted as a failure) or
+    ``("retry", why)`` (an I/O error, anything else: worth another try, counted). SIGTERM's :class:`PollStopped`
+    goes through."""
     from data_tools.cli import IngestArgsError, parse_ingest_args, run_ingest
     from data_tools.cli_errors import one_line
     from data_tools.ingest import IngestFailed
@@ -93,7 +95,9 @@ def ingest_outcome(*argv: str) -> tuple[str, Any]:
         return "ok", run_ingest(parse_ingest_args(argv))
     except IngestFailed as exc:
         return "empty", one_line(str(exc))
-    except (LockError, OSError, MemoryError) as exc:  # FileNotFoundError included: a crawl moved away meanwhile
+    except LockError as exc:  # someone holds the staging or data root: not the crawl's fault, not counted
+        return "locked", one_line(str(exc))
+    except (OSError, MemoryError) as exc:  # FileNotFoundError included: a crawl moved away meanwhile
         return "retry", one_line(f"{type(exc).__name__}: {exc}")
     except (IngestArgsError, ValueError, UnicodeError) as exc:
         return "rejected", one_line(str(exc))
@@ -150,23 +154,36 @@ class Autopilot:
             return
         folders = self.state.setdefault("folders", {})
         for crawl in crawl_folders(inbox):
-            now = time.time()
-            f = folders.get(crawl.name)
-            if f is None:
-                f = folders[crawl.name] = {"seen": now}
-                self.events("crawl_seen", crawl=crawl.name)
-            if f.get("done_sig") and f["done_sig"] == crawl_signature(crawl, self.ac.marker):
-                known = self.state["crawls"].get(f.get("id", ""), {})
-                if known.get("status") not in ("empty", "rejected") or known.get("args") == self.args_id:
-                    continue  # handled and unchanged since (a final outcome under other ingest_args is retried)
-            why = is_complete(crawl, self.ac, f, now)
-            if why is None:
-                continue
-            if time.time() > deadline:
-                self.events("poll_time_up", crawl=crawl.name, note="left for the next poll")
-                break
-            self.take_crawl(crawl, f, why)
-            self.save()
+            try:
+                if not self._take_if_complete(crawl, folders, deadline):
+                    break
+            except OSError as exc:  # unreadable, or changing under us: this crawl waits, the others go on
+                error = f"{type(exc).__name__}: {exc}"
+                f = folders.setdefault(crawl.name, {"seen": time.time()})
+                if f.get("unreadable") != error:  # once per error, not every poll
+                    self.events("crawl_unreadable", crawl=crawl.name, error=error)
+                    f["unreadable"] = error
+
+    def _take_if_complete(self, crawl: Path, folders: dict[str, Any], deadline: float) -> bool:
+        """Ingest ``crawl`` if it is complete and not handled yet; False when the poll's time is up."""
+        now = time.time()
+        f = folders.get(crawl.name)
+        if f is None:
+            f = folders[crawl.name] = {"seen": now}
+            self.events("crawl_seen", crawl=crawl.name)
+        if f.get("done_sig") and f["done_sig"] == crawl_signature(crawl, self.ac.marker):
+            known = self.state["crawls"].get(f.get("id", ""), {})
+            if known.get("status") not in ("empty", "rejected") or known.get("args") == self.args_id:
+                return True  # handled and unchanged since (a final outcome under other ingest_args is retried)
+        why = is_complete(crawl, self.ac, f, now)
+        if why is None:
+            return True
+        if time.time() > deadline:
+            self.events("poll_time_up", crawl=crawl.name, note="left for the next poll")
+            return False
+        self.take_crawl(crawl, f, why)
+        self.save()
+        return True
 
     def take_crawl(self, crawl: Path, f: dict[str, Any], why: str) -> None:
         from data_tools.inputs import resolve_format
@@ -198,12 +215,15 @@ class Autopilot:
                          format=src["format"])  # fmt: skip
             self.events("crawl_ingested", crawl=crawl.name, id=cid, format=src["format"], pairs=stage["count"],
                         records=src["records"], drops=stage.get("drops", {}))  # fmt: skip
+        elif outcome == "locked":
+            self.events("crawl_ingest_waiting", crawl=crawl.name, id=cid, error=out)
+            return  # the next poll tries again; a lock left by a poll that died is taken over once it has ended
         elif outcome == "retry":
             f["failures"] = f.get("failures", 0) + 1
             self.events("crawl_ingest_failed", crawl=crawl.name, id=cid, error=out, failures=f["failures"])
             if f["failures"] < MAX_INGEST_FAILURES:
                 return  # the next poll tries again (its journal resumes it)
-            entry.update(status="rejected", pairs=0, error=f"failed {f['failures']} times: {out}")
+            entry.update(status="rejected", pairs=0, error=f"failed {f['failures']} times: {out}", retries_spent=True)
             self.events("crawl_rejected", crawl=crawl.name, id=cid, pairs=0, error=entry["error"])
         else:  # "empty": it kept no pair; "rejected": not an input ingest reads
             entry.update(status=outcome, pairs=0, error=out)
@@ -211,6 +231,8 @@ class Autopilot:
                         pairs=0, error=out)  # fmt: skip
         self.state["crawls"][cid] = entry
         f.update(done_sig=sig, id=cid, failures=0)
+        if entry["status"] != "staged":  # nothing in it for a stage
+            shutil.rmtree(staging, ignore_errors=True)
 
     # ---------------------------------------------------------------------------------------------- trigger
     def read_trigger(self) -> None:
@@ -234,11 +256,7 @@ class Autopilot:
         if t is None:
             return
         st = self.state["stages"][str(t)]
-        if self._evaluated(t):
-            st["status"] = "finished"
-            self.state["in_flight"] = None
-            self.events("stage_finished", stage=t, attempts=st["attempts"])
-            self.save()
+        if self._finished(t, st):
             return
         if self.state["paused"]:
             return
@@ -253,6 +271,8 @@ class Autopilot:
                 return
             if any(1 <= s <= t for (s, _), recs in self.cluster.active(self.run_dir).items() if recs):
                 return
+            if self._finished(t, st):  # its last job ended between the two looks
+                return
         if st["attempts"] > self.ac.retries:
             self.events("stage_failed", stage=t, attempts=st["attempts"], resubmit=False)
             self.pause(
@@ -266,6 +286,16 @@ class Autopilot:
         self.events("stage_failed", stage=t, attempts=st["attempts"], resubmit=True)
         st["attempts"] += 1
         self.launch(t)
+
+    def _finished(self, t: int, st: dict[str, Any]) -> bool:
+        """Stage ``t`` evaluated: recorded as finished (True)."""
+        if not self._evaluated(t):
+            return False
+        st["status"] = "finished"
+        self.state["in_flight"] = None
+        self.events("stage_finished", stage=t, attempts=st["attempts"])
+        self.save()
+        return True
 
     def pause(self, reason: str, **fields: Any) -> None:
         self.state["paused"] = reason
@@ -300,8 +330,12 @@ class Autopilot:
         atomic_write_text(self.cfg_path, dump_cfg(cfg))  # the run's plan now reaches stage t
         stages = list(range(1, t + 1))
         if self.cluster.queues:
+            from jobs.cluster import queue_reachable
             from jobs.submit import submit_chained
 
+            if not queue_reachable():  # submit_chained skips queued work only when squeue answers
+                self.events("queue_unreachable", stage=t)
+                return  # still "launching": the next poll launches it
             with self.no_stop():  # submitted and recorded, or neither
                 new = submit_chained(cfg, self.cfg_path, self.run_dir, stages, self.cluster)
                 st["status"] = "submitted"
@@ -363,7 +397,7 @@ class Autopilot:
         image_args = _without(self.ac.ingest_args, INPUT_ARGS)
         outcome, out = ingest_outcome("--input", str(batch), "--format", "img2dataset", "--data-root", str(root),
                                       "--stage", str(t), "--no-reencode", *image_args)  # fmt: skip
-        if outcome == "retry":  # the next poll tries again (state "registering"; the ingest journal resumes it)
+        if outcome in ("retry", "locked"):  # the next poll tries again (state "registering"; the journal resumes it)
             self.events("stage_ingest_failed", stage=t, error=out)
             return
         if outcome == "empty":  # every pair was already in the corpus: no stage
@@ -381,6 +415,7 @@ class Autopilot:
         for cid in ids:
             self.state["crawls"][cid]["stage"] = t
         self.state["stages"][str(t)].update(status="launching", attempts=1, pairs=entry["count"])
+        self.state["in_flight"] = t  # saved with "launching": a poll stopped before launch() finishes it
         self.events("stage_ingested", stage=t, crawls=ids, pairs=entry["count"], drops=entry.get("drops", {}))
         self.save()
         self._drop_staged(t, ids)

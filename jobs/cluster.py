@@ -157,7 +157,10 @@ class Local(Cluster):
 def _slurm(cmd: list[str]) -> str | None:
     if shutil.which(cmd[0]) is None:
         return None
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):  # a hung slurmctld (TimeoutExpired): no answer, not an empty queue
+        return None
     return proc.stdout if proc.returncode == 0 else None
 
 

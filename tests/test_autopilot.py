@@ -216,6 +216,17 @@ def test_a_failing_ingest_is_retried_then_rejected_and_taken_again_under_new_arg
     assert jobs_main(["autopilot", "--config", str(cfg), "--run-dir", str(run_dir), "--once", *wait, *new_args]) == 0
     (ingested,) = events_of(run_dir, "crawl_ingested")
     assert ingested["crawl"] == "crawl_1" and ingested["pairs"] == 10
+    drop_crawl(inbox, "crawl_2", 10, seed=2)  # the disk is full again for three polls: rejected, then --resume
+    monkeypatch.setattr(data_tools.cli, "run_ingest", disk_full)
+    for _ in range(3):
+        assert jobs_main(["autopilot", "--config", str(cfg), "--run-dir", str(run_dir), "--once", *wait]) == 0
+    assert [e["crawl"] for e in events_of(run_dir, "crawl_rejected")] == ["crawl_1", "crawl_2"]
+    rejected_id = events_of(run_dir, "crawl_rejected")[1]["id"]
+    assert not RunDir(run_dir).autopilot.staging(rejected_id).exists()  # a rejected crawl leaves nothing staged
+    monkeypatch.setattr(data_tools.cli, "run_ingest", real)
+    assert jobs_main(["autopilot", "--config", str(cfg), "--run-dir", str(run_dir), "--once", "--resume", *wait]) == 0
+    assert [e["ids"] for e in events_of(run_dir, "crawls_retried")] == [[rejected_id]]
+    assert [e["crawl"] for e in events_of(run_dir, "crawl_ingested")] == ["crawl_1", "crawl_2"]
 
 
 def test_start_refuses_bad_ingest_args_and_small_shards(setup: tuple[Path, Path, Path], capsys) -> None:  # type: ignore[no-untyped-def]
@@ -225,7 +236,95 @@ def test_start_refuses_bad_ingest_args_and_small_shards(setup: tuple[Path, Path,
     capsys.readouterr()
     assert jobs_main([*base, *typo]) == 2
     assert "unrecognized arguments: --image_size" in capsys.readouterr().err
+    for abbreviated in ('["--image-si", "16"]', '["-h"]'):  # whole option names only; no help that exits
+        assert jobs_main([*base, "--set", f"autopilot.ingest_args={abbreviated}"]) == 2
+        assert "unrecognized arguments" in capsys.readouterr().err
     small = ["--set", 'autopilot.ingest_args=["--image-size", "8"]']
     assert jobs_main([*base, *small]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "8 px shards but model.image.image_size is 16" in err[0] and "--image-size 16" in err[0]
+
+
+def test_a_held_lock_or_an_unreadable_crawl_loses_nothing(
+    setup: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A held data-root lock is waited out (not a failure: no crawl is rejected for it); a crawl that cannot be
+    read is reported once and leaves the others to be taken."""
+    import data_tools.cli
+    import jobs.autopilot_poll
+    from data_tools.lock import LockError
+
+    cfg, inbox, run_dir = setup
+    drop_crawl(inbox, "crawl_1", 10, seed=1)
+    drop_crawl(inbox, "crawl_2", 10, seed=2)
+    real_ingest, real_id = data_tools.cli.run_ingest, jobs.autopilot_poll.crawl_content_id
+
+    def held(args):  # type: ignore[no-untyped-def]
+        raise LockError("DATA_ROOT/.lock is held by pid 7 on node-3 (ingest, since 5 s ago): wait for it to finish")
+
+    def unreadable(crawl, marker):  # type: ignore[no-untyped-def]
+        if crawl.name == "crawl_2":
+            raise PermissionError(13, "Permission denied", str(crawl / "00000.tar"))
+        return real_id(crawl, marker)
+
+    monkeypatch.setattr(data_tools.cli, "run_ingest", held)
+    monkeypatch.setattr(jobs.autopilot_poll, "crawl_content_id", unreadable)
+    wait = ["--set", "autopilot.min_pairs=1000"]  # no stage: this is about the crawls
+    for _ in range(4):  # more polls than autopilot's 3 failures
+        assert jobs_main(["autopilot", "--config", str(cfg), "--run-dir", str(run_dir), "--once", *wait]) == 0
+    assert len(events_of(run_dir, "crawl_ingest_waiting")) == 4 and not events_of(run_dir, "crawl_rejected")
+    (bad,) = events_of(run_dir, "crawl_unreadable")  # once, not every poll
+    assert bad["crawl"] == "crawl_2" and "Permission denied" in bad["error"]
+    monkeypatch.setattr(data_tools.cli, "run_ingest", real_ingest)
+    monkeypatch.setattr(jobs.autopilot_poll, "crawl_content_id", real_id)
+    assert jobs_main(["autopilot", "--config", str(cfg), "--run-dir", str(run_dir), "--once", *wait]) == 0
+    assert sorted(e["crawl"] for e in events_of(run_dir, "crawl_ingested")) == ["crawl_1", "crawl_2"]
+
+
+def test_the_poll_chain_survives_its_predecessor_and_a_failed_sbatch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A successor released by ``afterany`` while squeue still lists its predecessor (COMPLETING) schedules the
+    next poll; only another *pending* poll makes scheduling unnecessary; an sbatch that fails before the poll is
+    tried again after it; a poll queued before ``--stop`` does no work."""
+    import jobs.autopilot as ap
+    import jobs.cluster
+
+    submitted: list[dict] = []
+
+    class Executor:
+        def update_parameters(self, **params):  # type: ignore[no-untyped-def]
+            self.params = params
+
+        def submit(self, fn):  # type: ignore[no-untyped-def]
+            if fail:
+                fail.pop()
+                raise RuntimeError("sbatch: error: Slurm temporarily unable to accept job")
+            submitted.append(self.params)
+            return type("Job", (), {"job_id": str(100 + len(submitted))})()
+
+    fail: list[int] = []
+    queue: dict[str, str] = {}
+    monkeypatch.setattr(jobs.cluster, "make_executor", lambda *a, **k: Executor())
+    monkeypatch.setattr(ap, "poll_jobs", lambda run_dir: dict(queue))
+    polled: list[str] = []
+    monkeypatch.setattr(ap, "_poll", lambda cfg, path, rd, kind: polled.append(kind))
+    cfg = load_cfg(None)
+    run_dir = tmp_path / "run"
+    (run_dir / "autopilot").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("name: x\n")
+    monkeypatch.setattr(ap, "load_cfg", lambda path: cfg)
+    monkeypatch.setenv("SLURM_JOB_ID", "11")
+    job = ap.AutopilotJob(str(run_dir / "config.yaml"), str(run_dir))
+
+    queue.update({"10": "COMPLETING", "11": "RUNNING"})  # the predecessor still listed, this job running
+    assert job() == "polled" and len(submitted) == 1 and polled == ["slurm"]
+    assert "afterany:11" in str(submitted[0]["slurm_additional_parameters"])
+    queue["101"] = "PENDING"  # a pending poll exists: nothing more to schedule
+    assert job() == "polled" and len(submitted) == 1
+    del queue["101"]
+    fail.append(1)  # sbatch fails once: the poll still runs, and the successor is submitted after it
+    assert job() == "polled" and len(submitted) == 2 and len(polled) == 3
+    assert [e["event"] for e in Events(RunDir(run_dir).autopilot).read()] == ["poll_schedule_failed"]
+    (run_dir / "autopilot" / "stopped").write_text("1\n")
+    assert job() == "stopped" and len(polled) == 3 and len(submitted) == 2

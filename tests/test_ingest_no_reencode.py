@@ -174,8 +174,8 @@ def test_plan_refuses_a_model_larger_than_its_shards(tiny_config: Path, tmp_path
 
 
 def test_registering_growclip_shards_keeps_what_was_measured_on_the_originals(tmp_path: Path) -> None:
-    """Shards an earlier ingest wrote (the autopilot's staged crawls) registered with --no-reencode: not filtered
-    again (their filters ran on the originals: here --min-size 40 > the 32 px they were shrunk to), not decoded,
+    """Shards an earlier ingest wrote (the autopilot's staged crawls) registered with --no-reencode: size-filtered on
+    the originals' recorded size (--min-size 40: > the 32 px they were shrunk to, < the 48 px original), not decoded,
     and their pixel hash, original size and source are the originals', so a later ingest of the raw crawl is
     recognised as a duplicate."""
     src, _ = crawl(tmp_path)
@@ -197,3 +197,6 @@ def test_registering_growclip_shards_keeps_what_was_measured_on_the_originals(tm
     assert entry["image"]["as_is"] == 1
     with pytest.raises(IngestFailed, match="duplicate_across_stages=1"):
         ingest(src, "img2dataset", root, opts=opts)  # the raw crawl again: its one kept picture is a duplicate
+    stricter = ImageOptions(image_size=SIZE, min_size=50, reencode=False)  # stricter than the staging's filters
+    with pytest.raises(IngestFailed, match="too_small=1"):  # checked on the original's recorded 48 px, not decoded
+        ingest(tmp_path / "staging" / "shards" / "stage_01", "img2dataset", tmp_path / "root2", opts=stricter)

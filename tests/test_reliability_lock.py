@@ -113,6 +113,31 @@ def test_lock_of_another_host_is_never_broken(tmp_path: Path) -> None:
     assert lock.exists()
 
 
+def test_lock_of_an_ended_slurm_job_is_stale_on_any_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lock taken inside SLURM job 41 on another node: stale once squeue answers without job 41 (SLURM ended its
+    processes); held while squeue lists it or does not answer."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    squeue = bin_dir / "squeue"
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = run / "lock"
+    lock.write_text(json.dumps({"pid": 1, "host": "other-node-17", "time": time.time(), "slurm_job": "41"}))
+    for listing, rc in (("41\n42\n", 0), ("", 1)):  # job 41 still queued; slurmctld not answering
+        squeue.write_text(f"#!/bin/sh\nprintf '{listing}'\nexit {rc}\n")
+        squeue.chmod(0o755)
+        with pytest.raises(LockError, match="another host"), run_lock(run, break_lock=True):
+            pass
+    squeue.write_text("#!/bin/sh\nprintf '42\\n'\n")
+    with pytest.raises(LockError, match=r"SLURM job 41 which has ended.*--break-lock"), run_lock(run):
+        pass
+    monkeypatch.setenv("SLURM_JOB_ID", "43")
+    with run_lock(run, break_lock=True) as path:
+        assert json.loads(path.read_text())["slurm_job"] == "43"  # the next holder records its own job
+    assert not lock.exists()
+
+
 def test_empty_lock_file_is_stale_once_old(tmp_path: Path) -> None:
     lock = tmp_path / "lock"
     lock.write_text("")  # the creator died between O_EXCL and the write

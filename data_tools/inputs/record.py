@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from data_tools.dedupe import pixel_hash_key
 from data_tools.imaging import Dropped, ImageOptions, check_caption
 
 
@@ -67,7 +68,7 @@ def _origin(meta: dict[str, Any]) -> tuple[str, int, int, str, str] | None:
     """What an earlier GrowCLIP ingest recorded of a sample in its ``key.json`` (None for anyone else's metadata)."""
     fields = (meta.get("pixel_sha256"), meta.get("orig_width"), meta.get("orig_height"), meta.get("jpg_sha256"))
     hexes, sizes = (fields[0], fields[3]), (fields[1], fields[2])
-    if not all(isinstance(h, str) and len(h) == 64 for h in hexes):
+    if not all(isinstance(h, str) and pixel_hash_key(h) is not None for h in hexes):  # sha256 hex, as hashes.txt
         return None
     if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes):
         return None

@@ -42,6 +42,7 @@ __all__ = [
     "is_complete",
     "load_state",
     "pending_pairs",
+    "retry_spent_crawls",
     "save_state",
     "trigger",
     "status_lines",
@@ -181,6 +182,19 @@ def trigger(base: int, new: int, cfg: AutopilotCfg) -> Trigger:
     return Trigger(True, base, new, ratio, f"data ratio {ratio:.3f} >= autopilot.min_growth={cfg.min_growth}")
 
 
+def retry_spent_crawls(state: dict[str, Any]) -> list[str]:
+    """Forget the crawls rejected after too many failed ingests (a full disk, say), so that the next poll takes them
+    again (``jobs autopilot --resume``); returns their ids."""
+    spent = [cid for cid, c in state.get("crawls", {}).items() if c.get("retries_spent")]
+    for cid in spent:
+        del state["crawls"][cid]
+        for f in state.get("folders", {}).values():
+            if f.get("id") == cid:
+                f.pop("done_sig", None)
+                f["failures"] = 0
+    return spent
+
+
 def status_lines(ad: AutopilotDir, now: float | None = None) -> list[str]:
     """What ``jobs status`` shows of the autopilot (nothing when it never ran on this run dir)."""
     if not ad.state_json.exists():
@@ -201,7 +215,7 @@ def status_lines(ad: AutopilotDir, now: float | None = None) -> list[str]:
             if flight
             else "no stage in flight"
         )
-        + ("; stopped" if state.get("stopped") else "")
+        + ("; stopped (--stop)" if ad.stop_flag.exists() else "")
     ]
     if state.get("paused"):
         lines.append(f"  PAUSED: {state['paused']}")
