@@ -237,9 +237,10 @@ def tiny_pipeline_config(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFac
 # --- end of pipeline section ----------------------------------------------------------------------
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def restore_root_logging():  # type: ignore[no-untyped-def]
-    """The in-process CLI installs a stderr handler on the root logger (pytest's capture): undo it after."""
+    """The in-process CLIs (``jobs``, ``data_tools``, an autopilot poll) install a stderr handler on the root logger,
+    on that test's captured stderr, closed after it: undo it after every test, or a later log line fails there."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     yield
