@@ -140,12 +140,13 @@ class AutopilotJob(submitit.helpers.Checkpointable):
             if RunDir(run_dir).autopilot.stop_flag.exists():  # --stop came after this job was queued: no work
                 events("poll_skipped", reason="the autopilot was stopped (--stop)")
                 return "stopped"
-            _poll(cfg, cfg_path, run_dir, "slurm")
+            try:
+                _poll(cfg, cfg_path, run_dir, "slurm")
+            except LockError as exc:
+                logger.warning("autopilot poll skipped: %s", exc)
+                events("poll_skipped", reason=str(exc))
             if mine and nxt is None:  # submitting failed before the poll: try once more, or the chain ends here
                 self._successor(cfg, cfg_path, run_dir, mine, events)
-        except LockError as exc:
-            logger.warning("autopilot poll skipped: %s", exc)
-            events("poll_skipped", reason=str(exc))
         except PollStopped as exc:
             events("poll_stopped", reason=str(exc))
             raise
