@@ -16,8 +16,8 @@ argv), and:
   it (``take_over_stale``), otherwise refused with the caller's fix (e.g. ``--break-lock``);
 * a lock taken on another host is never taken over (its processes cannot be checked from here): the
   error names the host and says how to clear it by hand once that process is known to be gone; except
-  where it was taken inside a SLURM job (its ``slurm_job``) that ``squeue`` answers is no longer queued or
-  running: SLURM has ended every process of that job, so the lock is stale like a dead pid on this host;
+  where the caller records the batch job that holds it (``job``) and says how to tell that job has ended
+  (``job_ended``: ``jobs.runlock`` asks squeue): the job's processes are gone, so the lock is stale;
 * an empty or garbled lock file is being written by its creator if it is younger than a few seconds,
   and stale (its creator died between creating and writing it) once older.
 
@@ -32,12 +32,10 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import socket
-import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,23 +60,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _slurm_job_ended(job_id: str) -> bool:
-    """Whether ``squeue`` answers and no longer lists SLURM job ``job_id`` (False when it cannot tell)."""
-    if shutil.which("squeue") is None:
-        return False
-    try:
-        proc = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return proc.returncode == 0 and job_id not in proc.stdout.split()
+JobEnded = Callable[[str], bool]  # whether the batch job with this id has ended (False when it cannot tell)
 
 
-def holder_alive(info: Mapping[str, Any]) -> bool | None:
-    """True/False for a lock taken on this host, or in a SLURM job that has ended (False); None when taken on
-    another host (cannot tell)."""
+def holder_alive(info: Mapping[str, Any], job_ended: JobEnded | None = None) -> bool | None:
+    """True/False for a lock taken on this host; for one taken on another host False when its recorded ``job`` has
+    ended (``job_ended``), else None (cannot tell)."""
     if info.get("host") != socket.gethostname():
-        job = info.get("slurm_job")
-        return False if isinstance(job, str) and job and _slurm_job_ended(job) else None
+        job = info.get("job")
+        return False if job_ended is not None and isinstance(job, str) and job and job_ended(job) else None
     return _pid_alive(int(info.get("pid", -1)))
 
 
@@ -110,7 +100,14 @@ def _remove_if_unchanged(path: Path, raw: bytes) -> None:
 
 
 def _refuse_or_take_over(
-    path: Path, raw: bytes, info: dict[str, Any] | None, *, take_over_stale: bool, busy: str, stale_fix: str
+    path: Path,
+    raw: bytes,
+    info: dict[str, Any] | None,
+    *,
+    take_over_stale: bool,
+    busy: str,
+    stale_fix: str,
+    job_ended: JobEnded | None,
 ) -> None:
     """Raise LockError for a lock we may not take; remove a stale one we may (the caller then retries)."""
     if info is None:  # empty/garbled: its creator died between O_EXCL and the write, or is writing it now
@@ -127,9 +124,9 @@ def _refuse_or_take_over(
         logger.warning("taking over %s: unreadable and %.0f s old (its creator died while creating it)", path, age)
         _remove_if_unchanged(path, raw)
         return
-    who, alive = describe_holder(info), holder_alive(info)
+    who, alive = describe_holder(info), holder_alive(info, job_ended)
     if alive is False and info.get("host") != socket.gethostname():
-        who += f", in SLURM job {info['slurm_job']} which has ended"
+        who += f", in job {info['job']}, which has ended"
     if alive is True:
         raise LockError(f"{path} is held by {who}: {busy}")
     if alive is None:
@@ -153,6 +150,8 @@ def exclusive_lock(
     take_over_stale: bool = True,
     busy: str = "wait for it to finish",
     stale_fix: str = "remove it by hand",
+    job: str | None = None,
+    job_ended: JobEnded | None = None,
 ) -> Iterator[Path]:
     """Hold the lock file ``path`` for the duration of the block; it is removed on exit.
 
@@ -163,9 +162,11 @@ def exclusive_lock(
             older than a few seconds. False: refuse it with ``stale_fix``.
         busy: what to do when a live process (or one on another host) holds the lock: the end of the error.
         stale_fix: how to break a stale lock when ``take_over_stale`` is False: the end of the error.
+        job: the batch job this process runs in, recorded (``job``) so that other hosts can judge the lock.
+        job_ended: tells whether a recorded ``job`` has ended: another host's lock is then stale.
 
     Yields:
-        ``path``, holding this process's record (JSON: pid, host, time, what, argv; slurm_job inside a job).
+        ``path``, holding this process's record (JSON: pid, host, time, what, argv; job when given).
 
     Raises:
         LockError: held by a live process or another host, being created, or stale and not taken over;
@@ -174,16 +175,16 @@ def exclusive_lock(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), "what": what, "argv": sys.argv}
-    if os.environ.get("SLURM_JOB_ID"):  # inside a SLURM job: once it has ended, any host may take the lock over
-        record["slurm_job"] = os.environ["SLURM_JOB_ID"]
-    body = json.dumps(record).encode()
+    body = json.dumps({**record, "job": job} if job else record).encode()
     for _ in range(3):  # a stale lock removed, then (rarely) a lock vanishing between our create and read
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             found = _read(path)
             if found is not None:
-                _refuse_or_take_over(path, *found, take_over_stale=take_over_stale, busy=busy, stale_fix=stale_fix)
+                _refuse_or_take_over(
+                    path, *found, take_over_stale=take_over_stale, busy=busy, stale_fix=stale_fix, job_ended=job_ended
+                )
             continue
         with os.fdopen(fd, "wb") as fh:
             fh.write(body)

@@ -48,6 +48,7 @@ __all__ = [
     "sha256_file",
     "shard_paths",
     "writer_lock",
+    "WRITER_LOCK",
 ]
 
 logger = logging.getLogger(__name__)
@@ -205,6 +206,9 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+WRITER_LOCK = ".lock"  # DATA_ROOT's writer lock
+
+
 @contextlib.contextmanager
 def writer_lock(data_root: str | Path, what: str) -> Iterator[None]:
     """Hold ``DATA_ROOT/.lock`` while writing (:func:`data_tools.lock.exclusive_lock`: one writer on any node).
@@ -221,5 +225,5 @@ def writer_lock(data_root: str | Path, what: str) -> Iterator[None]:
     """
     root = Path(data_root)
     busy = f"{root} is being written by another ingest or repair; wait for it to finish before running {what}"
-    with exclusive_lock(root / ".lock", what, busy=busy):
+    with exclusive_lock(root / WRITER_LOCK, what, busy=busy):
         yield

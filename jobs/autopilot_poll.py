@@ -185,6 +185,16 @@ class Autopilot:
         self.save()
         return True
 
+    def _clear_dead_poll_lock(self, staging: Path) -> None:
+        """A writer lock left in a staging root is a dead poll's, wherever it ran: only polls write there, each under
+        RUN_DIR/lock, which this poll holds now. Removed (its ingest journal resumes the crawl)."""
+        from data_tools.manifest import WRITER_LOCK
+
+        lock = staging / WRITER_LOCK
+        if lock.exists():
+            self.events("staging_lock_removed", staging=str(staging), holder=lock.read_text(errors="replace")[:300])
+            lock.unlink(missing_ok=True)
+
     def take_crawl(self, crawl: Path, f: dict[str, Any], why: str) -> None:
         from data_tools.inputs import resolve_format
 
@@ -201,6 +211,7 @@ class Autopilot:
         staging = self.ad.staging(cid)
         if retry_final:
             shutil.rmtree(staging, ignore_errors=True)
+        self._clear_dead_poll_lock(staging)
         args = list(self.ac.ingest_args)
         with contextlib.suppress(ValueError, OSError):  # an unreadable crawl is rejected by the ingest itself
             if resolve_format(crawl, "auto") != "table":

@@ -10,19 +10,24 @@ lock file older than a few seconds (its creator died between creating and writin
 from __future__ import annotations
 
 import contextlib
+import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from data_tools.lock import LockError, exclusive_lock
-from data_tools.lock import holder_alive as lock_holder_alive
+from data_tools.lock import LockError, exclusive_lock, holder_alive
 from jobs.engine.rundir import RunDir
 
-__all__ = ["LockError", "run_lock", "lock_holder_alive"]
+__all__ = ["LockError", "run_lock", "lock_holder_alive", "slurm_job_ended"]
 
 
 def run_lock(
     run_dir: Path, *, break_lock: bool = False, what: str = "jobs submit"
 ) -> contextlib.AbstractContextManager[Path]:
     """Hold RUN_DIR/lock for the duration of the block (``with run_lock(run_dir) as path:``).
+
+    Inside a SLURM job the lock records the job (``job``): once squeue no longer lists it, the lock is stale on any
+    host (SLURM has ended the job's processes), e.g. that of an autopilot poll killed on another node.
 
     Raises:
         LockError: held by a live process, by another host, or stale without ``break_lock``.
@@ -33,4 +38,18 @@ def run_lock(
         take_over_stale=break_lock,
         busy="another submitter is working on this run",
         stale_fix="pass --break-lock to remove it",
+        job=os.environ.get("SLURM_JOB_ID") or None,
+        job_ended=slurm_job_ended,
     )
+
+
+def slurm_job_ended(job_id: str) -> bool:
+    """Whether squeue answers and no longer lists SLURM job ``job_id`` (False when it cannot tell)."""
+    from jobs.cluster import queue_reachable, queue_states
+
+    return queue_reachable() and job_id not in queue_states([job_id])
+
+
+def lock_holder_alive(info: Mapping[str, Any]) -> bool | None:
+    """Whether the holder of a RUN_DIR/lock record lives: True/False, None when it cannot be told."""
+    return holder_alive(info, slurm_job_ended)

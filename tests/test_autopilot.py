@@ -328,3 +328,20 @@ def test_the_poll_chain_survives_its_predecessor_and_a_failed_sbatch(
     assert [e["event"] for e in Events(RunDir(run_dir).autopilot).read()] == ["poll_schedule_failed"]
     (run_dir / "autopilot" / "stopped").write_text("1\n")
     assert job() == "stopped" and len(polled) == 3 and len(submitted) == 2
+
+
+def test_a_dead_polls_staging_lock_is_removed(setup: tuple[Path, Path, Path]) -> None:
+    """A poll killed on another node mid-ingest leaves its crawl's staging lock: the next poll (holding RUN_DIR/lock,
+    under which alone staging is written) removes it and ingests the crawl."""
+    from jobs.engine.autopilot import crawl_content_id
+
+    cfg, inbox, run_dir = setup
+    crawl = drop_crawl(inbox, "crawl_1", 10, seed=1)
+    staging = RunDir(run_dir).autopilot.staging(crawl_content_id(crawl, "_SUCCESS")[:16])
+    staging.mkdir(parents=True)
+    (staging / ".lock").write_text(json.dumps({"pid": 1, "host": "node-9", "time": 0, "what": "ingest"}))
+    assert jobs_main(["autopilot", "--config", str(cfg), "--run-dir", str(run_dir), "--once",
+                      "--set", "autopilot.min_pairs=1000"]) == 0  # fmt: skip
+    (removed,) = events_of(run_dir, "staging_lock_removed")
+    assert "node-9" in removed["holder"]
+    assert [e["crawl"] for e in events_of(run_dir, "crawl_ingested")] == ["crawl_1"]

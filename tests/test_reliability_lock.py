@@ -123,18 +123,18 @@ def test_lock_of_an_ended_slurm_job_is_stale_on_any_host(tmp_path: Path, monkeyp
     run = tmp_path / "run"
     run.mkdir()
     lock = run / "lock"
-    lock.write_text(json.dumps({"pid": 1, "host": "other-node-17", "time": time.time(), "slurm_job": "41"}))
+    lock.write_text(json.dumps({"pid": 1, "host": "other-node-17", "time": time.time(), "job": "41"}))
     for listing, rc in (("41\n42\n", 0), ("", 1)):  # job 41 still queued; slurmctld not answering
         squeue.write_text(f"#!/bin/sh\nprintf '{listing}'\nexit {rc}\n")
         squeue.chmod(0o755)
         with pytest.raises(LockError, match="another host"), run_lock(run, break_lock=True):
             pass
     squeue.write_text("#!/bin/sh\nprintf '42\\n'\n")
-    with pytest.raises(LockError, match=r"SLURM job 41 which has ended.*--break-lock"), run_lock(run):
+    with pytest.raises(LockError, match=r"in job 41, which has ended.*--break-lock"), run_lock(run):
         pass
     monkeypatch.setenv("SLURM_JOB_ID", "43")
     with run_lock(run, break_lock=True) as path:
-        assert json.loads(path.read_text())["slurm_job"] == "43"  # the next holder records its own job
+        assert json.loads(path.read_text())["job"] == "43"  # the next holder records its own job
     assert not lock.exists()
 
 
