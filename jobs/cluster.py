@@ -50,6 +50,7 @@ __all__ = [
     "cancel_jobs",
     "queue_states",
     "queue_reachable",
+    "queued_ids",
     "accounting_states",
 ]
 
@@ -164,9 +165,15 @@ def _slurm(cmd: list[str]) -> str | None:
     return proc.stdout if proc.returncode == 0 else None
 
 
+def queued_ids() -> set[str] | None:
+    """The ids of the jobs in squeue now; None when it does not answer (not an empty queue)."""
+    out = _slurm(["squeue", "-h", "-o", "%i"])
+    return None if out is None else set(out.split())
+
+
 def queue_reachable() -> bool:
     """Whether squeue answers now (a timed-out slurmctld reads as an empty queue to ``queue_states``)."""
-    return _slurm(["squeue", "-h", "-o", "%i"]) is not None
+    return queued_ids() is not None
 
 
 def queue_states(job_ids: Sequence[str]) -> dict[str, tuple[str, str]]:

@@ -45,9 +45,10 @@ def run_lock(
 
 def slurm_job_ended(job_id: str) -> bool:
     """Whether squeue answers and no longer lists SLURM job ``job_id`` (False when it cannot tell)."""
-    from jobs.cluster import queue_reachable, queue_states
+    from jobs.cluster import queued_ids
 
-    return queue_reachable() and job_id not in queue_states([job_id])
+    ids = queued_ids()  # one squeue call
+    return ids is not None and job_id not in ids
 
 
 def lock_holder_alive(info: Mapping[str, Any]) -> bool | None:
